@@ -1,0 +1,22 @@
+"""mambaprune: token pruning for vision state-space models, as a graph compiler.
+
+    >>> from mambaprune import compile_pruned, create_model
+    >>> fast = compile_pruned(create_model("vim_t"), ratio=0.3)
+"""
+from .compiler.api import compile_pruned
+from .compiler.pruned_model import PrunedModel
+from .compiler.scan_registry import register_scan, unregister_scan
+from .errors import MambapruneError, MissingDependencyError, UnsupportedModelError
+from .runtime import selective_scan
+
+__version__ = "0.1.0"
+
+
+def create_model(name: str, **overrides):
+    """Build a reference architecture by name (see mambaprune.models.list_models())."""
+    from .models import create_model as _create
+    return _create(name, **overrides)
+
+
+__all__ = ["compile_pruned", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
+           "MambapruneError", "UnsupportedModelError", "MissingDependencyError", "__version__"]

@@ -1,0 +1,203 @@
+"""SSM-block discovery on the captured graph, from the graph alone (no module names, no adapters).
+
+A networkx view of the fx graph gives ancestors/descendants. For every selective-scan node the
+analysis finds its block (scans that do not depend on each other form one block: a bidirectional
+ViM block has two, PlainMamba four), the block's SSM output `y` (where the block's directions have
+merged, followed through the gate up to the output projection: what the importance score reads),
+the token mixing it recognised, and whether pruning may happen after it: a site after block b is
+possible only when nothing downstream of `y_b` does something to the tokens that the passes cannot
+rewrite (`Unknown` in token_flow). Sites are numbered like schedule keys: site k = after the first
+k blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import networkx as nx
+import torch.fx as fx
+
+from .token_flow import META_KEY, Grid, PaddedTok, Readout, Tok, TokenFlow, Unknown, info_of, is_scan, op_name, propagate_tokens, shape_of
+
+_FOLLOW_TO_PROJECTION = {"aten::transpose", "aten::permute", "aten::contiguous", "aten::clone", "aten::view",
+                         "aten::reshape", "aten::_unsafe_view", "aten::_to_copy", "aten::to"}
+
+
+@dataclass
+class Block:
+    index: int
+    name: str
+    scans: list
+    y: Optional[fx.Node]
+    mixing: str
+    token_length: int
+
+
+@dataclass
+class NotUnderstood:
+    name: str
+    reason: str
+
+
+@dataclass
+class GraphAnalysis:
+    gm: fx.GraphModule
+    blocks: list
+    token_length: int
+    protected: set
+    class_tokens: set
+    not_understood: list
+    cuts: dict = field(default_factory=dict)        # site key -> ancestor-closed node set of the dense part
+    valid_sites: list = field(default_factory=list)
+    invalid_sites: dict = field(default_factory=dict)  # site key -> reason
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+
+def analyse(gm: fx.GraphModule) -> GraphAnalysis:
+    """Find the SSM blocks of `gm` and the sites after which tokens may be pruned."""
+    scans = [n for n in gm.graph.nodes if is_scan(n)]
+    if not scans:
+        return GraphAnalysis(gm, [], 0, set(), set(), [])
+    lengths = {shape_of(s.args[0])[-1] for s in scans}
+    flow = propagate_tokens(gm, lengths)
+    graph = to_networkx(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    blocks = group_blocks(scans, graph, order)
+    analysis = GraphAnalysis(gm, [], max(lengths), set(flow.protected), set(flow.class_tokens), [])
+    for index, members in enumerate(blocks):
+        analysis.blocks.append(describe_block(index, members, graph, order))
+    analysis.not_understood = collect_not_understood(gm)
+    find_sites(analysis, graph, order)
+    return analysis
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node)
+        for user in node.users:
+            graph.add_edge(node, user)
+    return graph
+
+
+def group_blocks(scans: list, graph: nx.DiGraph, order: dict) -> list:
+    """Consecutive scans that do not depend on one another belong to one block."""
+    blocks, current, downstream = [], [], set()
+    for scan in sorted(scans, key=order.__getitem__):
+        if current and scan in downstream:
+            blocks.append(current)
+            current, downstream = [], set()
+        current.append(scan)
+        downstream |= nx.descendants(graph, scan)
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def describe_block(index: int, scans: list, graph: nx.DiGraph, order: dict) -> Block:
+    y = block_output(scans, graph, order)
+    return Block(index, block_name(scans), scans, y, mixing_of(scans, graph), shape_of(scans[0].args[0])[-1])
+
+
+def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Node]:
+    """Where all directions of the block have merged, followed through the gate to the projection."""
+    common = set.intersection(*(nx.descendants(graph, s) | {s} for s in scans))
+    merged = [n for n in sorted(common, key=order.__getitem__) if isinstance(info_of(n), Tok)]
+    if not merged:
+        return None
+    y = merged[0]
+    while len(y.users) == 1:
+        user = next(iter(y.users))
+        if not isinstance(info_of(user), Tok) or user.op != "call_function":
+            break
+        name = op_name(user)
+        pointwise = hasattr(user.target, "tags") and "pointwise" in str(user.target.tags)
+        if not (pointwise or name in _FOLLOW_TO_PROJECTION):
+            break
+        y = user
+    return y
+
+
+def block_name(scans: list) -> str:
+    """The innermost module that holds all of the block's scans (from export's nn_module_stack)."""
+    paths = []
+    for scan in scans:
+        stack = scan.meta.get("nn_module_stack") or {}
+        paths.append([entry[0] for entry in stack.values()])
+    common = []
+    for entries in zip(*paths):
+        if len(set(entries)) != 1:
+            break
+        common.append(entries[0])
+    name = common[-1] if common else ""
+    return name or scans[0].name
+
+
+def mixing_of(scans: list, graph: nx.DiGraph) -> str:
+    """A short description of the token mixing recognised around the scans."""
+    layouts = [info_of(s).layout.describe() if isinstance(info_of(s), Tok) else "?" for s in scans]
+    parts = [f"{len(scans)} scan{'s' if len(scans) > 1 else ''} ({', '.join(layouts)})"]
+    ancestors = set().union(*(nx.ancestors(graph, s) for s in scans))
+    convs = sorted({op_name(n).split("::")[-1] for n in ancestors if op_name(n) in ("aten::conv1d", "aten::conv2d")
+                    and isinstance(info_of(n), (Tok, Grid, PaddedTok))})
+    if convs:
+        parts.append("+ " + ", ".join(convs))
+    return " ".join(parts)
+
+
+def collect_not_understood(gm: fx.GraphModule) -> list:
+    """One entry per first Unknown node (its descendants inherit the reason)."""
+    out = []
+    for node in gm.graph.nodes:
+        info = info_of(node)
+        if not isinstance(info, Unknown):
+            continue
+        if any(isinstance(info_of(a), Unknown) for a in node.all_input_nodes):
+            continue
+        out.append(NotUnderstood(module_of(node), f"{node.name}: {info.reason}"))
+    return out
+
+
+def module_of(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else "<top level>"
+
+
+def find_sites(analysis: GraphAnalysis, graph: nx.DiGraph, order: dict) -> None:
+    unknown = [n for n in analysis.gm.graph.nodes if isinstance(info_of(n), Unknown)]
+    for block in analysis.blocks[:-1]:
+        key = block.index + 1
+        if block.y is None:
+            analysis.invalid_sites[key] = f"block {block.name}: its scan outputs never merge into one token tensor"
+            continue
+        cut = nx.ancestors(graph, block.y) | {block.y}
+        reason = site_problem(cut, unknown, analysis.token_length)
+        if reason:
+            analysis.invalid_sites[key] = reason
+            continue
+        analysis.cuts[key] = cut
+        analysis.valid_sites.append(key)
+
+
+def site_problem(cut: set, unknown: list, length: int) -> Optional[str]:
+    later_unknown = [n for n in unknown if n not in cut]
+    if later_unknown:
+        first = later_unknown[0]
+        return f"after it, {module_of(first)} does something the compiler cannot rewrite ({info_of(first).reason})"
+    for node in cut:
+        info = info_of(node)
+        if not any(u not in cut for u in node.users):
+            continue
+        if isinstance(info, (PaddedTok, Grid)):
+            return f"{node.name} crosses the site as a {type(info).__name__}"
+        shape = shape_of(node)
+        if info is None and shape and len(shape) > 1 and not isinstance(shape[0], int) and length in shape[1:] \
+                and node.op == "call_function":
+            return f"{node.name} has {length} rows but its token axis could not be followed"
+    return None
+
+
+__all__ = ["analyse", "GraphAnalysis", "Block", "NotUnderstood", "Readout", "TokenFlow", "META_KEY"]

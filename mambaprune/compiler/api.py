@@ -1,0 +1,140 @@
+"""`compile_pruned`: capture -> analyse -> plan -> rewrite -> verify -> lower."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import UnsupportedModelError
+from ..passes.prune_tokens import SiteSpec, prune_tokens
+from .analysis import analyse
+from .capture import capture, infer_example_inputs
+from .plan import make_plan, node_flops
+from .report import BlockReport, PruneReport
+from .settings import PruneSettings
+
+VERIFY_TOLERANCE = 1e-4
+
+
+def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: Optional[tuple] = None, *,
+                   schedule=None, alignment: str = "hold", metric: str = "clip", backend: str = "eager",
+                   verify: bool = True) -> "PrunedModel":
+    """Prune tokens of a vision state-space model; returns a module with the model's call signature.
+
+    Args:
+        model: any nn.Module whose selective scans mambaprune can see (mambaprune.selective_scan,
+            mamba_ssm / mambapy entry points, or functions declared with `register_scan`).
+        ratio: fraction of the model's FLOPs to remove, in [0, 1).
+        example_inputs: a tuple of inputs; inferred from `patch_embed.img_size`, `img_size` or
+            `default_cfg["input_size"]` when omitted.
+        schedule: None (plan from `ratio`), "top" (ToP's: keep 0.8 after blocks 5, 10, 15 of 24,
+            scaled to the depth) or {k: keep_rate} (a site after the first k blocks).
+        alignment: "hold" (default), "decay", "none" or "none-unsorted" (DESIGN.md).
+        metric: token importance: "clip" (default), "l1", "l2", "raw", "random" or "delta".
+        backend: "eager" or "inductor" (torch.compile).
+        verify: check on the example inputs that the rewritten graph with every token kept
+            reproduces the model (guards against silently wrong rewrites of unfamiliar models).
+
+    Example::
+
+        >>> from mambaprune import compile_pruned, create_model
+        >>> fast = compile_pruned(create_model("vim_t"), ratio=0.3)
+        >>> print(fast.report)
+    """
+    settings = PruneSettings(ratio=ratio, schedule=schedule, alignment=alignment, metric=metric, backend=backend,
+                             verify=verify)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compile_pruned expects a torch.nn.Module; got {type(model).__name__}")
+    example_inputs = _as_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
+    captured = capture(model, example_inputs)
+    analysis = analyse(captured.gm)
+    if not analysis.blocks:
+        raise UnsupportedModelError(no_scan_message(model, captured.routed))
+    flat = _flat_inputs(captured, _first_sample(example_inputs))
+    flops = node_flops(captured.gm, flat)
+    plan = make_plan(analysis, flops, settings.ratio, settings.schedule)
+    sites = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
+    pruned = prune_tokens(captured.gm, analysis, sites, settings.alignment, settings.metric).graph_module
+    if settings.verify and sites:
+        verify_rewrite(captured, analysis, sites, flat)
+    report = PruneReport(
+        blocks=[BlockReport(b.index, b.name, b.mixing, t) for b, t in zip(analysis.blocks, plan.tokens_per_block)],
+        sites=dict(plan.kept), keep_rates=dict(plan.keeps), token_length=analysis.token_length,
+        protected=sorted(analysis.protected), dense_flops=plan.dense_flops,
+        pruned_flops=measure_flops(pruned, flat) if sites else plan.dense_flops,
+        estimated_flops=plan.estimated_flops, target_ratio=settings.ratio, alignment=settings.alignment,
+        metric=settings.metric, backend=settings.backend,
+        not_understood=[(n.name, n.reason) for n in analysis.not_understood],
+        unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed))
+    from .pruned_model import PrunedModel
+    return PrunedModel(pruned, report, example_inputs, settings.backend)
+
+
+def verify_rewrite(captured, analysis, sites: list, flat: list) -> None:
+    """Every token kept + `hold` must reproduce the dense graph exactly (up to float noise)."""
+    keep_all, current = [], analysis.token_length
+    for site in sites:
+        keep_all.append(SiteSpec(site.key, current))
+    check = prune_tokens(captured.gm, analysis, keep_all, "hold", "clip").graph_module
+    with torch.no_grad():
+        expected = _run(captured.gm, flat)
+        got = _run(check, flat)
+    for e, g in zip(expected, got):
+        if e.shape != g.shape or not torch.allclose(e.float(), g.float(), rtol=VERIFY_TOLERANCE,
+                                                    atol=VERIFY_TOLERANCE * (1 + e.abs().max().item())):
+            raise UnsupportedModelError(
+                "mambaprune could not rewrite this model faithfully: with every token kept, the rewritten "
+                f"graph differs from the model (max abs diff {(e.float() - g.float()).abs().max().item():.3g}). "
+                "Please report the model; pass schedule= with later sites to prune only the blocks after the "
+                "problem.")
+
+
+def measure_flops(gm: fx.GraphModule, flat: list) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        _run(gm, flat)
+    return counter.get_total_flops() / 2
+
+
+def _run(gm: fx.GraphModule, flat: list) -> list:
+    out = fx.Interpreter(gm).run(*flat)
+    leaves = out if isinstance(out, (list, tuple)) else [out]
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _flat_inputs(captured, inputs: tuple) -> list:
+    flat, _ = torch.utils._pytree.tree_flatten((inputs, {}))
+    return flat
+
+
+def _first_sample(inputs: tuple) -> tuple:
+    return tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+
+
+def _as_tuple(inputs) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def no_scan_message(model: torch.nn.Module, routed: list) -> str:
+    suspects = ssm_like_modules(model)
+    if suspects:
+        names = ", ".join(suspects[:5])
+        return (f"no selective scan was found in the captured graph, but {names} hold(s) SSM parameters "
+                "(A_log / D). Its scan is probably hand-written (a Python loop or a library mambaprune does not "
+                "know): declare it with mambaprune.register_scan(your_scan_fn, adapter), where the adapter "
+                "computes the same thing with mambaprune.selective_scan.")
+    return ("no selective scan was found: mambaprune looked for mambaprune::selective_scan nodes after routing "
+            "mamba_ssm (selective_scan_fn, mamba_inner_fn, bimamba_inner_fn ...), mambapy and register_scan "
+            "entry points, and for modules with A_log/D parameters. Is this a state-space model? If it is, "
+            "declare its scan with mambaprune.register_scan.")
+
+
+def ssm_like_modules(model: torch.nn.Module) -> list:
+    found = []
+    for name, module in model.named_modules():
+        params = {p for p, _ in module.named_parameters(recurse=False)}
+        if any(p.startswith("A_log") or p == "A" or p.startswith("A_b_log") for p in params) and \
+                any(p.startswith("D") for p in params):
+            found.append(name or type(module).__name__)
+    return found

@@ -1,0 +1,154 @@
+"""Plan: ratio (or schedule) -> pruning sites and a static kept-token count K per site.
+
+The FLOPs model is the dense graph's own per-node FLOPs (torch.utils.flop_counter, our op formulas,
+MACs as DESIGN.md says) with every token-carrying node downstream of a site scaled by K/L: exact for
+token-wise layers, the scan and the token conv1d; grid ops (depthwise conv2d) run densely on the
+scattered grid and are not scaled. Default sites are evenly spaced like ToP's (after blocks 5, 10,
+15 of 24); one keep rate for all sites is solved so that the reduction is closest to `ratio`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .token_flow import PaddedTok, Tok, info_of
+
+TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
+TOP_KEEP = 0.8
+
+
+@dataclass
+class Plan:
+    keeps: dict              # site key -> keep rate
+    kept: dict               # site key -> K
+    tokens_per_block: list
+    dense_flops: float
+    estimated_flops: float
+
+    @property
+    def estimated_ratio(self) -> float:
+        return 1 - self.estimated_flops / self.dense_flops if self.dense_flops else 0.0
+
+
+def node_flops(gm: fx.GraphModule, flat_inputs: list) -> dict:
+    """MACs of every node of the dense graph, measured by running it once."""
+    flops: dict = {}
+
+    class Counting(fx.Interpreter):
+        def run_node(self, node):
+            before = counter.get_total_flops()
+            out = super().run_node(node)
+            flops[node] = (counter.get_total_flops() - before) / 2
+            return out
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        Counting(gm).run(*flat_inputs)
+    return flops
+
+
+def estimate(analysis, flops: dict, kept: dict) -> float:
+    keys = sorted(kept)
+    cuts = [analysis.cuts[k] for k in keys]
+    total = 0.0
+    for node, f in flops.items():
+        if not f:
+            continue
+        region = sum(1 for cut in cuts if node not in cut)
+        if region and isinstance(info_of(node), (Tok, PaddedTok)):
+            f *= kept[keys[region - 1]] / analysis.token_length
+        total += f
+    return total
+
+
+def kept_counts(analysis, keeps: dict) -> dict:
+    protected = len(analysis.protected)
+    current, kept = analysis.token_length, {}
+    for key in sorted(keeps):
+        free = current - protected
+        k = protected + max(1, min(free, int(round(keeps[key] * free))))
+        kept[key] = k
+        current = k
+    return kept
+
+
+def tokens_per_block(analysis, kept: dict) -> list:
+    tokens, current = [], analysis.token_length
+    for index in range(analysis.depth):
+        current = kept.get(index, current)
+        tokens.append(current)
+    return tokens
+
+
+def default_sites(analysis) -> list:
+    wanted = sorted({max(1, min(analysis.depth - 1, round(f * analysis.depth))) for f in TOP_FRACTIONS})
+    valid = analysis.valid_sites
+    if not valid:
+        return []
+    snapped = sorted({min(valid, key=lambda v: (abs(v - w), v)) for w in wanted})
+    return snapped
+
+
+def make_plan(analysis, flops: dict, ratio: float, schedule) -> Plan:
+    dense = sum(flops.values())
+    if ratio == 0 and schedule is None:
+        return _plan(analysis, flops, {}, dense)
+    if schedule is not None:
+        keeps = _schedule_keeps(analysis, schedule)
+        return _plan(analysis, flops, keeps, dense)
+    sites = default_sites(analysis)
+    if not sites:
+        raise ValueError(f"ratio {ratio} cannot be reached: the maximum is 0.0 ({_why_no_sites(analysis)})")
+    best = _solve_uniform_keep(analysis, flops, sites, ratio, dense)
+    achieved = best.estimated_ratio
+    if ratio - achieved > 0.03:
+        raise ValueError(
+            f"ratio {ratio} cannot be reached for this model: the maximum FLOPs reduction with pruning after "
+            f"blocks {sites} is {achieved:.3f} (too few blocks after the first site or too few tokens). "
+            "Use a smaller ratio or an explicit schedule with earlier sites.")
+    return best
+
+
+def _plan(analysis, flops, keeps, dense) -> Plan:
+    kept = kept_counts(analysis, keeps)
+    return Plan(dict(keeps), kept, tokens_per_block(analysis, kept), dense, estimate(analysis, flops, kept))
+
+
+def _solve_uniform_keep(analysis, flops, sites, ratio, dense) -> Plan:
+    lo, hi = 0.0, 1.0
+    best = None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        plan = _plan(analysis, flops, {s: mid for s in sites}, dense)
+        if best is None or abs(plan.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
+            best = plan
+        if plan.estimated_ratio > ratio:
+            lo = mid
+        else:
+            hi = mid
+    smallest = _plan(analysis, flops, {s: 0.0 for s in sites}, dense)
+    if smallest.estimated_ratio < ratio and abs(smallest.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
+        best = smallest
+    return best
+
+
+def _schedule_keeps(analysis, schedule) -> dict:
+    if schedule == "top":
+        keys = sorted({max(1, min(analysis.depth - 1, round(f * analysis.depth))) for f in TOP_FRACTIONS})
+        schedule = {k: TOP_KEEP for k in keys}
+    bad = [k for k in schedule if k not in analysis.valid_sites]
+    if bad:
+        reasons = "; ".join(f"after block {k}: {analysis.invalid_sites.get(k, 'no such site (the model has ' + str(analysis.depth) + ' SSM blocks)')}"
+                            for k in bad)
+        raise ValueError(f"schedule names sites where pruning is not possible: {reasons}. "
+                         f"Possible sites: {analysis.valid_sites}")
+    return dict(schedule)
+
+
+def _why_no_sites(analysis) -> str:
+    if analysis.depth < 2:
+        return f"the model has {analysis.depth} SSM block(s); pruning needs a block after the site"
+    reasons = "; ".join(f"after block {k}: {r}" for k, r in sorted(analysis.invalid_sites.items())[:3])
+    return f"no site can be pruned: {reasons}"

@@ -1,0 +1,41 @@
+"""The module compile_pruned returns: the pruned graph, its report, and input checks at call time."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+
+class PrunedModel(torch.nn.Module):
+    """Calls like the original model; `.report` says what was pruned; `.graph_module` is the program."""
+
+    def __init__(self, graph_module: fx.GraphModule, report, example_inputs: tuple, backend: str):
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.backend = backend
+        self._input_spec = [(tuple(x.shape[1:]), x.dtype, x.device) if isinstance(x, torch.Tensor) else None
+                            for x in example_inputs]
+        self._runner = torch.compile(graph_module) if backend == "inductor" else graph_module
+
+    def forward(self, *args):
+        self.check_inputs(args)
+        return self._runner(*args)
+
+    def check_inputs(self, args: tuple) -> None:
+        if len(args) != len(self._input_spec):
+            raise ValueError(f"the pruned model takes {len(self._input_spec)} input(s); got {len(args)}")
+        for position, (arg, spec) in enumerate(zip(args, self._input_spec)):
+            if spec is None:
+                continue
+            shape, dtype, device = spec
+            if not isinstance(arg, torch.Tensor):
+                raise ValueError(f"input {position} must be a tensor of shape (batch, {', '.join(map(str, shape))})")
+            if tuple(arg.shape[1:]) != shape or arg.dim() != len(shape) + 1:
+                raise ValueError(f"input {position} has shape {tuple(arg.shape)}; expected (batch, "
+                                 f"{', '.join(map(str, shape))}) (token counts are compiled in: recompile for "
+                                 "another input size)")
+            if arg.dtype != dtype:
+                raise ValueError(f"input {position} has dtype {arg.dtype}; the model was compiled for {dtype}")
+            if arg.device.type != device.type:
+                raise ValueError(f"input {position} is on {arg.device}; the model was compiled on {device} "
+                                 "(move the input, or compile the model on that device)")

@@ -1,0 +1,57 @@
+"""The report a PrunedModel carries: what was found, what was pruned, what it costs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BlockReport:
+    index: int
+    name: str
+    mixing: str
+    tokens: int
+
+
+@dataclass
+class PruneReport:
+    blocks: list
+    sites: dict                    # site key (after that many blocks) -> kept tokens K
+    keep_rates: dict
+    token_length: int
+    protected: list
+    dense_flops: float             # MACs per image, measured on the dense graph
+    pruned_flops: float            # MACs per image, measured on the pruned graph
+    estimated_flops: float         # what the plan predicted
+    target_ratio: float
+    alignment: str
+    metric: str
+    backend: str
+    not_understood: list = field(default_factory=list)   # (module, reason)
+    unprunable_sites: dict = field(default_factory=dict)
+    routed_scans: list = field(default_factory=list)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1 - self.pruned_flops / self.dense_flops if self.dense_flops else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"mambaprune report: {len(self.blocks)} SSM blocks, {self.token_length} tokens, "
+                 f"alignment={self.alignment}, metric={getattr(self.metric, '__name__', self.metric)}, backend={self.backend}"]
+        lines.append(f"{'block':>5}  {'module':<28} {'tokens':>6}  token mixing")
+        for b in self.blocks:
+            mark = "  <- pruned before this block" if b.index in self.sites else ""
+            lines.append(f"{b.index:>5}  {b.name[:28]:<28} {b.tokens:>6}  {b.mixing}{mark}")
+        if self.sites:
+            sites = ", ".join(f"before block {k}: keep {self.sites[k]} (rate {self.keep_rates[k]:.3f})"
+                              for k in sorted(self.sites))
+            lines.append(f"sites: {sites}; never pruned: positions {self.protected}")
+        else:
+            lines.append("sites: none (ratio 0: the model is unchanged)")
+        lines.append(f"FLOPs per image (MACs): dense {self.dense_flops / 1e9:.4f} G, pruned "
+                     f"{self.pruned_flops / 1e9:.4f} G, reduction {self.achieved_ratio:.3f} "
+                     f"(target {self.target_ratio:.3f}, planned {1 - self.estimated_flops / self.dense_flops:.3f})")
+        if self.routed_scans:
+            lines.append("scans routed to mambaprune::selective_scan: " + "; ".join(self.routed_scans))
+        for module, reason in self.not_understood:
+            lines.append(f"not understood: {module}: {reason}")
+        return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""The one settings object carried through the pipeline (validated once, at the API boundary)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+ALIGNMENTS = ("none", "none-unsorted", "hold", "decay")
+METRICS = ("clip", "l1", "l2", "raw", "random", "delta")
+BACKENDS = ("eager", "inductor")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    ratio: float = 0.3
+    schedule: Optional[Union[str, dict]] = None
+    alignment: str = "hold"
+    metric: str = "clip"
+    backend: str = "eager"
+    verify: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be a number in [0, 1) (the fraction of FLOPs to remove); got {self.ratio!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {self.alignment!r}")
+        if not callable(self.metric) and self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS} or a callable (y, token_dim) -> scores (B, L); "
+                             f"got {self.metric!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
+        validate_schedule(self.schedule)
+
+
+def validate_schedule(schedule) -> None:
+    if schedule is None or schedule == "top":
+        return
+    if isinstance(schedule, str) or not isinstance(schedule, dict) or not schedule:
+        raise ValueError(
+            "schedule must be None, 'top', or a non-empty dict {block_index: keep_rate} "
+            f"(a site after the first block_index blocks); got {schedule!r}")
+    for key, keep in schedule.items():
+        if isinstance(key, bool) or not isinstance(key, int) or key < 1:
+            raise ValueError(f"schedule keys are block indices >= 1 (prune after that many blocks); got {key!r}")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise ValueError(f"schedule keep rates must be in (0, 1]; got {keep!r} at block {key}")

@@ -1,0 +1,24 @@
+"""Every exception mambaprune raises on purpose (the error catalogue in the README lists them)."""
+
+
+class MambapruneError(Exception):
+    """Base class of the library's own errors."""
+
+
+class UnsupportedModelError(MambapruneError, ValueError):
+    """The model has no selective scan the compiler can see, or nothing in it can be pruned.
+
+    The message says what was looked for and what to do (usually: pass `example_inputs`, or
+    declare a hand-written scan with `mambaprune.register_scan`).
+    """
+
+
+class MissingDependencyError(MambapruneError, ImportError):
+    """An optional dependency (onnx, onnxruntime, triton, torch-tensorrt, mamba-ssm) is not installed."""
+
+
+def missing_dependency(package: str, extra: str, purpose: str) -> MissingDependencyError:
+    return MissingDependencyError(
+        f"{purpose} needs the optional package '{package}', which is not installed. "
+        f"Install it with: pip install 'mambaprune[{extra}]'"
+    )

@@ -1,0 +1,11 @@
+"""Vision SSM models in plain PyTorch (ViM, PlainMamba) with a timm-style registry.
+
+No pretrained weights exist offline; ``load_checkpoint`` loads a local safetensors file.
+"""
+
+from ._registry import create_model, list_models, load_checkpoint, register_model
+from . import plainmamba, vim  # noqa: F401  (registers the models)
+from .plainmamba import PlainMamba, zigzag_orders
+from .vim import VisionMamba
+
+__all__ = ["create_model", "list_models", "load_checkpoint", "register_model", "VisionMamba", "PlainMamba", "zigzag_orders"]

@@ -1,0 +1,68 @@
+"""Score: the importance of every token at a pruning site, in identity slot order.
+
+Invariant: emits nodes only; the graph computes the same outputs as before. The score (B, L_site)
+reads the block's SSM output `y` (after the gate, every direction merged back to token order) with
+the chosen metric (DESIGN.md): clip, l1, l2, raw, random, or `delta` (mean of the softplus'd step
+size over channels, over every scan of the block), or a user callable (y, token_dim) -> (B, L). Scores of a tensor in another layout are moved
+back to identity slots.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..compiler.token_flow import info_of
+from ..runtime import token_index as ti
+from .token_state import Pruned, PruneContext
+
+
+def emit_scores(ctx: PruneContext, block, env: dict, metric: str) -> fx.Node:
+    if metric == "delta":
+        return _delta_scores(ctx, block, env)
+    y = env[block.y]
+    tok = info_of(block.y)
+    dim = _current_dim(ctx, y, tok)
+    scores = ctx.call(metric, y, dim) if callable(metric) else ctx.call(ti.token_scores, y, dim, metric)
+    return _to_identity(ctx, scores, y, tok.layout)
+
+
+def _delta_scores(ctx: PruneContext, block, env: dict) -> fx.Node:
+    total = None
+    for scan in block.scans:
+        delta = env[scan.args[1]]
+        bias = scan.kwargs.get("delta_bias", scan.args[7] if len(scan.args) > 7 else None)
+        softplus = scan.kwargs.get("delta_softplus", scan.args[8] if len(scan.args) > 8 else False)
+        if bias is not None:
+            delta = ctx.call(_add_channel_bias, delta, env[bias])
+        if softplus:
+            delta = ctx.call(F.softplus, delta)
+        scores = ctx.call(ti.token_scores, delta, 2, "delta")
+        scores = _to_identity(ctx, scores, env[scan.args[1]], info_of(scan.args[1]).layout)
+        total = scores if total is None else ctx.call(_add, total, scores)
+    return total
+
+
+def _to_identity(ctx: PruneContext, scores: fx.Node, value: fx.Node, layout) -> fx.Node:
+    if layout == ctx.identity:
+        return scores
+    state = ctx.state.get(value)
+    if isinstance(state, Pruned):
+        return ctx.call(ti.scores_to_identity, scores, ctx.order(state.site, layout))
+    return ctx.call(_columns, scores, ctx.rank_table(layout))
+
+
+def _current_dim(ctx: PruneContext, value: fx.Node, tok) -> int:
+    state = ctx.state.get(value)
+    return state.tok.dim if isinstance(state, Pruned) else tok.dim
+
+
+def _add_channel_bias(delta, bias):
+    return delta + bias.reshape(1, -1, 1)
+
+
+def _add(a, b):
+    return a + b
+
+
+def _columns(scores, rank):
+    return scores[:, rank.to(scores.device)]

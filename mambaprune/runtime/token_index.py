@@ -1,0 +1,133 @@
+"""Run-time index arithmetic emitted by the pruning passes (plain torch: exportable, ONNX-friendly).
+
+Vocabulary (see compiler/layout.py): at a pruning site every sample keeps K tokens.
+- `idx` (B, K): original positions of the kept tokens, in the slot order of the identity layout.
+- `vpos` (B, K): the positions the kept tokens *claim* for token mixing: `idx` under the `hold` and
+  `decay` alignments, 0..K-1 (a compacted sequence) under `none` / `none-unsorted`.
+- A tensor in layout `path` holds the kept tokens sorted by their rank along `path`; `rank` below is
+  the constant inverse permutation of `path` (rank[p] = step at which the path visits position p).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+METRICS = ("clip", "l1", "l2", "raw", "random", "delta")
+
+
+def token_scores(y: torch.Tensor, token_dim: int, metric: str) -> torch.Tensor:
+    """Importance (B, L) of each token slot of y: reduce every axis but batch and tokens."""
+    y = y.movedim(token_dim, 1).float()
+    flat = y.reshape(y.shape[0], y.shape[1], -1)
+    if metric == "clip":
+        return flat.clamp_min(0).sum(-1)
+    if metric == "l1":
+        return flat.abs().sum(-1)
+    if metric == "l2":
+        return flat.square().sum(-1).sqrt()
+    if metric in ("raw", "delta"):
+        return flat.sum(-1) if metric == "raw" else flat.mean(-1)
+    if metric == "random":
+        return pseudo_random_scores(flat)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def pseudo_random_scores(flat: torch.Tensor) -> torch.Tensor:
+    """Deterministic, data-dependent noise: same input, same scores, no generator state in the graph."""
+    seed = flat.sum(-1) * 12.9898 + torch.arange(flat.shape[1], device=flat.device, dtype=flat.dtype) * 78.233
+    return torch.frac(torch.sin(seed) * 43758.5453)
+
+
+def scores_to_identity(scores: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Scores listed in a layout's slot order -> identity slot order (order = identity slot of each)."""
+    if order is None:
+        return scores
+    return torch.zeros_like(scores).scatter(1, order, scores)
+
+
+def select_tokens(scores: torch.Tensor, prev_idx: torch.Tensor, protected: torch.Tensor, keep: int,
+                  sort: bool) -> torch.Tensor:
+    """Per-sample top-`keep` slots; protected original positions always win. Returns (B, keep) slots."""
+    is_protected = (prev_idx.unsqueeze(-1) == protected).any(-1) if protected.numel() else torch.zeros_like(prev_idx, dtype=torch.bool)
+    ranked = torch.where(is_protected, torch.full_like(scores, math.inf), scores.float())
+    # ties (equal scores) are broken towards lower slots so that selection is deterministic
+    slots = torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :keep]
+    return torch.sort(slots, dim=1).values if sort else slots
+
+
+def initial_positions(reference: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """arange(L) per sample: the identity slots before the first site."""
+    length = reference.shape[token_dim]
+    return torch.arange(length, device=reference.device).unsqueeze(0).expand(reference.shape[0], length)
+
+
+def compacted_positions(idx: torch.Tensor) -> torch.Tensor:
+    """0..K-1 per sample: the positions a compacted (ViT-style) sequence claims."""
+    return torch.arange(idx.shape[1], device=idx.device).unsqueeze(0).expand_as(idx)
+
+
+def layout_order(vpos: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """For each slot of a layout, the identity slot it holds: argsort of the claimed path ranks."""
+    return torch.argsort(rank.to(vpos.device)[vpos], dim=1, stable=True)
+
+
+def inverse_order(order: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(order, dim=1, stable=True)
+
+
+def take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values.gather(1, index) for (B, n) tables and (B, K) indices."""
+    return values.gather(1, index)
+
+
+def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A constant 1-D table read at (B, K) indices."""
+    return table.to(index.device)[index]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-sample gather of token slots: out[b, ..., k, ...] = x[b, ..., index[b, k], ...].
+
+    x may lack the batch dimension (or have size 1 there): it is broadcast to index's batch first.
+    """
+    batch = index.shape[0]
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = batch, index.shape[1]
+    expanded = index.reshape(shape).expand(*[index.shape[1] if d == dim else s for d, s in enumerate(x.shape)])
+    return torch.gather(x, dim, expanded)
+
+
+def scatter_tokens(x: torch.Tensor, index: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Inverse of gather_tokens into a zero tensor whose token axis has `length` slots."""
+    shape = list(x.shape)
+    shape[dim] = length
+    view = [1] * x.dim()
+    view[0], view[dim] = index.shape[0], index.shape[1]
+    expanded = index.reshape(view).expand_as(x)
+    return torch.zeros(shape, dtype=x.dtype, device=x.device).scatter(dim, expanded, x)
+
+
+def align_constant(x: torch.Tensor, out_rank: int) -> torch.Tensor:
+    """Right-align a broadcast operand to `out_rank` dims (what broadcasting does implicitly)."""
+    while x.dim() < out_rank:
+        x = x.unsqueeze(0)
+    return x
+
+
+def slot_of_position(positions: torch.Tensor, position: int) -> torch.Tensor:
+    """(B,) slot at which each sample holds original `position` (always kept: it is protected)."""
+    return (positions == position).to(torch.int64).argmax(dim=1)
+
+
+def read_slot(x: torch.Tensor, slot: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-sample x.select(dim, slot[b])."""
+    return gather_tokens(x, slot.unsqueeze(1), dim).squeeze(dim)
+
+
+def path_gaps(ranks: torch.Tensor) -> torch.Tensor:
+    """Steps along the path between consecutive kept tokens (first token: steps from the start)."""
+    first = ranks[:, :1] + 1
+    return torch.cat([first, ranks[:, 1:] - ranks[:, :-1]], dim=1).to(torch.float32)
