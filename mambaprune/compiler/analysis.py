@@ -17,7 +17,7 @@ from typing import Optional
 import networkx as nx
 import torch.fx as fx
 
-from .token_flow import META_KEY, Grid, PaddedTok, Readout, Tok, TokenFlow, Unknown, info_of, is_scan, op_name, propagate_tokens, shape_of
+from .token_flow import META_KEY, BatchTok, Grid, PaddedTok, Readout, Tok, TokenFlow, Unknown, info_of, is_scan, op_name, propagate_tokens, shape_of
 
 _FOLLOW_TO_PROJECTION = {"aten::transpose", "aten::permute", "aten::contiguous", "aten::clone", "aten::view",
                          "aten::reshape", "aten::_unsafe_view", "aten::_to_copy", "aten::to"}
@@ -171,7 +171,9 @@ def find_sites(analysis: GraphAnalysis, graph: nx.DiGraph, order: dict) -> None:
     for block in analysis.blocks[:-1]:
         key = block.index + 1
         if block.y is None:
-            analysis.invalid_sites[key] = f"block {block.name}: its scan outputs never merge into one token tensor"
+            unknown_scan = next((info_of(s) for s in block.scans if isinstance(info_of(s), Unknown)), None)
+            analysis.invalid_sites[key] = (f"block {block.name}: {unknown_scan.reason}" if unknown_scan else
+                                           f"block {block.name}: its scan outputs never merge into one token tensor")
             continue
         cut = nx.ancestors(graph, block.y) | {block.y}
         reason = site_problem(cut, unknown, analysis.token_length)
@@ -191,7 +193,7 @@ def site_problem(cut: set, unknown: list, length: int) -> Optional[str]:
         info = info_of(node)
         if not any(u not in cut for u in node.users):
             continue
-        if isinstance(info, (PaddedTok, Grid)):
+        if isinstance(info, (PaddedTok, Grid, BatchTok)):
             return f"{node.name} crosses the site as a {type(info).__name__}"
         shape = shape_of(node)
         if info is None and shape and len(shape) > 1 and not isinstance(shape[0], int) and length in shape[1:] \

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from .token_flow import PaddedTok, Tok, info_of
+from .token_flow import BatchTok, PaddedTok, Tok, info_of
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
 TOP_KEEP = 0.8
@@ -57,7 +57,7 @@ def estimate(analysis, flops: dict, kept: dict) -> float:
         if not f:
             continue
         region = sum(1 for cut in cuts if node not in cut)
-        if region and isinstance(info_of(node), (Tok, PaddedTok)):
+        if region and isinstance(info_of(node), (Tok, BatchTok, PaddedTok)):
             f *= kept[keys[region - 1]] / analysis.token_length
         total += f
     return total

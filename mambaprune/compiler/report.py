@@ -51,7 +51,16 @@ class PruneReport:
                      f"{self.pruned_flops / 1e9:.4f} G, reduction {self.achieved_ratio:.3f} "
                      f"(target {self.target_ratio:.3f}, planned {1 - self.estimated_flops / self.dense_flops:.3f})")
         if self.routed_scans:
-            lines.append("scans routed to mambaprune::selective_scan: " + "; ".join(self.routed_scans))
+            lines.append("scans routed to mambaprune::selective_scan: " + _count_origins(self.routed_scans))
         for module, reason in self.not_understood:
             lines.append(f"not understood: {module}: {reason}")
         return "\n".join(lines)
+
+
+def _count_origins(routed: list) -> str:
+    """'a.scan (origin)' entries -> 'origin x count' in first-seen order."""
+    counts: dict = {}
+    for entry in routed:
+        origin = entry[entry.rfind("(") + 1:-1] if entry.endswith(")") else entry
+        counts[origin] = counts.get(origin, 0) + 1
+    return ", ".join(f"{origin} x{n}" for origin, n in counts.items())

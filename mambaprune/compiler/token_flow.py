@@ -34,6 +34,13 @@ class Tok:
 
 
 @dataclass(frozen=True)
+class BatchTok:
+    """Batch and tokens flattened into one dim `dim` (batch-major), as `rearrange(x, "b l d -> d (b l)")`."""
+    dim: int
+    layout: Layout
+
+
+@dataclass(frozen=True)
 class PaddedTok:
     """A conv1d output along the tokens, before the slice that brings it back to L tokens."""
     dim: int
@@ -65,7 +72,7 @@ class Readout:
     position: Optional[int] = None  # original position read, for "select"
 
 
-Info = Union[Tok, PaddedTok, Grid, Unknown, Readout, tuple, None]
+Info = Union[Tok, BatchTok, PaddedTok, Grid, Unknown, Readout, tuple, None]
 
 SCAN_OPS: set = set()
 
@@ -132,37 +139,46 @@ def info_of(node) -> Info:
 
 
 def is_token_info(info) -> bool:
-    return isinstance(info, (Tok, PaddedTok, Grid))
+    return isinstance(info, (Tok, BatchTok, PaddedTok, Grid))
+
+
+_PRIMES = (1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049)
+
+
+def _concrete(size) -> int:
+    """A symbolic size with its symbols replaced by large distinct primes (to pair view groups)."""
+    if is_static(size):
+        return size
+    expr = size.node.expr
+    symbols = sorted(expr.free_symbols, key=str)
+    return int(expr.subs({sym: _PRIMES[i % len(_PRIMES)] for i, sym in enumerate(symbols)}))
 
 
 def view_groups(in_shape: Sequence, out_shape: Sequence) -> Optional[list]:
     """Pair consecutive dims of two shapes with equal products: [(in_dims, out_dims), ...]."""
+    a = [_concrete(x) for x in in_shape]
+    b = [_concrete(x) for x in out_shape]
     groups, i, j = [], 0, 0
-    n, m = len(in_shape), len(out_shape)
+    n, m = len(a), len(b)
     while i < n or j < m:
-        # size-1 dims on either side form their own group
-        if i < n and is_static(in_shape[i]) and in_shape[i] == 1 and not (j < m and out_shape[j] == 1):
+        if i < n and a[i] == 1 and not (j < m and b[j] == 1):
             groups.append(([i], [])); i += 1; continue
-        if j < m and is_static(out_shape[j]) and out_shape[j] == 1 and not (i < n and in_shape[i] == 1):
+        if j < m and b[j] == 1 and not (i < n and a[i] == 1):
             groups.append(([], [j])); j += 1; continue
         if i >= n or j >= m:
             return None
-        if not is_static(in_shape[i]) or not is_static(out_shape[j]):
-            if str(in_shape[i]) != str(out_shape[j]):
-                return None
-            groups.append(([i], [j])); i += 1; j += 1; continue
         gi, gj = [i], [j]
-        pi, pj = in_shape[i], out_shape[j]
+        pi, pj = a[i], b[j]
         i += 1; j += 1
         while pi != pj:
             if pi < pj:
-                if i >= n or not is_static(in_shape[i]):
+                if i >= n:
                     return None
-                pi *= in_shape[i]; gi.append(i); i += 1
+                pi *= a[i]; gi.append(i); i += 1
             else:
-                if j >= m or not is_static(out_shape[j]):
+                if j >= m:
                     return None
-                pj *= out_shape[j]; gj.append(j); j += 1
+                pj *= b[j]; gj.append(j); j += 1
         groups.append((gi, gj))
     return groups
 
@@ -200,6 +216,8 @@ class TokenFlow:
             return self.rule(node)
         except _NotUnderstood as err:
             return Unknown(str(err))
+        except Exception as err:  # a rule met a form it was not written for: refuse, never crash
+            return Unknown(f"{op_name(node)} could not be analysed ({type(err).__name__}: {err})")
 
     def seed(self, node: fx.Node) -> Info:
         shape = shape_of(node)
@@ -258,7 +276,7 @@ class TokenFlow:
             i = info_of(a)
             if i is None:
                 continue
-            if not isinstance(i, (Tok, Grid)):
+            if not isinstance(i, (Tok, BatchTok, Grid)):
                 raise _NotUnderstood(f"{op_name(node)} mixes a token tensor with {type(i).__name__}")
             shift = len(out_shape) - len(shape_of(a))
             found.append(_shift(i, shift))
@@ -297,7 +315,19 @@ class TokenFlow:
                 if gi == [xi.dim] and len(go) == 2 and go[1] == go[0] + 1:
                     h, w = out_shape[go[0]], out_shape[go[1]]
                     return Grid(go[0], go[1], xi.layout, h, w)
+                if _is_batch_then_token(gi, xi.dim, in_shape) and len(go) == 1:
+                    return BatchTok(go[0], xi.layout)
                 raise _NotUnderstood(f"{op_name(node)} merges the token axis with other dims {in_shape} -> {out_shape}")
+        if isinstance(xi, BatchTok):
+            for gi, go in groups:
+                if xi.dim not in gi:
+                    continue
+                if gi == [xi.dim] and len(go) == 1:
+                    return BatchTok(go[0], xi.layout)
+                if gi == [xi.dim] and len(go) == 2 and not is_static(out_shape[go[0]]) \
+                        and out_shape[go[1]] == xi.layout.length:
+                    return Tok(go[1], xi.layout)
+            raise _NotUnderstood(f"{op_name(node)} reshapes flattened batch x tokens {in_shape} -> {out_shape}")
         if isinstance(xi, Grid):
             for gi, go in groups:
                 if xi.hdim in gi or xi.wdim in gi:
@@ -333,7 +363,7 @@ class TokenFlow:
         return _permute(xi, [int(p) for p in perm])
 
     def rule_linear(self, node, xi):
-        if isinstance(xi, Tok) and xi.dim != len(shape_of(node.args[0])) - 1:
+        if isinstance(xi, (Tok, BatchTok)) and xi.dim != len(shape_of(node.args[0])) - 1:
             return xi
         raise _NotUnderstood("a linear layer mixes the token axis")
 
@@ -341,10 +371,10 @@ class TokenFlow:
         a, b = node.args[0], node.args[1]
         ai, bi = info_of(a), info_of(b)
         out_nd = len(shape_of(node))
-        if isinstance(ai, Tok) and bi is None and ai.dim != len(shape_of(a)) - 1:
+        if isinstance(ai, (Tok, BatchTok)) and bi is None and ai.dim != len(shape_of(a)) - 1:
             return _shift(ai, out_nd - len(shape_of(a)))
-        if isinstance(bi, Tok) and ai is None and bi.dim == len(shape_of(b)) - 1:
-            return Tok(out_nd - 1, bi.layout)
+        if isinstance(bi, (Tok, BatchTok)) and ai is None and bi.dim == len(shape_of(b)) - 1:
+            return type(bi)(out_nd - 1, bi.layout)
         raise _NotUnderstood("a matmul contracts or mixes the token axis")
 
     rule_bmm = rule_matmul
@@ -438,8 +468,10 @@ class TokenFlow:
         keepdim = _arg(node, 2, "keepdim", False)
         dims = list(range(ndim)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
         dims = [norm_dim(d, ndim) for d in dims]
-        token_dims = [xi.dim] if isinstance(xi, Tok) else [xi.hdim, xi.wdim]
+        token_dims = _token_dims(xi)
         if any(d in dims for d in token_dims):
+            if isinstance(xi, (BatchTok, PaddedTok)):
+                raise _NotUnderstood(f"{op_name(node)} over flattened batch x tokens")
             if isinstance(xi, Grid) and not all(d in dims for d in token_dims):
                 raise _NotUnderstood("reduction over one axis of the token grid")
             if op_name(node) not in ("aten::mean", "aten::sum", "aten::amax", "aten::max"):
@@ -454,13 +486,13 @@ class TokenFlow:
     def norm_last_rule(self, node, xi):
         normalized = len(node.args[1]) if op_name(node) != "aten::rms_norm" else len(node.args[1])
         ndim = len(shape_of(node.args[0]))
-        token_dims = [xi.dim] if isinstance(xi, Tok) else [xi.hdim, xi.wdim]
+        token_dims = _token_dims(xi)
         if any(d >= ndim - normalized for d in token_dims):
             raise _NotUnderstood(f"{op_name(node)} normalises over the token axis")
         return xi
 
     def channel_rule(self, node, xi):
-        token_dims = [xi.dim] if isinstance(xi, Tok) else [xi.hdim, xi.wdim]
+        token_dims = _token_dims(xi)
         if 1 in token_dims:
             raise _NotUnderstood(f"{op_name(node)} over the token axis as channels")
         return xi
@@ -493,8 +525,7 @@ class TokenFlow:
 
     def _split_like(self, node, xi, dim, count):
         dim = norm_dim(dim, len(shape_of(node.args[0])))
-        token_dims = [xi.dim] if isinstance(xi, (Tok, PaddedTok)) else [xi.hdim, xi.wdim]
-        if dim in token_dims:
+        if dim in _token_dims(xi):
             raise _NotUnderstood(f"{op_name(node)} of the token axis")
         return tuple(xi for _ in range(count))
 
@@ -569,8 +600,8 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 def _shift(info, shift: int):
     if shift == 0 or info is None:
         return info
-    if isinstance(info, Tok):
-        return Tok(info.dim + shift, info.layout)
+    if isinstance(info, (Tok, BatchTok)):
+        return type(info)(info.dim + shift, info.layout)
     if isinstance(info, Grid):
         return Grid(info.hdim + shift, info.wdim + shift, info.layout, info.height, info.width)
     raise _NotUnderstood(f"broadcast of {type(info).__name__}")
@@ -580,13 +611,21 @@ def _permute(info, perm: list):
     if info is None:
         return None
     where = {old: new for new, old in enumerate(perm)}
-    if isinstance(info, (Tok, PaddedTok)):
+    if isinstance(info, (Tok, BatchTok, PaddedTok)):
         if isinstance(info, PaddedTok):
             raise _NotUnderstood("permute of a padded conv1d output")
-        return Tok(where[info.dim], info.layout)
+        return type(info)(where[info.dim], info.layout)
     if isinstance(info, Grid):
         return Grid(where[info.hdim], where[info.wdim], info.layout, info.height, info.width)
     raise _NotUnderstood("permute of a token readout")
+
+
+def _token_dims(info) -> list:
+    return [info.hdim, info.wdim] if isinstance(info, Grid) else [info.dim]
+
+
+def _is_batch_then_token(group: list, token_dim: int, shape) -> bool:
+    return len(group) == 2 and group[1] == token_dim and not is_static(shape[group[0]])
 
 
 def _drop_dim(info, dim: int):

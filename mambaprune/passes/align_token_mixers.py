@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..compiler.token_flow import Grid, Tok, info_of, is_scan, op_name
-from ..runtime import pos_conv1d
+from ..runtime import pos_conv1d, scatter_tokens
 from ..runtime import token_index as ti
 from .token_state import Pruned, PruneContext, Scattered
 
@@ -69,7 +69,7 @@ def _permute_tokens(ctx, old, args, site, state):
 
 def _enter_grid(ctx, old, args, kwargs, site, state):
     tok = state.tok
-    dense = ctx.call(ti.scatter_tokens, args[0], ctx.ranks(site, tok.layout), tok.dim, tok.layout.length)
+    dense = ctx.call(scatter_tokens, args[0], ctx.ranks(site, tok.layout), tok.layout.length, tok.dim)
     node = ctx.graph.call_function(old.target, (dense,) + tuple(args[1:]), kwargs)
     ctx.state[node] = Scattered(site)
     return node

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..compiler.token_flow import Grid, Tok, info_of, op_name
+from ..compiler.token_flow import BatchTok, Grid, Tok, info_of
 from .align_token_mixers import align_node
 from .gather_streams import cut_constant, cut_to_site
 from .remap_readout import remap_select, restore_output
@@ -112,8 +112,8 @@ def mark_state(ctx: PruneContext, old: fx.Node, node: fx.Node, site: int) -> Non
     states = [ctx.state.get(a) for a in node.all_input_nodes]
     out = info_of(old)
     pruned = [s for s in states if isinstance(s, Pruned)]
-    if pruned and isinstance(out, (Tok, tuple)):
-        ctx.state[node] = Pruned(max(s.site for s in pruned), out if isinstance(out, Tok) else None)
+    if pruned and isinstance(out, (Tok, BatchTok, tuple)):
+        ctx.state[node] = Pruned(max(s.site for s in pruned), None if isinstance(out, tuple) else out)
     elif any(isinstance(s, Scattered) for s in states) and isinstance(out, (Grid, tuple)):
         ctx.state[node] = Scattered(site)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..compiler.token_flow import Readout, info_of, op_name
+from ..runtime import scatter_tokens
 from ..runtime import token_index as ti
 from .token_state import Pruned, PruneContext
 
@@ -33,4 +34,4 @@ def restore_output(ctx: PruneContext, value):
     if not isinstance(state, Pruned):
         return value
     tok = state.tok
-    return ctx.call(ti.scatter_tokens, value, ctx.dense_index(state.site, tok.layout), tok.dim, tok.layout.length)
+    return ctx.call(scatter_tokens, value, ctx.dense_index(state.site, tok.layout), tok.layout.length, tok.dim)

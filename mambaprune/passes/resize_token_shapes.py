@@ -2,13 +2,13 @@
 
 Invariant: a view/reshape/expand of a pruned tensor keeps every dimension of the dense graph but
 the token axis, which becomes K (the graph was exported with static token counts, so reshapes
-carry L as a literal integer).
+carry L as a literal integer); a flattened batch x tokens dim becomes -1 (batch * K, inferred).
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
-from ..compiler.token_flow import Tok, info_of, op_name
+from ..compiler.token_flow import BatchTok, Tok, info_of, op_name
 from .token_state import Pruned, PruneContext
 
 _SHAPE_ARG_OPS = {"aten::view", "aten::reshape", "aten::_unsafe_view", "aten::expand"}
@@ -16,12 +16,16 @@ _SHAPE_ARG_OPS = {"aten::view", "aten::reshape", "aten::_unsafe_view", "aten::ex
 
 def resize_shape_args(ctx: PruneContext, old: fx.Node, args: tuple, site: int) -> tuple:
     out = info_of(old)
-    if op_name(old) not in _SHAPE_ARG_OPS or not isinstance(out, Tok) or len(args) < 2:
+    if op_name(old) not in _SHAPE_ARG_OPS or not isinstance(out, (Tok, BatchTok)) or len(args) < 2:
         return args
     state = ctx.state.get(args[0]) if isinstance(args[0], fx.Node) else None
     if not isinstance(state, Pruned):
         return args
     shape = list(args[1])
-    if isinstance(shape[out.dim], int) and shape[out.dim] != -1:
+    if isinstance(out, BatchTok):
+        # batch * L is a symbolic product in the graph: let the view infer batch * K
+        if -1 not in shape:
+            shape[out.dim] = -1
+    elif isinstance(shape[out.dim], int) and shape[out.dim] != -1:
         shape[out.dim] = ctx.sites[site].keep
     return (args[0], shape) + tuple(args[2:])

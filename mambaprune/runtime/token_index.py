@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from . import token_ops
+
 METRICS = ("clip", "l1", "l2", "raw", "random", "delta")
 
 
@@ -87,27 +89,10 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per-sample gather of token slots: out[b, ..., k, ...] = x[b, ..., index[b, k], ...].
-
-    x may lack the batch dimension (or have size 1 there): it is broadcast to index's batch first.
-    """
-    batch = index.shape[0]
-    if x.shape[0] != batch:
-        x = x.expand(batch, *x.shape[1:])
-    shape = [1] * x.dim()
-    shape[0], shape[dim] = batch, index.shape[1]
-    expanded = index.reshape(shape).expand(*[index.shape[1] if d == dim else s for d, s in enumerate(x.shape)])
-    return torch.gather(x, dim, expanded)
-
-
-def scatter_tokens(x: torch.Tensor, index: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    """Inverse of gather_tokens into a zero tensor whose token axis has `length` slots."""
-    shape = list(x.shape)
-    shape[dim] = length
-    view = [1] * x.dim()
-    view[0], view[dim] = index.shape[0], index.shape[1]
-    expanded = index.reshape(view).expand_as(x)
-    return torch.zeros(shape, dtype=x.dtype, device=x.device).scatter(dim, expanded, x)
+    """token_ops.gather_tokens, with x broadcast to index's batch first (constant token tables)."""
+    if x.shape[0] != index.shape[0]:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    return token_ops.gather_tokens(x, index, dim)
 
 
 def align_constant(x: torch.Tensor, out_rank: int) -> torch.Tensor:
