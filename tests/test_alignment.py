@@ -51,17 +51,25 @@ PM_KEEP = [
 ]
 
 
-def constant_metric(keep_sets, length):
-    """metric(y, token_dim) -> (B, L): high scores at the wanted positions, per sample."""
-    table = torch.zeros(len(keep_sets), length)
-    for b, keep in enumerate(keep_sets):
-        table[b, keep] = 10.0 + torch.arange(len(keep), dtype=torch.float32)
-    table -= torch.arange(length, dtype=torch.float32) * 1e-3  # no ties among the others
+def keep_metric(length):
+    """metric(y, token_dim) -> (B, L): high scores at the wanted positions, per sample.
+
+    A plain function (torch.fx needs the target's __name__): its table is read when the pruned graph
+    RUNS, so one compiled model serves several keep sets of the same size (compiling is the slow part
+    of these tests); `metric.use(keep_sets)` switches the keep set."""
+    state = {"table": torch.zeros(1, length)}
+
+    def use(keep_sets):
+        table = torch.zeros(len(keep_sets), length)
+        for b, keep in enumerate(keep_sets):
+            table[b, keep] = 10.0 + torch.arange(len(keep), dtype=torch.float32)
+        state["table"] = table - torch.arange(length, dtype=torch.float32) * 1e-3  # no ties elsewhere
 
     def metric(y, token_dim):
         batch = y.shape[0]
-        return torch.zeros(batch, y.shape[token_dim], device=y.device) + table[:batch].to(y.device)
+        return torch.zeros(batch, y.shape[token_dim], device=y.device) + state["table"][:batch].to(y.device)
 
+    metric.use = use
     return metric
 
 
@@ -201,9 +209,11 @@ def pm_model(seed=0, layers_with_dwconv=(0,)):
     with torch.no_grad():
         for layer in model.layers:
             m = layer.mamba
-            m.A_log.copy_(torch.log(torch.empty_like(m.A_log).uniform_(0.3, 1.5)))
+            m.A_log.copy_(torch.log(torch.empty_like(m.A_log).uniform_(0.05, 0.5)))  # long memory
             m.D.uniform_(-1.0, 1.0)
             m.dt_proj.bias.uniform_(-0.3, 0.5)
+            m.x_proj.weight.mul_(3.0)            # larger B, C, dt: the scan term dominates the skip term
+            m.out_proj.weight.mul_(3.0)
             m.direction_Bs.normal_(0.0, 0.5)     # make the direction bias matter
             if layer.with_dwconv:
                 bn = layer.dw[1]
@@ -273,12 +283,23 @@ def images(size, batch=2, seed=1):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def compile_with_keep(model, x, keep, mode, site=1, keep_rate=0.5):
-    pruned = mambaprune.compile_pruned(model, schedule={site: keep_rate}, alignment=mode,
-                                       metric=constant_metric(keep, _length(model)),
-                                       example_inputs=(x,))
+_COMPILED: dict = {}
+
+
+def pruned_output(model, x, keep, mode, site=1, keep_rate=0.5):
+    """Output of compile_pruned(model, {site: keep_rate}, mode) with the keep set forced to `keep`."""
+    key = (id(model), mode, site, keep_rate)
+    if key not in _COMPILED:
+        metric = keep_metric(_length(model))
+        metric.use(keep)
+        pruned = mambaprune.compile_pruned(model, schedule={site: keep_rate}, alignment=mode, metric=metric,
+                                           example_inputs=(x,))
+        _COMPILED[key] = (model, pruned, metric)   # keeps `model` alive, so id() stays unique
+    _, pruned, metric = _COMPILED[key]
     assert pruned.report.sites == {site: len(keep[0])}
-    return pruned
+    metric.use(keep)
+    with torch.no_grad():
+        return pruned(x)
 
 
 def _length(model):
@@ -310,9 +331,9 @@ def _check_keep_sets(keep, length, protected=()):
 def test_vim_matches_definition(vim, mode, site):
     model, x = vim
     _check_keep_sets(VIM_KEEP, 17, protected=[model.token_position])
-    pruned = compile_with_keep(model, x, VIM_KEEP, mode, site=site)
+    got = pruned_output(model, x, VIM_KEEP, mode, site=site)
     with torch.no_grad():
-        got, want = pruned(x), vim_reference(model, x, site, VIM_KEEP, mode)
+        want = vim_reference(model, x, site, VIM_KEEP, mode)
         dense = model(x)
     assert got.shape == want.shape == dense.shape
     assert (want - dense).abs().max().item() > 1e-2   # pruning is visible at all
@@ -329,9 +350,9 @@ NONE_BIAS_BUG = ("library bug: under `none`, PlainMamba's direction bias on B is
 def test_plainmamba_matches_definition(pm, mode):
     model, x = pm
     _check_keep_sets(PM_KEEP, 16)
-    pruned = compile_with_keep(model, x, PM_KEEP, mode)
+    got = pruned_output(model, x, PM_KEEP, mode)
     with torch.no_grad():
-        got, want = pruned(x), pm_reference(model, x, 1, PM_KEEP, mode)
+        want = pm_reference(model, x, 1, PM_KEEP, mode)
         dense = model(x)
     assert (want - dense).abs().max().item() > 1e-2
     assert (got - want).abs().max().item() <= TOL
@@ -344,7 +365,7 @@ def test_plainmamba_none_bias_readings_differ(pm):
     with torch.no_grad():
         claimed = pm_reference(model, x, 1, PM_KEEP, "none", bias_at="claimed")
         original = pm_reference(model, x, 1, PM_KEEP, "none", bias_at="original")
-    assert (claimed - original).abs().max().item() > 1e-4
+    assert (claimed - original).abs().max().item() > 20 * TOL
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -353,9 +374,9 @@ def test_plainmamba_none_bias_readings_differ(pm):
     "pruned cells although block 0 should be dense (site 'after the first k blocks')"))
 def test_plainmamba_l1_blocks_before_the_site_are_dense():
     model, x = pm_model(layers_with_dwconv=(0,)), images(64)   # the real L1: dwconv after block 0
-    pruned = compile_with_keep(model, x, PM_KEEP, "hold", site=1)
+    got = pruned_output(model, x, PM_KEEP, "hold", site=1)
     with torch.no_grad():
-        got, want = pruned(x), pm_reference(model, x, 1, PM_KEEP, "hold")
+        want = pm_reference(model, x, 1, PM_KEEP, "hold")
     assert (got - want).abs().max().item() <= TOL
 
 
@@ -364,28 +385,41 @@ def test_keep_all_hold_is_dense(vim, pm, family):
     model, x = vim if family == "vim" else pm
     everything = [list(range(_length(model)))] * 2
     reference = vim_reference if family == "vim" else pm_reference
-    pruned = compile_with_keep(model, x, everything, "hold", keep_rate=1.0)
+    got = pruned_output(model, x, everything, "hold", keep_rate=1.0)
     with torch.no_grad():
         dense = model(x)
-        assert (pruned(x) - dense).abs().max().item() <= 1e-5
+        assert (got - dense).abs().max().item() <= 1e-5
         assert (reference(model, x, 1, everything, "hold") - dense).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["vim", "pm"])
 def test_hold_and_decay_differ_with_gaps(vim, pm, family):
+    """The keep sets have gaps, so the two modes must give different outputs (else the decay
+    comparison above could not fail)."""
     model, x = vim if family == "vim" else pm
     keep = VIM_KEEP if family == "vim" else PM_KEEP
-    with torch.no_grad():
-        hold = compile_with_keep(model, x, keep, "hold")(x)
-        decay = compile_with_keep(model, x, keep, "decay")(x)
-    assert (hold - decay).abs().max().item() > 1e-2
+    hold = pruned_output(model, x, keep, "hold")
+    decay = pruned_output(model, x, keep, "decay")
+    assert (hold - decay).abs().max().item() > 20 * TOL
 
 
-def test_different_keep_set_changes_output(vim):
+@pytest.mark.parametrize("mode", ["hold", "decay"])
+def test_different_keep_set_changes_output(vim, mode):
     model, x = vim
+    a = pruned_output(model, x, VIM_KEEP, mode)
+    b = pruned_output(model, x, VIM_KEEP_OTHER, mode)
     with torch.no_grad():
-        a = compile_with_keep(model, x, VIM_KEEP, "hold")(x)
-        b = compile_with_keep(model, x, VIM_KEEP_OTHER, "hold")(x)
-        ref_b = vim_reference(model, x, 1, VIM_KEEP_OTHER, "hold")
-    assert (a - b).abs().max().item() > 1e-2
+        ref_b = vim_reference(model, x, 1, VIM_KEEP_OTHER, mode)
+    assert (a - b).abs().max().item() > 20 * TOL
+    assert (b - ref_b).abs().max().item() <= TOL
+
+
+def test_pm_different_keep_set_changes_output(pm):
+    model, x = pm
+    other = [[0, 1, 2, 3, 4, 8, 12, 13], [3, 5, 6, 9, 10, 11, 14, 15]]
+    a = pruned_output(model, x, PM_KEEP, "hold")
+    b = pruned_output(model, x, other, "hold")
+    with torch.no_grad():
+        ref_b = pm_reference(model, x, 1, other, "hold")
+    assert (a - b).abs().max().item() > 20 * TOL
     assert (b - ref_b).abs().max().item() <= TOL

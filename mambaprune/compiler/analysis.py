@@ -31,6 +31,7 @@ class Block:
     y: Optional[fx.Node]
     mixing: str
     token_length: int
+    container: Optional[str] = None   # the repeated module (an item of a ModuleList) holding the scans
 
 
 @dataclass
@@ -99,7 +100,18 @@ def group_blocks(scans: list, graph: nx.DiGraph, order: dict) -> list:
 
 def describe_block(index: int, scans: list, graph: nx.DiGraph, order: dict) -> Block:
     y = block_output(scans, graph, order)
-    return Block(index, block_name(scans), scans, y, mixing_of(scans, graph), shape_of(scans[0].args[0])[-1])
+    name = block_name(scans)
+    return Block(index, name, scans, y, mixing_of(scans, graph), shape_of(scans[0].args[0])[-1],
+                 repeated_container(name))
+
+
+def repeated_container(path: str) -> Optional[str]:
+    """'layers.3.mixer' -> 'layers.3': the deepest enclosing module that is an item of a container."""
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        if parts[end - 1].isdigit():
+            return ".".join(parts[:end])
+    return None
 
 
 def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Node]:
@@ -175,13 +187,32 @@ def find_sites(analysis: GraphAnalysis, graph: nx.DiGraph, order: dict) -> None:
             analysis.invalid_sites[key] = (f"block {block.name}: {unknown_scan.reason}" if unknown_scan else
                                            f"block {block.name}: its scan outputs never merge into one token tensor")
             continue
-        cut = nx.ancestors(graph, block.y) | {block.y}
+        cut = block_closure(block, analysis.gm, graph)
         reason = site_problem(cut, unknown, analysis.token_length)
         if reason:
             analysis.invalid_sites[key] = reason
             continue
         analysis.cuts[key] = cut
         analysis.valid_sites.append(key)
+
+
+def block_closure(block: Block, gm: fx.GraphModule, graph: nx.DiGraph) -> set:
+    """Everything up to the end of the block: ancestors of y and of every node of its repeated module.
+
+    Keeping the whole block dense (e.g. a depthwise conv after the residual add, as in PlainMamba-L1)
+    makes a site 'after the first k blocks' mean what it says.
+    """
+    ends = {block.y}
+    if block.container:
+        prefix = block.container + "."
+        for node in gm.graph.nodes:
+            paths = [entry[0] for entry in (node.meta.get("nn_module_stack") or {}).values()]
+            if any(p == block.container or p.startswith(prefix) for p in paths):
+                ends.add(node)
+    cut = set(ends)
+    for node in ends:
+        cut |= nx.ancestors(graph, node)
+    return cut
 
 
 def site_problem(cut: set, unknown: list, length: int) -> Optional[str]:

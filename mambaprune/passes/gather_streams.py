@@ -41,7 +41,8 @@ def cut_constant(ctx: PruneContext, old_arg: fx.Node, new_arg: fx.Node, out_tok:
     key = ("constant", new_arg, site, out_tok)
     if key not in ctx._cache:
         full = ctx.call(ti.align_constant, new_arg, out_rank)
-        ctx._cache[key] = ctx.call(ti.gather_tokens, full, ctx.dense_index(site, out_tok.layout), out_tok.dim)
+        # a positional table is read where the kept tokens claim to be (vpos), like every token mixer
+        ctx._cache[key] = ctx.call(ti.gather_tokens, full, ctx.ranks(site, out_tok.layout), out_tok.dim)
         ctx.state[ctx._cache[key]] = Pruned(site, out_tok)
     return ctx._cache[key]
 
