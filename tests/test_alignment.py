@@ -340,13 +340,7 @@ def test_vim_matches_definition(vim, mode, site):
     assert (got - want).abs().max().item() <= TOL
 
 
-NONE_BIAS_BUG = ("library bug: under `none`, PlainMamba's direction bias on B is gathered at the kept "
-                 "token's ORIGINAL path step (gather_streams.cut_constant -> PruneContext.dense_index uses "
-                 "`idx`), while scan order, conv2d cells and path ranks use the compacted positions (`vpos`)")
-
-
-@pytest.mark.parametrize("mode", ["hold", "decay",
-                                  pytest.param("none", marks=pytest.mark.xfail(strict=True, reason=NONE_BIAS_BUG))])
+@pytest.mark.parametrize("mode", ["hold", "decay", "none"])
 def test_plainmamba_matches_definition(pm, mode):
     model, x = pm
     _check_keep_sets(PM_KEEP, 16)
@@ -359,8 +353,9 @@ def test_plainmamba_matches_definition(pm, mode):
 
 
 def test_plainmamba_none_bias_readings_differ(pm):
-    """The xfail above is meaningful: on this model the claimed-step (ViT-style) and original-step
-    readings of the direction bias give different outputs."""
+    """`none` reads the direction bias at the compacted token's step along the restricted path (like
+    every other position-dependent op under `none`), not at its original step; on this model the
+    two readings differ, so test_plainmamba_matches_definition[none] tells them apart."""
     model, x = pm
     with torch.no_grad():
         claimed = pm_reference(model, x, 1, PM_KEEP, "none", bias_at="claimed")
@@ -368,11 +363,9 @@ def test_plainmamba_none_bias_readings_differ(pm):
     assert (claimed - original).abs().max().item() > 20 * TOL
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: a site reads block k-1's SSM output y and cuts there, so everything after y INSIDE "
-    "block k-1 runs on the kept tokens; PlainMamba-L1's dwconv 3x3 after block 0 then sees zeros at "
-    "pruned cells although block 0 should be dense (site 'after the first k blocks')"))
 def test_plainmamba_l1_blocks_before_the_site_are_dense():
+    """A site {1: r} prunes AFTER block 0, so L1's dwconv 3x3 after block 0's residual add (still
+    inside block 0) sees every token, not zeros at the pruned cells."""
     model, x = pm_model(layers_with_dwconv=(0,)), images(64)   # the real L1: dwconv after block 0
     got = pruned_output(model, x, PM_KEEP, "hold", site=1)
     with torch.no_grad():

@@ -22,7 +22,7 @@ def emit_scores(ctx: PruneContext, block, env: dict, metric: str) -> fx.Node:
     y = env[block.y]
     tok = info_of(block.y)
     dim = _current_dim(ctx, y, tok)
-    scores = ctx.call(metric, y, dim) if callable(metric) else ctx.call(ti.token_scores, y, dim, metric)
+    scores = ctx.call(_named(metric), y, dim) if callable(metric) else ctx.call(ti.token_scores, y, dim, metric)
     return _to_identity(ctx, scores, y, tok.layout)
 
 
@@ -49,6 +49,13 @@ def _to_identity(ctx: PruneContext, scores: fx.Node, value: fx.Node, layout) -> 
     if isinstance(state, Pruned):
         return ctx.call(ti.scores_to_identity, scores, ctx.order(state.site, layout))
     return ctx.call(_columns, scores, ctx.rank_table(layout))
+
+
+def _named(metric):
+    """fx names call targets after their __name__: give partials and callable objects one."""
+    def user_metric(y, token_dim):
+        return metric(y, token_dim)
+    return user_metric
 
 
 def _current_dim(ctx: PruneContext, value: fx.Node, tok) -> int:
