@@ -173,3 +173,16 @@ def test_report_prints_a_table():
     text = str(pruned.report)
     assert "pruned before this block" in text and "FLOPs per image" in text
     assert "2 scans (identity, flip) + conv1d" in text
+
+
+def test_metric_may_be_any_callable():
+    import functools
+
+    def weighted(y, token_dim, weight):
+        return y.movedim(token_dim, 1).flatten(2).abs().sum(-1) * weight
+
+    model = tiny("vim_t")
+    pruned = mambaprune.compile_pruned(model, ratio=0.2, metric=functools.partial(weighted, weight=2.0))
+    plain = mambaprune.compile_pruned(model, ratio=0.2, metric="l1")
+    x = images(model)
+    assert torch.equal(pruned(x), plain(x))      # scaling every score keeps the same tokens
