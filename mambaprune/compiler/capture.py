@@ -118,6 +118,11 @@ def _route_methods(model, entry, undo, routed) -> None:
             setattr(module, attr, types.MethodType(entry.adapter, module))
             undo.append(lambda m=module, a=attr: m.__dict__.pop(a, None))
             routed.append(f"{name or type(module).__name__}.{attr} ({entry.origin})")
+        for attr, value in list(vars(module).items()):
+            if value is entry.fn:  # e.g. `self.scan_fn = selective_scan_fn` stored on the instance
+                object.__setattr__(module, attr, entry.adapter)
+                undo.append(lambda m=module, a=attr, v=value: object.__setattr__(m, a, v))
+                routed.append(f"{name or type(module).__name__}.{attr} ({entry.origin})")
 
 
 def _class_attributes_holding(cls, fn) -> list:

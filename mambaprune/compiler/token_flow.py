@@ -223,12 +223,21 @@ class TokenFlow:
         shape = shape_of(node)
         if shape is None or len(shape) < 2 or is_static(shape[0]) or node not in self.input_dependent:
             return None
-        dims = [d for d in range(1, len(shape)) if is_static(shape[d]) and shape[d] in self.token_lengths]
+        dims = self.flattened_grid_dim(node, shape)
+        if not dims and len(shape) == 3:  # (B, L, D) or (B, D, L); image-like (B, C, H, W) never seeds
+            dims = [d for d in (1, 2) if is_static(shape[d]) and shape[d] in self.token_lengths]
         if len(dims) != 1:
             return None
         if node.target == aten.cat.default:
             self.note_class_tokens(node, dims[0])
         return Tok(dims[0], Layout.identity(shape[dims[0]]))
+
+    def flattened_grid_dim(self, node: fx.Node, shape) -> list:
+        """When a width equals the token count, the token axis is the one a flatten of the grid made."""
+        if op_name(node) not in _VIEW_OPS or not isinstance(node.args[0], fx.Node):
+            return []
+        groups = view_groups(shape_of(node.args[0]), shape) or []
+        return [go[0] for gi, go in groups if len(gi) == 2 and len(go) == 1 and shape[go[0]] in self.token_lengths]
 
     def note_class_tokens(self, cat: fx.Node, dim: int) -> None:
         """Slots of a concatenation that come from parameters, not from the image, are class tokens."""
