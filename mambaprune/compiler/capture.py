@@ -114,8 +114,9 @@ def route_scans(model: torch.nn.Module):
 
 def _route_methods(model, entry, undo, routed) -> None:
     for name, module in model.named_modules():
-        for attr in _class_attributes_holding(type(module), entry.fn):
-            setattr(module, attr, types.MethodType(entry.adapter, module))
+        for attr, kind in _class_attributes_holding(type(module), entry.fn):
+            bound = entry.adapter if kind is staticmethod else types.MethodType(entry.adapter, module)
+            object.__setattr__(module, attr, bound)
             undo.append(lambda m=module, a=attr: m.__dict__.pop(a, None))
             routed.append(f"{name or type(module).__name__}.{attr} ({entry.origin})")
         for attr, value in list(vars(module).items()):
@@ -126,24 +127,29 @@ def _route_methods(model, entry, undo, routed) -> None:
 
 
 def _class_attributes_holding(cls, fn) -> list:
-    found = []
+    """(name, kind) of class attributes that are `fn`: a plain method or a staticmethod wrapping it."""
+    found, names = [], set()
     for klass in cls.__mro__:
         for attr, value in vars(klass).items():
-            if value is fn and attr not in found:
-                found.append(attr)
+            kind = type(value) if isinstance(value, (staticmethod, classmethod)) else None
+            inner = value.__func__ if kind else value
+            if inner is fn and attr not in names and kind is not classmethod:
+                found.append((attr, kind))
+                names.add(attr)
     return found
 
 
 def _route_globals(model, entry, undo, routed) -> None:
+    """Globals of the modules defining the model's classes, and the scan's own module attribute."""
     seen = set()
-    for module in model.modules():
-        for klass in type(module).__mro__:
-            namespace = sys.modules.get(klass.__module__)
-            if namespace is None or id(namespace) in seen:
-                continue
-            seen.add(id(namespace))
-            for attr, value in list(vars(namespace).items()):
-                if value is entry.fn:
-                    setattr(namespace, attr, entry.adapter)
-                    undo.append(lambda ns=namespace, a=attr, v=value: setattr(ns, a, v))
-                    routed.append(f"{namespace.__name__}.{attr} ({entry.origin})")
+    homes = [klass.__module__ for module in model.modules() for klass in type(module).__mro__]
+    for home in homes + [getattr(entry.fn, "__module__", None)]:
+        namespace = sys.modules.get(home) if home else None
+        if namespace is None or id(namespace) in seen:
+            continue
+        seen.add(id(namespace))
+        for attr, value in list(vars(namespace).items()):
+            if value is entry.fn:
+                setattr(namespace, attr, entry.adapter)
+                undo.append(lambda ns=namespace, a=attr, v=value: setattr(ns, a, v))
+                routed.append(f"{namespace.__name__}.{attr} ({entry.origin})")

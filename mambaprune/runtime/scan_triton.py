@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import missing_dependency
+
 try:
     import triton
     import triton.language as tl
@@ -126,7 +128,7 @@ def selective_scan_triton(
     Accumulates in fp32 whatever the input dtype (float64 inputs are computed in fp32 too).
     """
     if triton is None:
-        raise RuntimeError("selective_scan_triton: triton is not installed")
+        raise missing_dependency("triton", "gpu", "The Triton selective-scan kernel")
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     groups = 1 if B.dim() == 3 else B.shape[1]
