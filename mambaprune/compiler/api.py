@@ -33,7 +33,9 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
             scaled to the depth) or {k: keep_rate} (a site after the first k blocks).
         alignment: "hold" (default), "decay", "none" or "none-unsorted" (DESIGN.md).
         metric: token importance: "clip" (default), "l1", "l2", "raw", "random" or "delta".
-        backend: "eager" or "inductor" (torch.compile).
+        backend: "eager", "inductor" (torch.compile), "onnxruntime" (the ONNX export run by an
+            onnxruntime InferenceSession, CUDA provider first when available) or "tensorrt"
+            (torch-tensorrt, our custom ops kept in PyTorch; needs a model compiled on CUDA).
         verify: check on the example inputs that the rewritten graph with every token kept
             reproduces the model (guards against silently wrong rewrites of unfamiliar models).
 

@@ -15,11 +15,24 @@ class PrunedModel(torch.nn.Module):
         self.backend = backend
         self._input_spec = [(tuple(x.shape[1:]), x.dtype, x.device) if isinstance(x, torch.Tensor) else None
                             for x in example_inputs]
-        self._runner = torch.compile(graph_module) if backend == "inductor" else graph_module
+        self._runner = _make_runner(self, backend)
 
     def forward(self, *args):
         self.check_inputs(args)
         return self._runner(*args)
+
+    def export(self, path, format=None, **options):
+        """Write a deployable file; returns `path`.
+
+        format: from the suffix (``.onnx``, ``.pt2``, ``.engine`` / ``.ts`` for TensorRT) or
+        ``format=`` "onnx", "pt2" or "tensorrt". An existing file is replaced atomically (temporary
+        file + rename), so a failed export leaves it as it was. Options: ONNX ``scan_form=``
+        ("scan" or "doubling"), ``opset_version=``; TensorRT ``min_batch=``, ``opt_batch=``,
+        ``max_batch=``, ``enabled_precisions=`` and other torch_tensorrt.dynamo.compile settings.
+        See mambaprune/runtime/backends/export.py.
+        """
+        from ..runtime.backends.export import export_pruned
+        return export_pruned(self, path, format, **options)
 
     def check_inputs(self, args: tuple) -> None:
         if len(args) != len(self._input_spec):
@@ -39,3 +52,15 @@ class PrunedModel(torch.nn.Module):
             if arg.device.type != device.type:
                 raise ValueError(f"input {position} is on {arg.device}; the model was compiled on {device} "
                                  "(move the input, or compile the model on that device)")
+
+
+def _make_runner(pruned: PrunedModel, backend: str):
+    if backend == "inductor":
+        return torch.compile(pruned.graph_module)
+    if backend == "onnxruntime":
+        from ..runtime.backends.onnxruntime_backend import onnxruntime_module
+        return onnxruntime_module(pruned)
+    if backend == "tensorrt":
+        from ..runtime.backends.tensorrt_backend import tensorrt_module
+        return tensorrt_module(pruned)
+    return pruned.graph_module

@@ -1,12 +1,13 @@
 """The one settings object carried through the pipeline (validated once, at the API boundary)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 ALIGNMENTS = ("none", "none-unsorted", "hold", "decay")
 METRICS = ("clip", "l1", "l2", "raw", "random", "delta")
-BACKENDS = ("eager", "inductor")
+BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class PruneSettings:
     verify: bool = True
 
     def __post_init__(self):
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be a number in [0, 1) (the fraction of FLOPs to remove); got {self.ratio!r}")
         if self.alignment not in ALIGNMENTS:
             raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {self.alignment!r}")

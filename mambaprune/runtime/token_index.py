@@ -89,9 +89,11 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """token_ops.gather_tokens, with x broadcast to index's batch first (constant token tables)."""
-    if x.shape[0] != index.shape[0]:
-        x = x.expand(index.shape[0], *x.shape[1:])
+    """token_ops.gather_tokens, with x broadcast to index's batch first (constant token tables).
+
+    The expand is unconditional: a Python test on the batch size would make torch.export guard it.
+    """
+    x = x.expand(index.shape[0], *x.shape[1:])
     return token_ops.gather_tokens(x, index, dim)
 
 
