@@ -49,6 +49,7 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
                              verify=verify)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_pruned expects a torch.nn.Module; got {type(model).__name__}")
+    require_backend(settings.backend)
     example_inputs = _as_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
     captured = capture(model, example_inputs)
     analysis = analyse(captured.gm)
@@ -72,6 +73,17 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed))
     from .pruned_model import PrunedModel
     return PrunedModel(pruned, report, example_inputs, settings.backend)
+
+
+def require_backend(backend: str) -> None:
+    """Fail before the slow work when the backend's optional package is missing."""
+    if backend == "onnxruntime":
+        from ..runtime.backends.onnxruntime_backend import require_package
+        for package, module in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
+            require_package(package, module, 'compile_pruned(backend="onnxruntime")')
+    elif backend == "tensorrt":
+        from ..runtime.backends.tensorrt_backend import import_torch_tensorrt
+        import_torch_tensorrt()
 
 
 def verify_rewrite(captured, analysis, sites: list, flat: list) -> None:

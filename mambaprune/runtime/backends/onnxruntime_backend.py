@@ -12,7 +12,7 @@ from ...errors import missing_dependency
 from .export import reexport
 
 
-def _require(package: str, module: str, purpose: str):
+def require_package(package: str, module: str, purpose: str):
     try:
         return __import__(module)
     except ImportError as err:
@@ -25,8 +25,8 @@ def onnx_program(pruned, scan_form: Optional[str] = None, opset_version: Optiona
 
     scan_form: how the selective scan is written in ONNX ("scan" or "doubling", see onnx_ops).
     """
-    _require("onnx", "onnx", "ONNX export")
-    _require("onnxscript", "onnxscript", "ONNX export")
+    require_package("onnx", "onnx", "ONNX export")
+    require_package("onnxscript", "onnxscript", "ONNX export")
     from .onnx_ops import DEFAULT_SCAN_FORM, ONNX_OPSET, custom_translation_table
     program = reexport(pruned)
     table = custom_translation_table(scan_form or DEFAULT_SCAN_FORM)
@@ -40,7 +40,7 @@ def onnx_program(pruned, scan_form: Optional[str] = None, opset_version: Optiona
 
 
 def default_providers() -> list:
-    ort = _require("onnxruntime", "onnxruntime", "backend='onnxruntime'")
+    ort = require_package("onnxruntime", "onnxruntime", "backend='onnxruntime'")
     available = ort.get_available_providers()
     preferred = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     chosen = [p for p in preferred if p in available]
@@ -57,7 +57,7 @@ class OnnxRuntimeModule(torch.nn.Module):
     def __init__(self, model, providers: Optional[list] = None, session_options=None, out_spec=None):
         super().__init__()
         self.out_spec = out_spec  # pytree spec of the model's outputs (None: tensor or tuple)
-        ort = _require("onnxruntime", "onnxruntime", "backend='onnxruntime'")
+        ort = require_package("onnxruntime", "onnxruntime", "backend='onnxruntime'")
         self.providers = list(providers) if providers is not None else default_providers()
         source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
         self.session = ort.InferenceSession(source, sess_options=session_options, providers=self.providers)
