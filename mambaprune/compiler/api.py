@@ -12,6 +12,7 @@ from ..passes.prune_tokens import SiteSpec, prune_tokens
 from .analysis import analyse
 from .capture import capture, infer_example_inputs
 from .plan import make_plan, node_flops
+from .pruned_model import PrunedModel
 from .report import BlockReport, PruneReport
 from .settings import PruneSettings
 
@@ -20,7 +21,7 @@ VERIFY_TOLERANCE = 1e-4
 
 def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: Optional[tuple] = None, *,
                    schedule=None, alignment: str = "hold", metric: str = "clip", backend: str = "eager",
-                   verify: bool = True) -> "PrunedModel":
+                   verify: bool = True) -> PrunedModel:
     """Prune tokens of a vision state-space model; returns a module with the model's call signature.
 
     Args:
@@ -71,7 +72,6 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         metric=settings.metric, backend=settings.backend,
         not_understood=[(n.name, n.reason) for n in analysis.not_understood],
         unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed))
-    from .pruned_model import PrunedModel
     return PrunedModel(pruned, report, example_inputs, settings.backend)
 
 

@@ -6,7 +6,6 @@ Vim's `bimamba_inner_ref` for the bidirectional v1 variant).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError

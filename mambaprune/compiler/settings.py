@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 ALIGNMENTS = ("none", "none-unsorted", "hold", "decay")
 METRICS = ("clip", "l1", "l2", "raw", "random", "delta")

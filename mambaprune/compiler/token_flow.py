@@ -11,7 +11,6 @@ rules; anything else that touches it becomes `Unknown(reason)`.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -73,9 +72,6 @@ class Readout:
 
 
 Info = Union[Tok, BatchTok, PaddedTok, Grid, Unknown, Readout, tuple, None]
-
-SCAN_OPS: set = set()
-
 
 def scan_op():
     return torch.ops.mambaprune.selective_scan.default
@@ -244,7 +240,7 @@ class TokenFlow:
         offset = 0
         for part in cat.args[0]:
             size = shape_of(part)[dim]
-            if part not in self.input_dependent or _is_expanded_parameter(part, self.input_dependent):
+            if part not in self.input_dependent:
                 self.class_tokens.update(range(offset, offset + size))
             offset += size
         self.protected.update(self.class_tokens)
@@ -646,10 +642,6 @@ def _drop_dim(info, dim: int):
     return info
 
 
-def _is_expanded_parameter(node: fx.Node, input_dependent: set) -> bool:
-    return node not in input_dependent
-
-
 def _constant_tensor(gm: fx.GraphModule, node, _depth: int = 0) -> Optional[torch.Tensor]:
     """The value of a node computed only from graph constants (buffers, literals), if it is one.
 
@@ -682,6 +674,3 @@ def propagate_tokens(gm: fx.GraphModule, token_lengths: set) -> TokenFlow:
     flow.run()
     return flow
 
-
-def prod(xs) -> int:
-    return math.prod(xs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.fx as fx
 
@@ -167,6 +166,3 @@ class PruneContext:
     def _arange_like(self, site: int) -> fx.Node:
         return self.call(ti.compacted_positions, self.sites[site].idx)
 
-
-def as_numpy(index) -> np.ndarray:
-    return np.asarray(index, dtype=np.int64)
