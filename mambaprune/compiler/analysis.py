@@ -48,6 +48,7 @@ class GraphAnalysis:
     protected: set
     class_tokens: set
     not_understood: list
+    barriers: list = field(default_factory=list)    # nodes every site must follow (stage changes)
     cuts: dict = field(default_factory=dict)        # site key -> ancestor-closed node set of the dense part
     valid_sites: list = field(default_factory=list)
     invalid_sites: dict = field(default_factory=dict)  # site key -> reason
@@ -55,6 +56,13 @@ class GraphAnalysis:
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    def site_length(self, key: int) -> int:
+        """Tokens flowing at a site (the stage of the block it follows)."""
+        return self.blocks[key - 1].token_length
+
+    def protected_below(self, length: int) -> int:
+        return sum(1 for p in self.protected if p < length)
 
 
 def analyse(gm: fx.GraphModule) -> GraphAnalysis:
@@ -67,7 +75,8 @@ def analyse(gm: fx.GraphModule) -> GraphAnalysis:
     graph = to_networkx(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     blocks = group_blocks(scans, graph, order)
-    analysis = GraphAnalysis(gm, [], max(lengths), set(flow.protected), set(flow.class_tokens), [])
+    analysis = GraphAnalysis(gm, [], max(lengths), set(flow.protected), set(flow.class_tokens), [],
+                             barriers=list(flow.barriers))
     for index, members in enumerate(blocks):
         analysis.blocks.append(describe_block(index, members, graph, order))
     analysis.not_understood = collect_not_understood(gm)
@@ -175,11 +184,12 @@ def collect_not_understood(gm: fx.GraphModule) -> list:
 
 def module_of(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else "<top level>"
+    path = list(stack.values())[-1][0] if stack else ""
+    return path or "<top level>"
 
 
 def find_sites(analysis: GraphAnalysis, graph: nx.DiGraph, order: dict) -> None:
-    unknown = [n for n in analysis.gm.graph.nodes if isinstance(info_of(n), Unknown)]
+    unknown = [n for n in analysis.gm.graph.nodes if isinstance(info_of(n), Unknown)] + analysis.barriers
     for block in analysis.blocks[:-1]:
         key = block.index + 1
         if block.y is None:
@@ -219,7 +229,11 @@ def site_problem(cut: set, unknown: list, length: int) -> Optional[str]:
     later_unknown = [n for n in unknown if n not in cut]
     if later_unknown:
         first = later_unknown[0]
-        return f"after it, {module_of(first)} does something the compiler cannot rewrite ({info_of(first).reason})"
+        info = info_of(first)
+        if not isinstance(info, Unknown):
+            return (f"after it, {module_of(first)} changes the token grid (a new stage starts): "
+                    "sites are possible inside the last stage only")
+        return f"after it, {module_of(first)} does something the compiler cannot rewrite ({info.reason})"
     for node in cut:
         info = info_of(node)
         if not any(u not in cut for u in node.users):

@@ -88,9 +88,7 @@ def require_backend(backend: str) -> None:
 
 def verify_rewrite(captured, analysis, sites: list, flat: list) -> None:
     """Every token kept + `hold` must reproduce the dense graph exactly (up to float noise)."""
-    keep_all, current = [], analysis.token_length
-    for site in sites:
-        keep_all.append(SiteSpec(site.key, current))
+    keep_all = [SiteSpec(site.key, analysis.site_length(site.key)) for site in sites]
     check = prune_tokens(captured.gm, analysis, keep_all, "hold", "clip").graph_module
     with torch.no_grad():
         expected = _run(captured.gm, flat)

@@ -58,25 +58,30 @@ def estimate(analysis, flops: dict, kept: dict) -> float:
             continue
         region = sum(1 for cut in cuts if node not in cut)
         if region and isinstance(info_of(node), (Tok, BatchTok, PaddedTok)):
-            f *= kept[keys[region - 1]] / analysis.token_length
+            f *= kept[keys[region - 1]] / analysis.site_length(keys[region - 1])
         total += f
     return total
 
 
 def kept_counts(analysis, keeps: dict) -> dict:
-    protected = len(analysis.protected)
-    current, kept = analysis.token_length, {}
+    kept, previous = {}, None
     for key in sorted(keeps):
+        length = analysis.site_length(key)
+        same_stage = previous is not None and analysis.site_length(previous) == length
+        current = kept[previous] if same_stage else length
+        protected = analysis.protected_below(length)
         free = current - protected
         k = protected + max(1, min(free, int(round(keeps[key] * free))))
         kept[key] = k
-        current = k
+        previous = key
     return kept
 
 
 def tokens_per_block(analysis, kept: dict) -> list:
-    tokens, current = [], analysis.token_length
-    for index in range(analysis.depth):
+    tokens, current = [], None
+    for index, block in enumerate(analysis.blocks):
+        if current is None or (index not in kept and block.token_length != analysis.blocks[index - 1].token_length):
+            current = block.token_length
         current = kept.get(index, current)
         tokens.append(current)
     return tokens

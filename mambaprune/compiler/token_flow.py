@@ -186,6 +186,7 @@ class TokenFlow:
         self.gm = gm
         self.token_lengths = token_lengths
         self.protected: set = set()       # original positions that must never be pruned
+        self.barriers: list = []          # nodes a pruning site must precede (downsampling between stages)
         self.class_tokens: set = set()
         self.input_dependent: set = set()
 
@@ -348,6 +349,15 @@ class TokenFlow:
             return Grid(hd, wd, xi.layout, xi.height, xi.width)
         raise _NotUnderstood(f"{op_name(node)} of {type(xi).__name__}")
 
+    def rule_expand(self, node, xi):
+        """A broadcast of size-1 dims (einops repeat) keeps the token axis where it is."""
+        in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
+        shift = len(out_shape) - len(in_shape)
+        aligned = all(a == 1 or str(a) == str(b) for a, b in zip(in_shape, out_shape[shift:]))
+        if aligned and not isinstance(xi, (PaddedTok, Grid)) and in_shape[xi.dim] == out_shape[xi.dim + shift]:
+            return _shift(xi, shift)
+        return self.view_rule(node, xi)
+
     def rule_permute(self, node, xi):
         perm = [norm_dim(d, len(node.args[1])) for d in node.args[1]]
         return _permute(xi, perm)
@@ -390,8 +400,10 @@ class TokenFlow:
             raise _NotUnderstood("conv1d over a non-token axis of a token tensor")
         stride, padding, dilation = (_arg(node, i, k, d) for i, k, d in
                                      ((3, "stride", [1]), (4, "padding", [0]), (5, "dilation", [1])))
+        if padding == "same":
+            padding = [(shape_of(node.args[1])[-1] - 1) // 2]   # PyTorch's left pad for 'same'
         if isinstance(padding, str) or list(stride) != [1] or list(dilation) != [1]:
-            raise _NotUnderstood("conv1d along the tokens with stride/dilation/string padding")
+            raise _NotUnderstood("conv1d along the tokens with stride/dilation/'valid' padding")
         groups = _arg(node, 6, "groups", 1)
         channels = shape_of(node.args[0])[-2]
         if groups != channels or shape_of(node.args[1])[0] != channels:
@@ -507,7 +519,9 @@ class TokenFlow:
             raise _NotUnderstood("conv2d over something other than the (B, C, H, W) token grid")
         out = shape_of(node)
         if (out[2], out[3]) != (xi.height, xi.width):
-            raise _NotUnderstood("conv2d that changes the grid size (downsampling) after a pruning site")
+            # a new stage: its tokens start afresh; no site may lie before this node (analysis)
+            self.barriers.append(node)
+            return None
         stride = _arg(node, 3, "stride", [1, 1])
         if list(stride) not in ([1], [1, 1]):
             raise _NotUnderstood("strided conv2d on the token grid")

@@ -42,7 +42,7 @@ def prune_tokens(gm: fx.GraphModule, analysis, sites: list, alignment: str, metr
     region = regions(gm, analysis, sites)
     ordered = sorted(gm.graph.nodes, key=lambda n: (region[n] if n.op != "output" else len(sites) + 1,))
     graph = fx.Graph()
-    ctx = PruneContext(graph, gm, alignment, analysis.token_length)
+    ctx = PruneContext(graph, gm, alignment, analysis.site_length(sites[0].key))
     env: dict = {}
     emitted = 0
     for old in ordered:
