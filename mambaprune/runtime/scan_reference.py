@@ -3,12 +3,14 @@
 It is also what the custom op's backward differentiates (by recomputation), so it must stay a
 differentiable composition of torch ops in every argument except ``gap``.
 
-The recurrence h_t = exp(a_t) h_{t-1} + x_t is evaluated in chunks of ``chunk_size`` tokens. Inside
-a chunk every state is written in closed form with the stable "segment sum":
-h_t = exp(cum_t) h_0 + sum_{s<=t} exp(cum_t - cum_s) x_s, with cum the running sum of the log
-decays a <= 0, so every exponent is <= 0 and nothing overflows. Only the chunk-to-chunk carry is a
-Python loop (L / chunk_size iterations). Memory per chunk is O(batch * D * N * chunk_size^2), which is
-why the chunk is kept short.
+The recurrence h_t = a_t h_{t-1} + x_t, with a_t = exp(gap_t * delta_t * A) in (0, 1] and
+x_t = delta_t * B_t * u_t, is evaluated by a Hillis-Steele (doubling) scan over the token axis:
+ceil(log2 L) steps, each composing every position's (decay product, state) pair with the pair
+``shift`` tokens earlier. Only products of decays <= 1 are formed, so nothing overflows and there is
+no cancellation. Sequences longer than ``chunk_size`` are scanned in chunks of that many tokens all
+at once, then the chunk-to-chunk carries are scanned the same way and added back. No Python loop
+runs over tokens or chunks; the loops are over log2 steps and over cache-sized blocks of
+samples/channels (``_BLOCK_ELEMENTS`` state elements each), which is what makes this fast on CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_SIZE = 16
+DEFAULT_CHUNK_SIZE = 256
+_BLOCK_ELEMENTS = 1 << 19  # state elements (batch * D * N * L) scanned per block
 
 
 def compute_dtype_for(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -46,26 +49,57 @@ def _as_grouped(B: torch.Tensor) -> torch.Tensor:
     return B.unsqueeze(1) if B.dim() == 3 else B
 
 
-def _scan_chunk(
-    log_decay: torch.Tensor,
-    inputs: torch.Tensor,
-    C_chunk: torch.Tensor,
-    state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of the recurrence.
+def _shift(t: torch.Tensor, steps: int, fill: float) -> torch.Tensor:
+    """t moved ``steps`` places towards the end of its last axis, the vacated front filled with ``fill``."""
+    return F.pad(t[..., :-steps], (steps, 0), value=fill)
 
-    log_decay, inputs: (batch, G, Dg, N, T); C_chunk: (batch, G, 1, N, T); state: (batch, G, Dg, N).
-    Returns the chunk's outputs <C_t, h_t> (batch, G, Dg, T) and the state after its last token.
+
+def _doubling_scan(decay: torch.Tensor, inputs: torch.Tensor, need_decay: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hillis-Steele scan of h_t = decay_t * h_{t-1} + inputs_t (h_{-1} = 0) along the last axis.
+
+    After the step with shift s, position t holds the pair composed over the window (t - 2s, t]: its
+    decay product and its state from a zero start. ceil(log2(length)) steps. Returns the states and,
+    when ``need_decay``, the decay products from the start of the axis (else ``decay`` is stale).
     """
-    length = log_decay.shape[-1]
-    cum = log_decay.cumsum(-1)
-    segment = cum[..., :, None] - cum[..., None, :]  # [t, s] = sum of log decays in (s, t]
-    causal = torch.ones(length, length, dtype=torch.bool, device=cum.device).tril()
-    # Mask before exp: above the diagonal the segment sum is positive and could overflow.
-    decay = torch.exp(segment.masked_fill(~causal, float("-inf")))
-    states = (decay @ inputs[..., None]).squeeze(-1) + torch.exp(cum) * state[..., None]
-    outputs = (states * C_chunk).sum(-2)
-    return outputs, states[..., -1]
+    length = decay.shape[-1]
+    shift = 1
+    while shift < length:
+        inputs = torch.addcmul(inputs, decay, _shift(inputs, shift, 0.0))
+        if need_decay or 2 * shift < length:
+            decay = decay * _shift(decay, shift, 1.0)
+        shift *= 2
+    return inputs, decay
+
+
+def _scan_block(
+    decay_dt: torch.Tensor,
+    A_g: torch.Tensor,
+    dt_u: torch.Tensor,
+    B_blk: torch.Tensor,
+    C_blk: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """The scan of one block of samples/channels: returns <C_t, h_t> (b, G, Dg, L).
+
+    decay_dt, dt_u: (b, G, Dg, 1, L); A_g: (1, G, Dg, N, 1); B_blk, C_blk: (b, G, 1, N, L).
+    """
+    length = decay_dt.shape[-1]
+    decay = torch.exp(decay_dt * A_g)  # (b, G, Dg, N, L), every factor in (0, 1]
+    inputs = dt_u * B_blk
+    if length <= chunk_size:
+        states, _ = _doubling_scan(decay, inputs, need_decay=False)
+        return (states * C_blk).sum(-2)
+
+    # Chunks of chunk_size tokens (the last one padded with decay 1, input 0): scan inside every
+    # chunk at once, then scan the chunk-to-chunk carries, then add each chunk's incoming carry.
+    chunks = -(-length // chunk_size)
+    pad = chunks * chunk_size - length
+    decay = F.pad(decay, (0, pad), value=1.0).unflatten(-1, (chunks, chunk_size))
+    inputs = F.pad(inputs, (0, pad)).unflatten(-1, (chunks, chunk_size))
+    states, decay = _doubling_scan(decay, inputs, need_decay=True)  # (b, G, Dg, N, chunks, T)
+    carry, _ = _doubling_scan(decay[..., -1], states[..., -1], need_decay=False)  # (b, G, Dg, N, chunks)
+    states = torch.addcmul(states, decay, _shift(carry, 1, 0.0)[..., None])
+    return (states.flatten(-2)[..., :length] * C_blk).sum(-2)
 
 
 def selective_scan_reference(
@@ -98,17 +132,26 @@ def selective_scan_reference(
 
     # Channel d belongs to group d // per_group: split D into (G, Dg) and broadcast B/C over Dg.
     A_g = A.to(dtype).reshape(groups, per_group, dstate)[None, ..., None]  # (1, G, Dg, N, 1)
-    log_decay_all = decay_dt.reshape(batch, groups, per_group, 1, length) * A_g
-    inputs_all = (dt * u_f).reshape(batch, groups, per_group, 1, length) * B4[:, :, None]
-    C_all = C4[:, :, None]
+    decay_dt = decay_dt.reshape(batch, groups, per_group, 1, length)
+    dt_u = (dt * u_f).reshape(batch, groups, per_group, 1, length)
+    B5, C5 = B4[:, :, None], C4[:, :, None]  # (batch, G, 1, N, L)
 
-    state = u_f.new_zeros(batch, groups, per_group, dstate)
-    chunks = []
-    for start in range(0, length, chunk_size):
-        window = slice(start, min(start + chunk_size, length))
-        out, state = _scan_chunk(log_decay_all[..., window], inputs_all[..., window], C_all[..., window], state)
-        chunks.append(out)
-    y = torch.cat(chunks, dim=-1).reshape(batch, dim, length)
+    # Blocks of about _BLOCK_ELEMENTS state elements keep the working set in cache: whole samples
+    # when they are small, else one sample and a slice of channels. split/cat keep backward cheap.
+    per_sample = dim * dstate * length
+    if per_sample >= _BLOCK_ELEMENTS:
+        samples, channels = 1, max(1, _BLOCK_ELEMENTS // (groups * dstate * length))
+    else:
+        samples, channels = max(1, _BLOCK_ELEMENTS // per_sample), per_group
+    A_blocks = A_g.split(channels, dim=2)
+    rows = []
+    for dd_s, du_s, B_s, C_s in zip(*(t.split(samples) for t in (decay_dt, dt_u, B5, C5))):
+        outs = [
+            _scan_block(dd, A_blk, du, B_s, C_s, chunk_size)
+            for dd, A_blk, du in zip(dd_s.split(channels, dim=2), A_blocks, du_s.split(channels, dim=2))
+        ]
+        rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+    y = (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)).reshape(batch, dim, length)
 
     if D is not None:
         y = y + D.to(dtype)[:, None] * u_f
