@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UnsupportedModelError
+from ..passes.annotate_flops import annotate_flops, total_flops
 from ..passes.prune_tokens import SiteSpec, prune_tokens
 from .analysis import analyse
 from .capture import capture, infer_example_inputs
@@ -57,7 +57,7 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
     if not analysis.blocks:
         raise UnsupportedModelError(no_scan_message(model, captured.routed))
     flat = _flat_inputs(captured, _first_sample(example_inputs))
-    flops = node_flops(captured.gm, flat)
+    flops = node_flops(annotate_flops(captured.gm, flat).graph_module)
     plan = make_plan(analysis, flops, settings.ratio, settings.schedule)
     sites = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
     pruned = prune_tokens(captured.gm, analysis, sites, settings.alignment, settings.metric).graph_module
@@ -67,7 +67,7 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         blocks=[BlockReport(b.index, b.name, b.mixing, t) for b, t in zip(analysis.blocks, plan.tokens_per_block)],
         sites=dict(plan.kept), keep_rates=dict(plan.keeps), token_length=analysis.token_length,
         protected=sorted(analysis.protected), dense_flops=plan.dense_flops,
-        pruned_flops=measure_flops(pruned, flat) if sites else plan.dense_flops,
+        pruned_flops=total_flops(annotate_flops(pruned, flat).graph_module) if sites else plan.dense_flops,
         estimated_flops=plan.estimated_flops, target_ratio=settings.ratio, alignment=settings.alignment,
         metric=settings.metric, backend=settings.backend,
         not_understood=[(n.name, n.reason) for n in analysis.not_understood],
@@ -101,12 +101,6 @@ def verify_rewrite(captured, analysis, sites: list, flat: list) -> None:
                 f"graph differs from the model (max abs diff {(e.float() - g.float()).abs().max().item():.3g}). "
                 "Please report the model; pass schedule= with later sites to prune only the blocks after the "
                 "problem.")
-
-
-def measure_flops(gm: fx.GraphModule, flat: list) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        _run(gm, flat)
-    return counter.get_total_flops() / 2
 
 
 def _run(gm: fx.GraphModule, flat: list) -> list:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
 
+from ..passes.annotate_flops import FLOPS_KEY
 from .token_flow import BatchTok, PaddedTok, Tok, info_of
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
@@ -33,20 +32,9 @@ class Plan:
         return 1 - self.estimated_flops / self.dense_flops if self.dense_flops else 0.0
 
 
-def node_flops(gm: fx.GraphModule, flat_inputs: list) -> dict:
-    """MACs of every node of the dense graph, measured by running it once."""
-    flops: dict = {}
-
-    class Counting(fx.Interpreter):
-        def run_node(self, node):
-            before = counter.get_total_flops()
-            out = super().run_node(node)
-            flops[node] = (counter.get_total_flops() - before) / 2
-            return out
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        Counting(gm).run(*flat_inputs)
-    return flops
+def node_flops(gm: fx.GraphModule) -> dict:
+    """MACs of every node of the dense graph, from its annotate_flops annotations."""
+    return {node: node.meta.get(FLOPS_KEY, 0.0) for node in gm.graph.nodes}
 
 
 def estimate(analysis, flops: dict, kept: dict) -> float:
