@@ -162,7 +162,20 @@ def scan_bandwidth(device) -> dict:
         ms = timed(lambda: selective_scan(u, delta, A, B, C, D, z), warmup=5, repeat=50, device="cuda")
         moved = (4 * b * d * length + 2 * b * n * length) * u.element_size()
         out[str(dtype)] = {"ms": ms, "GB_per_s": moved / ms / 1e6, "device": props.name}
+        reference = mamba_ssm_scan()
+        if reference is not None:  # the CUDA kernel of state-spaces/mamba on the same shapes, when installed
+            out[str(dtype)]["mamba_ssm_ms"] = timed(lambda: reference(u.contiguous(), delta.contiguous(), A, B, C, D,
+                                                                      z.contiguous()),
+                                                    warmup=5, repeat=50, device="cuda")
     return out
+
+
+def mamba_ssm_scan():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # not installed, or its CUDA extension does not load: not a dependency
+        return None
+    return selective_scan_fn
 
 
 QUICK_OVERRIDES = dict(depth=4, embed_dim=64)
