@@ -20,7 +20,8 @@ import re
 import sys
 
 import torch
-from hypothesis import assume, event, given, note
+import pytest
+from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -152,3 +153,19 @@ def test_plainmamba(img, depth, width, d_state, ratio):
     model = create_model("plainmamba_l1", img_size=img, depth=depth, embed_dim=width, d_state=d_state,
                          num_classes=10)
     check_properties(model, ratio, img)
+
+
+@settings(max_examples=2)
+@given(depth=st.integers(2, 4), width=st.sampled_from([24, 40]), d_state=st.integers(2, 6),
+       ratio=st.sampled_from([0.0, 0.2]))
+def test_onnx_roundtrip(tmp_path_factory, depth, width, d_state, ratio):
+    """Export to ONNX and run it back with onnxruntime: the same outputs (a few cases: export is slow)."""
+    ort = pytest.importorskip("onnxruntime")
+    model = create_model("vim_t", img_size=32, patch_size=8, depth=depth, embed_dim=width, d_state=d_state).eval()
+    pruned = mambaprune.compile_pruned(model, ratio=ratio)
+    path = pruned.export(tmp_path_factory.mktemp("onnx") / "model.onnx")
+    x = images(32, batch=3)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(got) - pruned(x)).abs().max().item() <= 1e-4

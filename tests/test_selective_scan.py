@@ -276,3 +276,13 @@ def test_opcheck_fake_kernel_and_autograd_registration(case):
     order = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "gap"]
     args = tuple(inputs.get(name, False if name == "delta_softplus" else None) for name in order)
     torch.library.opcheck(torch.ops.mambaprune.selective_scan.default, args)
+
+
+def test_triton_kernel_without_triton_names_the_missing_package(monkeypatch):
+    from mambaprune.errors import MissingDependencyError
+    from mambaprune.runtime import scan_triton
+
+    monkeypatch.setattr(scan_triton, "triton", None)
+    u = torch.randn(1, 4, 5)
+    with pytest.raises(MissingDependencyError, match=r"triton.*mambaprune\[gpu\]"):
+        scan_triton.selective_scan_triton(u, u.abs(), -torch.ones(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5))
