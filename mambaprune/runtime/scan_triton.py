@@ -136,15 +136,15 @@ def selective_scan_triton(
     if out.numel() == 0:
         return out
     # Absent optional tensors: any valid pointer will do, the constexpr flags keep it unread.
-    placeholder = u
+    unused_pointer = u
     block_n = _next_power_of_2(dstate)
     grid = (batch, triton.cdiv(dim, block_d))
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C,
-        D if D is not None else placeholder,
-        z if z is not None else placeholder,
-        delta_bias if delta_bias is not None else placeholder,
-        gap if gap is not None else placeholder,
+        D if D is not None else unused_pointer,
+        z if z is not None else unused_pointer,
+        delta_bias if delta_bias is not None else unused_pointer,
+        gap if gap is not None else unused_pointer,
         out,
         dim, dstate, seqlen, dim // groups,
         *u.stride(), *delta.stride(), *A.stride(),
