@@ -5,8 +5,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from ..runtime.token_index import METRICS
+
 ALIGNMENTS = ("none", "none-unsorted", "hold", "decay")
-METRICS = ("clip", "l1", "l2", "raw", "random", "delta")
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 
 
