@@ -56,7 +56,7 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
     analysis = analyse(captured.gm)
     if not analysis.blocks:
         raise UnsupportedModelError(no_scan_message(model, captured.routed))
-    flat = _flat_inputs(captured, _first_sample(example_inputs))
+    flat = _flat_inputs(_first_sample(example_inputs))
     flops = node_flops(annotate_flops(captured.gm, flat).graph_module)
     plan = make_plan(analysis, flops, settings.ratio, settings.schedule)
     sites = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
@@ -109,7 +109,7 @@ def _run(gm: fx.GraphModule, flat: list) -> list:
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
-def _flat_inputs(captured, inputs: tuple) -> list:
+def _flat_inputs(inputs: tuple) -> list:
     flat, _ = torch.utils._pytree.tree_flatten((inputs, {}))
     return flat
 

@@ -501,7 +501,7 @@ class TokenFlow:
         return xi
 
     def norm_last_rule(self, node, xi):
-        normalized = len(node.args[1]) if op_name(node) != "aten::rms_norm" else len(node.args[1])
+        normalized = len(node.args[1])
         ndim = len(shape_of(node.args[0]))
         token_dims = _token_dims(xi)
         if any(d >= ndim - normalized for d in token_dims):
