@@ -1,54 +1,215 @@
-"""Command line: `python -m mambaprune demo` (or the `mambaprune` entry point)."""
+"""Command line: ``mambaprune demo | compile | report | bench`` (also ``python -m mambaprune``).
+
+MODEL arguments are ``package.module:factory`` (called without arguments; it must return an
+nn.Module), the name of a shipped checkpoint (``vim_digits``, ...) or of a registered architecture
+(``vim_t``, ...; random weights). Errors print as one line and exit with status 2.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from .errors import MambapruneError
+
+DEMO_CHECKPOINT = "vim_digits"
+
+
+def load_model_spec(spec: str, img_size: int | None = None) -> torch.nn.Module:
+    """MODULE:FACTORY, a shipped checkpoint name or a registered model name -> an eval-mode module."""
+    from .models import create_model, list_models
+    from .models.pretrained import list_pretrained, load_pretrained
+
+    if ":" in spec:
+        module_name, _, factory_name = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"cannot import module {module_name!r} named in {spec!r}: {err}") from err
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise ValueError(f"{module_name} has no callable {factory_name!r} (MODEL is package.module:factory)")
+        model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+        return model.eval()
+    if spec in list_pretrained():
+        return load_pretrained(spec)
+    if spec in list_models():
+        return create_model(spec, **({"img_size": img_size} if img_size else {})).eval()
+    raise ValueError(f"unknown model {spec!r}: use package.module:factory, a shipped checkpoint "
+                     f"({', '.join(list_pretrained()) or 'none'}) or a registered model ({', '.join(list_models())})")
+
+
+def _compile(args):
+    from . import compile_pruned
+
+    model = load_model_spec(args.model, args.img_size)
+    schedule = args.schedule if args.schedule != "paper" else None
+    return model, compile_pruned(model, ratio=args.ratio, schedule=schedule, alignment=args.alignment,
+                                 metric=args.metric)
+
+
+def compile_command(args) -> None:
+    """Prune MODEL and export it (.onnx / .pt2 / .engine) to -o."""
+    _, pruned = _compile(args)
+    path = pruned.export(args.output)
+    report = pruned.report
+    print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB): FLOPs reduction "
+          f"{report.achieved_ratio:.3f} (target {report.target_ratio:.3f}), {len(report.sites)} site(s)")
+
+
+def report_command(args) -> None:
+    """Print the compiler's report for MODEL at --ratio."""
+    _, pruned = _compile(args)
+    print(pruned.report)
+
+
+def bench_command(args) -> None:
+    """Eager latency of MODEL dense vs pruned at each --ratios value, on this machine."""
+    from . import compile_pruned
+
+    model = load_model_spec(args.model, args.img_size)
+    print(f"{'ratio':>6} {'FLOPs -%':>9} {'dense ms':>9} {'pruned ms':>10} {'speedup':>8} {'ideal':>6}")
+    for ratio in args.ratios:
+        pruned = compile_pruned(model, ratio=ratio)
+        x = torch.randn(args.batch, *pruned._input_spec[0][0])
+        dense_ms = _best_ms(model, x, args.repeat)
+        pruned_ms = _best_ms(pruned, x, args.repeat)
+        ideal = pruned.report.dense_flops / pruned.report.pruned_flops
+        print(f"{ratio:>6.2f} {100 * pruned.report.achieved_ratio:>9.1f} {dense_ms:>9.2f} {pruned_ms:>10.2f} "
+              f"{dense_ms / pruned_ms:>7.2f}x {ideal:>5.2f}x")
+
+
+@torch.no_grad()
+def _best_ms(model, x, repeat: int) -> float:
+    return min(_repeat_ms(model, x, repeat))
+
 
 def demo(args) -> None:
-    """Print the model zoo with parameters and FLOPs, then prune ViM-T and print the report."""
+    """The digits ViM pruned at --ratio: report, accuracy, timing, ONNX, picture of the kept tokens."""
     from . import compile_pruned
-    from .compiler.flops import count_flops
-    from .models import create_model, list_models
+    from .data import make_cluttered_digits
+    from .models import create_model
+    from .models.pretrained import REFERENCE_CONFIGS, list_pretrained, load_pretrained
+    from .visualize import plot_kept_tokens
 
     torch.manual_seed(0)
-    image = torch.randn(1, 3, args.img_size, args.img_size)
-    print(f"Model zoo at {args.img_size}x{args.img_size} (no pretrained weights offline: random init)")
-    print(f"{'model':<16}{'params (M)':>12}{'GFLOPs':>10}")
-    for name in list_models():
-        model = create_model(name, img_size=args.img_size).eval()
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        flops = count_flops(model, (image,)).total / 1e9
-        print(f"{name:<16}{params:>12.2f}{flops:>10.3f}")
-    model = create_model(args.model, img_size=args.img_size).eval()
+    factory, overrides, variant = REFERENCE_CONFIGS[DEMO_CHECKPOINT]
+    trained = DEMO_CHECKPOINT in list_pretrained()
+    if trained:
+        model = load_pretrained(DEMO_CHECKPOINT)
+        print(f"{DEMO_CHECKPOINT}: {factory}{overrides}, trained on cluttered digits")
+    else:
+        model = create_model(factory, **overrides).eval()
+        print(f"{DEMO_CHECKPOINT}: {factory}{overrides} with RANDOM weights: no trained checkpoint is shipped "
+              "(benchmarks/train_reference.py trains one), so accuracies below are not meaningful")
+    img_size = overrides["img_size"]
+    test = make_cluttered_digits("test", args.images, variant, img_size, seed=0)
     start = time.perf_counter()
-    fast = compile_pruned(model, ratio=args.ratio, example_inputs=(image,))
-    print(f"\ncompile_pruned({args.model}, ratio={args.ratio}) in {time.perf_counter() - start:.1f} s")
-    print(fast.report)
-    batch = torch.randn(4, 3, args.img_size, args.img_size)
+    pruned = compile_pruned(model, ratio=args.ratio, example_inputs=(test.inputs[:2],))
+    print(f"\ncompile_pruned(ratio={args.ratio}) in {time.perf_counter() - start:.1f} s")
+    print(pruned.report)
+
     with torch.no_grad():
-        dense, pruned = model(batch), fast(batch)
-    agree = (dense.argmax(-1) == pruned.argmax(-1)).float().mean().item()
-    print(f"\nrandom-weight sanity check on 4 images: max |logit diff| "
-          f"{(dense - pruned).abs().max().item():.4f}, top-1 agreement {agree:.2f}")
+        dense_logits = torch.cat([model(x) for x, _ in test.batches(100)])
+        pruned_logits = torch.cat([pruned(x) for x, _ in test.batches(100)])
+    accuracy = {name: (logits.argmax(-1) == test.labels).float().mean().item()
+                for name, logits in (("dense", dense_logits), ("pruned", pruned_logits))}
+    agreement = (dense_logits.argmax(-1) == pruned_logits.argmax(-1)).float().mean().item()
+    print(f"\ntest accuracy on {len(test)} cluttered-digit images: dense {accuracy['dense']:.3f}, pruned "
+          f"{accuracy['pruned']:.3f} (pruned predictions agree with dense on {agreement:.3f})")
+
+    batch = test.inputs[:32]
+    dense_ms = statistics.median(_repeat_ms(model, batch, 5))
+    pruned_ms = statistics.median(_repeat_ms(pruned, batch, 5))
+    print(f"CPU eager, batch 32 ({torch.get_num_threads()} threads): dense {dense_ms:.0f} ms, pruned {pruned_ms:.0f} ms "
+          f"({dense_ms / pruned_ms:.2f}x; ideal {pruned.report.dense_flops / pruned.report.pruned_flops:.2f}x)")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        onnx_path = Path(pruned.export(out / f"{DEMO_CHECKPOINT}_pruned.onnx"))
+        print(f"exported {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB)" + _onnx_check(onnx_path, batch[:8], pruned))
+    except ImportError as err:
+        print(f"ONNX export skipped: {err}")
+    shown = make_cluttered_digits("test", 4, variant, img_size, seed=0)
+    picture = plot_kept_tokens(shown.pictures(), pruned.kept_positions(shown.inputs), pruned.report,
+                               out / "kept_tokens.png", titles=[f"label {int(v)}" for v in shown.labels])
+    print(f"kept tokens drawn over 4 test images: {picture}")
+
+
+def _repeat_ms(model, x, repeat: int) -> list:
+    with torch.no_grad():
+        model(x)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _onnx_check(path: Path, x: torch.Tensor, pruned) -> str:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return ""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        diff = (got - pruned(x)).abs().max().item()
+    return f"; onnxruntime matches PyTorch to {diff:.1e}"
+
+
+def _add_prune_options(command) -> None:
+    command.add_argument("model", help="package.module:factory, a shipped checkpoint or a registered model name")
+    command.add_argument("--ratio", type=float, default=0.3, help="fraction of FLOPs to remove (default 0.3)")
+    command.add_argument("--schedule", default="paper", choices=("paper", "uniform", "top"))
+    command.add_argument("--alignment", default="hold", choices=("hold", "decay", "none", "none-unsorted"))
+    command.add_argument("--metric", default="clip", choices=("clip", "l1", "l2", "raw", "random", "delta"))
+    command.add_argument("--img-size", type=int, default=None, help="input size for registered architectures")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mambaprune", description="Token pruning for vision state-space models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_demo = commands.add_parser("demo", help="prune the digits ViM: report, accuracy, speed, ONNX, picture")
+    run_demo.add_argument("--ratio", type=float, default=0.3)
+    run_demo.add_argument("--images", type=int, default=300, help="test images to score")
+    run_demo.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "mambaprune_demo"),
+                          help="folder for the ONNX file and the picture")
+    run_demo.set_defaults(run=demo)
+    run_compile = commands.add_parser("compile", help="prune MODEL and export it")
+    _add_prune_options(run_compile)
+    run_compile.add_argument("-o", "--output", required=True, help="model.onnx, model.pt2 or model.engine")
+    run_compile.set_defaults(run=compile_command)
+    run_report = commands.add_parser("report", help="print what pruning MODEL would do")
+    _add_prune_options(run_report)
+    run_report.set_defaults(run=report_command)
+    run_bench = commands.add_parser("bench", help="dense vs pruned eager latency on this machine")
+    run_bench.add_argument("model", help="package.module:factory, a shipped checkpoint or a registered model name")
+    run_bench.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
+    run_bench.add_argument("--batch", type=int, default=8)
+    run_bench.add_argument("--repeat", type=int, default=5)
+    run_bench.add_argument("--img-size", type=int, default=None)
+    run_bench.set_defaults(run=bench_command)
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mambaprune", description="Token pruning for vision state-space models")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run_demo = commands.add_parser("demo", help="print the model zoo and prune ViM-T")
-    run_demo.add_argument("--model", default="vim_t")
-    run_demo.add_argument("--ratio", type=float, default=0.3)
-    run_demo.add_argument("--img-size", type=int, default=224)
-    run_demo.set_defaults(run=demo)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, ImportError) as err:
-        print(f"mambaprune: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, ImportError, OSError, KeyError, MambapruneError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"mambaprune: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,7 +1,6 @@
 """compile_pruned end to end on the reference models: equivalence, plan, invariance, readout."""
 import pytest
 import torch
-import torch.fx as fx
 
 import mambaprune
 from mambaprune.models import create_model
@@ -21,24 +20,6 @@ def tiny(name, **extra):
 def images(model, batch=3, seed=1):
     size = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def kept_positions(pruned, x):
-    """Original positions kept at every site, read from the running graph."""
-    gm = pruned.graph_module
-    selects = [n for n in gm.graph.nodes if n.target is ti.select_tokens]
-    idx_nodes = [next(u for u in s.users if u.target is ti.take) for s in selects]
-    seen = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            out = super().run_node(node)
-            if node in idx_nodes:
-                seen[node] = out
-            return out
-
-    Recorder(gm).run(x)
-    return [seen[n] for n in idx_nodes]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -125,7 +106,7 @@ def test_class_token_is_never_pruned_and_the_readout_follows_it(alignment):
     cls = model.token_position
     pruned = mambaprune.compile_pruned(model, schedule={1: 0.3, 3: 0.3}, alignment=alignment,
                                        metric=lowest_for_class_token(cls))
-    for idx in kept_positions(pruned, x):
+    for idx in pruned.kept_positions(x).values():
         assert (idx == cls).sum(dim=1).eq(1).all()
     # the readout reads the class token: the result cannot depend on which slot it ended up in,
     # so the same keep set listed in another order (none-unsorted) reads the same token state.

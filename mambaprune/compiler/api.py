@@ -1,16 +1,17 @@
 """`compile_pruned`: capture -> analyse -> plan -> rewrite -> verify -> lower."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Iterable, Optional
 
 import torch
-import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 from ..passes.annotate_flops import annotate_flops, total_flops
 from ..passes.prune_tokens import SiteSpec, prune_tokens
 from .analysis import analyse
-from .capture import capture, infer_example_inputs
+from .auto_schedule import ScheduleSearch, calibration_inputs, search_schedule
+from .capture import Capture, capture, infer_example_inputs, run_graph
 from .plan import make_plan, node_flops
 from .pruned_model import PrunedModel
 from .report import BlockReport, PruneReport
@@ -21,7 +22,7 @@ VERIFY_TOLERANCE = 1e-4
 
 def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: Optional[tuple] = None, *,
                    schedule=None, alignment: str = "hold", metric: str = "clip", backend: str = "eager",
-                   verify: bool = True) -> PrunedModel:
+                   verify: bool = True, calibration: Optional[Iterable] = None) -> PrunedModel:
     """Prune tokens of a vision state-space model; returns a module with the model's call signature.
 
     Args:
@@ -30,8 +31,10 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         ratio: fraction of the model's FLOPs to remove, in [0, 1).
         example_inputs: a tuple of inputs; inferred from `patch_embed.img_size`, `img_size` or
             `default_cfg["input_size"]` when omitted.
-        schedule: None (plan from `ratio`), "top" (ToP's: keep 0.8 after blocks 5, 10, 15 of 24,
-            scaled to the depth) or {k: keep_rate} (a site after the first k blocks).
+        schedule: None or "paper" (ToP's sites after blocks 5, 10, 15 of 24, scaled to the depth, one
+            keep rate solved for `ratio`), "uniform" (a site after every block, one keep rate),
+            "auto" (searched on `calibration`, see below), "top" (ToP's: keep 0.8 at its sites,
+            ignores `ratio`) or {k: keep_rate} (a site after the first k blocks).
         alignment: "hold" (default), "decay", "none" or "none-unsorted" (DESIGN.md).
         metric: token importance: "clip" (default), "l1", "l2", "raw", "random" or "delta".
         backend: "eager", "inductor" (torch.compile), "onnxruntime" (the ONNX export run by an
@@ -39,6 +42,9 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
             (torch-tensorrt, our custom ops kept in PyTorch; needs a model compiled on CUDA).
         verify: check on the example inputs that the rewritten graph with every token kept
             reproduces the model (guards against silently wrong rewrites of unfamiliar models).
+        calibration: with schedule="auto", a few batches of model inputs (each a tensor or a tuple
+            of positional inputs); the schedule whose outputs stay closest to the dense model's on
+            them wins (a greedy per-block sensitivity search, ToP's sites and uniform sites).
 
     Example::
 
@@ -50,7 +56,27 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
                              verify=verify)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_pruned expects a torch.nn.Module; got {type(model).__name__}")
+    if (settings.schedule == "auto") != (calibration is not None):
+        raise ValueError("schedule='auto' and calibration= go together: pass calibration=[a few input batches] "
+                         "with schedule='auto' (and only then)")
     require_backend(settings.backend)
+    prepared = prepare(model, example_inputs)
+    return build(prepared, settings, calibration)
+
+
+@dataclass
+class Prepared:
+    """A captured and analysed model: everything that does not depend on the prune settings."""
+
+    captured: Capture
+    analysis: object
+    flops: dict
+    flat: list
+    example_inputs: tuple
+
+
+def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> Prepared:
+    """Capture and analyse ``model`` once; ``build`` then makes pruned models from it for any settings."""
     example_inputs = _as_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
     captured = capture(model, example_inputs)
     analysis = analyse(captured.gm)
@@ -58,21 +84,40 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         raise UnsupportedModelError(no_scan_message(model, captured.routed))
     flat = _flat_inputs(_first_sample(example_inputs))
     flops = node_flops(annotate_flops(captured.gm, flat).graph_module)
-    plan = make_plan(analysis, flops, settings.ratio, settings.schedule)
+    return Prepared(captured, analysis, flops, flat, example_inputs)
+
+
+def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Iterable] = None) -> PrunedModel:
+    """Plan, rewrite, verify and wrap a prepared model (see ``compile_pruned``)."""
+    captured, analysis = prepared.captured, prepared.analysis
+    search = None
+    if settings.schedule == "auto":
+        search = _search(prepared, settings, calibration)
+        plan = search.plans[search.chosen]
+    else:
+        plan = make_plan(analysis, prepared.flops, settings.ratio, settings.schedule)
     sites = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
     pruned = prune_tokens(captured.gm, analysis, sites, settings.alignment, settings.metric).graph_module
     if settings.verify and sites:
-        verify_rewrite(captured, analysis, sites, flat)
+        verify_rewrite(captured, analysis, sites, prepared.flat)
     report = PruneReport(
         blocks=[BlockReport(b.index, b.name, b.mixing, t) for b, t in zip(analysis.blocks, plan.tokens_per_block)],
         sites=dict(plan.kept), keep_rates=dict(plan.keeps), token_length=analysis.token_length,
         protected=sorted(analysis.protected), dense_flops=plan.dense_flops,
-        pruned_flops=total_flops(annotate_flops(pruned, flat).graph_module) if sites else plan.dense_flops,
+        pruned_flops=total_flops(annotate_flops(pruned, prepared.flat).graph_module) if sites else plan.dense_flops,
         estimated_flops=plan.estimated_flops, target_ratio=settings.ratio, alignment=settings.alignment,
         metric=settings.metric, backend=settings.backend,
         not_understood=[(n.name, n.reason) for n in analysis.not_understood],
-        unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed))
-    return PrunedModel(pruned, report, example_inputs, settings.backend)
+        unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed),
+        schedule_search=None if search is None else (search.chosen, dict(search.scores)))
+    return PrunedModel(pruned, report, prepared.example_inputs, settings.backend)
+
+
+def _search(prepared: Prepared, settings: PruneSettings, calibration: Iterable) -> ScheduleSearch:
+    placeholders = sum(1 for n in prepared.captured.gm.graph.nodes if n.op == "placeholder")
+    batches = calibration_inputs(calibration, _flat_inputs, placeholders)
+    return search_schedule(prepared.captured.gm, prepared.analysis, prepared.flops, settings.ratio, batches,
+                           settings.alignment, settings.metric)
 
 
 def require_backend(backend: str) -> None:
@@ -91,8 +136,8 @@ def verify_rewrite(captured, analysis, sites: list, flat: list) -> None:
     keep_all = [SiteSpec(site.key, analysis.site_length(site.key)) for site in sites]
     check = prune_tokens(captured.gm, analysis, keep_all, "hold", "clip").graph_module
     with torch.no_grad():
-        expected = _run(captured.gm, flat)
-        got = _run(check, flat)
+        expected = run_graph(captured.gm, flat)
+        got = run_graph(check, flat)
     for e, g in zip(expected, got):
         if e.shape != g.shape or not torch.allclose(e.float(), g.float(), rtol=VERIFY_TOLERANCE,
                                                     atol=VERIFY_TOLERANCE * (1 + e.abs().max().item())):
@@ -101,12 +146,6 @@ def verify_rewrite(captured, analysis, sites: list, flat: list) -> None:
                 f"graph differs from the model (max abs diff {(e.float() - g.float()).abs().max().item():.3g}). "
                 "Please report the model; pass schedule= with later sites to prune only the blocks after the "
                 "problem.")
-
-
-def _run(gm: fx.GraphModule, flat: list) -> list:
-    out = fx.Interpreter(gm).run(*flat)
-    leaves = out if isinstance(out, (list, tuple)) else [out]
-    return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
 def _flat_inputs(inputs: tuple) -> list:

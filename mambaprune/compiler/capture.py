@@ -48,6 +48,13 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
     return Capture(program, program.module(), tuple(example_inputs), routed)
 
 
+def run_graph(gm: fx.GraphModule, flat: list) -> list:
+    """Run a captured (or rewritten) graph on flat inputs; its tensor outputs as a list."""
+    out = fx.Interpreter(gm).run(*flat)
+    leaves = out if isinstance(out, (list, tuple)) else [out]
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
 def infer_example_inputs(model: torch.nn.Module) -> tuple:
     """(1, C, H, W) zeros from the input size the model declares, or a clear error asking for inputs."""
     size = _declared_input_size(model)

@@ -85,13 +85,23 @@ def default_sites(analysis) -> list:
 
 
 def make_plan(analysis, flops: dict, ratio: float, schedule) -> Plan:
+    """The plan for a ratio and a schedule: None / "paper" (ToP's sites, one keep rate solved for
+    ratio), "uniform" (a site after every block that allows one, one keep rate), "top" or a dict.
+    ("auto" is searched by ``auto_schedule.search_schedule``, which calls back into this.)"""
     dense = sum(flops.values())
-    if ratio == 0 and schedule is None:
+    if ratio == 0 and schedule in (None, "paper", "uniform"):
         return _plan(analysis, flops, {}, dense)
-    if schedule is not None:
+    if schedule not in (None, "paper", "uniform"):
         keeps = _schedule_keeps(analysis, schedule)
         return _plan(analysis, flops, keeps, dense)
-    sites = default_sites(analysis)
+    sites = analysis.valid_sites if schedule == "uniform" else default_sites(analysis)
+    return plan_for_sites(analysis, flops, sites, ratio)
+
+
+def plan_for_sites(analysis, flops: dict, sites: list, ratio: float) -> Plan:
+    """One keep rate at every site in ``sites``, solved so the
+    estimated reduction is closest to ``ratio``; ValueError when it falls short by more than 0.03."""
+    dense = sum(flops.values())
     if not sites:
         raise ValueError(f"ratio {ratio} cannot be reached: the maximum is 0.0 ({_why_no_sites(analysis)})")
     best = _solve_uniform_keep(analysis, flops, sites, ratio, dense)
@@ -104,24 +114,38 @@ def make_plan(analysis, flops: dict, ratio: float, schedule) -> Plan:
     return best
 
 
-def _plan(analysis, flops, keeps, dense) -> Plan:
-    kept = kept_counts(analysis, keeps)
-    return Plan(dict(keeps), kept, tokens_per_block(analysis, kept), dense, estimate(analysis, flops, kept))
+def solve_site_keep(analysis, flops: dict, keeps: dict, site: int, ratio: float):
+    """``keeps`` with the keep rate at ``site`` lowered (bisection) until the estimated reduction is
+    closest to ``ratio`` (the caller checks how close that is)."""
+    dense = sum(flops.values())
+    return _bisect(lambda rate: _plan(analysis, flops, {**keeps, site: rate}, dense), ratio, keeps.get(site, 1.0))
 
 
-def _solve_uniform_keep(analysis, flops, sites, ratio, dense) -> Plan:
-    lo, hi = 0.0, 1.0
+def _bisect(plan_for_rate, ratio: float, highest: float, steps: int = 40) -> Plan:
+    """The plan closest to ``ratio`` among plan_for_rate(rate), rate in [0, highest] (the reduction
+    falls as the rate grows)."""
+    lo, hi = 0.0, highest
     best = None
-    for _ in range(40):
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        plan = _plan(analysis, flops, {s: mid for s in sites}, dense)
+        plan = plan_for_rate(mid)
         if best is None or abs(plan.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
             best = plan
         if plan.estimated_ratio > ratio:
             lo = mid
         else:
             hi = mid
-    smallest = _plan(analysis, flops, {s: 0.0 for s in sites}, dense)
+    return best
+
+
+def _plan(analysis, flops, keeps, dense) -> Plan:
+    kept = kept_counts(analysis, keeps)
+    return Plan(dict(keeps), kept, tokens_per_block(analysis, kept), dense, estimate(analysis, flops, kept))
+
+
+def _solve_uniform_keep(analysis, flops, sites, ratio, dense) -> Plan:
+    best = _bisect(lambda rate: _plan(analysis, flops, {s: rate for s in sites}, dense), ratio, 1.0)
+    smallest = _plan(analysis, flops, {s: 0.0 for s in sites}, dense)  # one free token per site
     if smallest.estimated_ratio < ratio and abs(smallest.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
         best = smallest
     return best

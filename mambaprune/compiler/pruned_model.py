@@ -34,6 +34,26 @@ class PrunedModel(torch.nn.Module):
         from ..runtime.backends.export import export_pruned
         return export_pruned(self, path, format, **options)
 
+    @torch.no_grad()
+    def kept_positions(self, *args) -> dict:
+        """{site: (batch, K) original token positions kept there} for these inputs (eager run)."""
+        from ..passes.select_tokens import KEPT_POSITIONS_KEY
+
+        self.check_inputs(args)
+        wanted = {n: n.meta[KEPT_POSITIONS_KEY] for n in self.graph_module.graph.nodes if KEPT_POSITIONS_KEY in n.meta}
+        found = {}
+
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, node):
+                value = super().run_node(node)
+                if node in wanted:
+                    found[wanted[node]] = value.clone()
+                return value
+
+        flat, _ = torch.utils._pytree.tree_flatten((args, {}))
+        Recorder(self.graph_module).run(*flat)
+        return dict(sorted(found.items()))
+
     def check_inputs(self, args: tuple) -> None:
         if len(args) != len(self._input_spec):
             raise ValueError(f"the pruned model takes {len(self._input_spec)} input(s); got {len(args)}")

@@ -9,6 +9,8 @@ from ..runtime.token_index import METRICS
 
 ALIGNMENTS = ("none", "none-unsorted", "hold", "decay")
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
+# None is "paper": ToP's sites (blocks 5, 10, 15 of 24, scaled) with one keep rate solved for ratio.
+NAMED_SCHEDULES = ("top", "paper", "uniform", "auto")
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,11 @@ class PruneSettings:
 
 
 def validate_schedule(schedule) -> None:
-    if schedule is None or schedule == "top":
+    if schedule is None or schedule in NAMED_SCHEDULES:
         return
     if isinstance(schedule, str) or not isinstance(schedule, dict) or not schedule:
         raise ValueError(
-            "schedule must be None, 'top', or a non-empty dict {block_index: keep_rate} "
+            f"schedule must be None, one of {NAMED_SCHEDULES}, or a non-empty dict {{block_index: keep_rate}} "
             f"(a site after the first block_index blocks); got {schedule!r}")
     for key, keep in schedule.items():
         if isinstance(key, bool) or not isinstance(key, int) or key < 1:

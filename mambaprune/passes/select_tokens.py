@@ -13,6 +13,8 @@ import torch.fx as fx
 from ..runtime import token_index as ti
 from .token_state import SORTED_MODES, PruneContext, SiteNodes
 
+KEPT_POSITIONS_KEY = "mambaprune.kept_positions"
+
 
 def emit_selection(ctx: PruneContext, site: int, scores: fx.Node, reference: fx.Node, token_dim: int,
                    keep: int, protected: set) -> SiteNodes:
@@ -24,6 +26,7 @@ def emit_selection(ctx: PruneContext, site: int, scores: fx.Node, reference: fx.
     protected_table = ctx.constant("protected", torch.tensor(sorted(protected), dtype=torch.int64))
     sel = ctx.call(ti.select_tokens, scores, prev_idx, protected_table, keep, ctx.alignment in SORTED_MODES)
     idx = ctx.call(ti.take, prev_idx, sel)
+    idx.meta[KEPT_POSITIONS_KEY] = site  # PrunedModel.kept_positions reads these back
     vpos = idx if ctx.alignment in ("hold", "decay") else ctx.call(ti.compacted_positions, idx)
     nodes = SiteNodes(keep, sel, idx, vpos)
     ctx.add_site(site, nodes)

@@ -15,6 +15,7 @@ samples/channels (``_BLOCK_ELEMENTS`` state elements each), which is what makes 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -42,6 +43,40 @@ def effective_delta(
     if delta_softplus:
         delta = F.softplus(delta)
     return delta
+
+
+@dataclass
+class ScanInputs:
+    """The scan's inputs in the compute dtype: u, dt (after bias/softplus) and decay_dt = dt * gap,
+    (batch, D, L); A (G, Dg, N), channel d in group d // Dg; B, C (batch, G, N, L)."""
+
+    dtype: torch.dtype
+    u: torch.Tensor
+    dt: torch.Tensor
+    decay_dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+
+
+def prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap) -> ScanInputs:
+    """What every implementation of the scan computes before the recurrence."""
+    dtype = compute_dtype_for(u, delta, A, B, C, D, z, delta_bias)
+    B4, C4 = _as_grouped(B).to(dtype), _as_grouped(C).to(dtype)
+    groups, dstate = B4.shape[1], B4.shape[2]
+    dt = effective_delta(delta.to(dtype), None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
+    decay_dt = dt if gap is None else dt * gap.to(dtype)[:, None, :]
+    A_g = A.to(dtype).reshape(groups, u.shape[1] // groups, dstate)
+    return ScanInputs(dtype, u.to(dtype), dt, decay_dt, A_g, B4, C4)
+
+
+def finish_scan_output(y: torch.Tensor, p: ScanInputs, u, D, z) -> torch.Tensor:
+    """y (batch, D, L) from the recurrence -> + D * u, * silu(z), in u's dtype, contiguous."""
+    if D is not None:
+        y = y + D.to(p.dtype)[:, None] * p.u
+    if z is not None:
+        y = y * F.silu(z.to(p.dtype))
+    return y.to(u.dtype).contiguous()
 
 
 def _as_grouped(B: torch.Tensor) -> torch.Tensor:
@@ -120,19 +155,14 @@ def selective_scan_reference(
     Returns a contiguous (batch, D, L) tensor in u's dtype; accumulates in float32 (float64 when
     any input is float64).
     """
-    dtype = compute_dtype_for(u, delta, A, B, C, D, z, delta_bias)
+    p = prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap)
     batch, dim, length = u.shape
-    B4, C4 = _as_grouped(B).to(dtype), _as_grouped(C).to(dtype)
-    groups, dstate = B4.shape[1], B4.shape[2]
-    per_group = dim // groups
-
-    u_f = u.to(dtype)
-    dt = effective_delta(delta.to(dtype), None if delta_bias is None else delta_bias.to(dtype), delta_softplus)
-    decay_dt = dt if gap is None else dt * gap.to(dtype)[:, None, :]
+    groups, per_group, dstate = p.A.shape
+    B4, C4, u_f, dt = p.B, p.C, p.u, p.dt
 
     # Channel d belongs to group d // per_group: split D into (G, Dg) and broadcast B/C over Dg.
-    A_g = A.to(dtype).reshape(groups, per_group, dstate)[None, ..., None]  # (1, G, Dg, N, 1)
-    decay_dt = decay_dt.reshape(batch, groups, per_group, 1, length)
+    A_g = p.A[None, ..., None]  # (1, G, Dg, N, 1)
+    decay_dt = p.decay_dt.reshape(batch, groups, per_group, 1, length)
     dt_u = (dt * u_f).reshape(batch, groups, per_group, 1, length)
     B5, C5 = B4[:, :, None], C4[:, :, None]  # (batch, G, 1, N, L)
 
@@ -152,9 +182,4 @@ def selective_scan_reference(
         ]
         rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
     y = (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)).reshape(batch, dim, length)
-
-    if D is not None:
-        y = y + D.to(dtype)[:, None] * u_f
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return y.to(u.dtype).contiguous()
+    return finish_scan_output(y, p, u, D, z)

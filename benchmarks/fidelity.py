@@ -1,0 +1,161 @@
+"""Fidelity of training-free pruning on the shipped cluttered-digits checkpoints.
+
+    python benchmarks/fidelity.py                   # both checkpoints, 500 test images (about 30 min on 2 cores)
+    python benchmarks/fidelity.py --quick           # 100 test images, ratios 0.3 and 0.5
+
+For FLOPs reductions 0.1-0.6: every alignment (metric clip), every metric (alignment hold) and the
+schedules paper / uniform / auto (searched on 2 validation batches), each against the dense model:
+top-1 test accuracy, agreement with the dense predictions and mean KL(dense || pruned). Writes
+benchmarks/results/fidelity.{json,md}, fidelity_alignment.png, fidelity_schedule.png and a
+kept-token map per checkpoint. Each model is captured once (``prepare``) and rebuilt per setting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mambaprune.compiler.api import build, prepare
+from mambaprune.compiler.settings import ALIGNMENTS, PruneSettings
+from mambaprune.data import make_cluttered_digits
+from mambaprune.models.pretrained import checkpoint_info, list_pretrained, load_pretrained
+from mambaprune.runtime.token_index import METRICS
+from mambaprune.visualize import plot_kept_tokens
+
+RESULTS = Path(__file__).parent / "results"
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+SCHEDULES = ("paper", "uniform", "auto")
+
+
+@torch.no_grad()
+def logits_of(model, data, batch_size: int = 100) -> torch.Tensor:
+    return torch.cat([model(x) for x, _ in data.batches(batch_size)])
+
+
+def compare(dense: torch.Tensor, pruned: torch.Tensor, labels: torch.Tensor) -> dict:
+    kl = F.kl_div(pruned.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="batchmean")
+    return {"accuracy": (pruned.argmax(-1) == labels).float().mean().item(),
+            "agreement": (pruned.argmax(-1) == dense.argmax(-1)).float().mean().item(),
+            "kl": kl.item()}
+
+
+def settings_grid(ratios) -> list:
+    """(group, settings) pairs: alignments x ratios, metrics x ratios, schedules x ratios."""
+    grid = [("alignment", PruneSettings(r, None, a, "clip")) for a in ALIGNMENTS for r in ratios]
+    grid += [("metric", PruneSettings(r, None, "hold", m)) for m in METRICS if m != "clip" for r in ratios]
+    grid += [("schedule", PruneSettings(r, s, "hold", "clip")) for s in ("uniform", "auto") for r in ratios]
+    return grid
+
+
+def run_model(name: str, ratios, test_size: int) -> dict:
+    info = checkpoint_info(name)
+    model = load_pretrained(name)
+    img_size = info.overrides["img_size"]
+    test = make_cluttered_digits("test", test_size, info.variant, img_size, seed=0)
+    calibration_data = make_cluttered_digits("val", 64, info.variant, img_size, seed=1)
+    calibration = [x for x, _ in calibration_data.batches(32)]
+    dense = logits_of(model, test)
+    rows = [{"group": "dense", "ratio": 0.0, "achieved": 0.0, "alignment": "-", "metric": "-", "schedule": "-",
+             **compare(dense, dense, test.labels)}]
+    prepared = prepare(model, (test.inputs[:2],))
+    for group, settings in tqdm(settings_grid(ratios), desc=name):
+        start = time.perf_counter()
+        pruned = build(prepared, settings, calibration if settings.schedule == "auto" else None)
+        row = {"group": group, "ratio": settings.ratio, "achieved": round(pruned.report.achieved_ratio, 4),
+               "alignment": settings.alignment, "metric": settings.metric, "schedule": settings.schedule or "paper",
+               **compare(dense, logits_of(pruned, test), test.labels), "seconds": round(time.perf_counter() - start, 1)}
+        if pruned.report.schedule_search:
+            row["auto_chose"] = pruned.report.schedule_search[0]
+        rows.append(row)
+    pictures = make_cluttered_digits("test", 4, info.variant, img_size, seed=0)
+    shown = build(prepared, PruneSettings(0.3, None, "hold", "clip"))
+    plot_kept_tokens(pictures.pictures(), shown.kept_positions(pictures.inputs), shown.report,
+                     RESULTS / f"fidelity_kept_tokens_{name}.png",
+                     titles=[f"label {int(v)}" for v in pictures.labels])
+    return {"name": name, "variant": info.variant, "test_size": test_size, "rows": rows}
+
+
+def paper_rows(result: dict) -> list:
+    """The rows at alignment=hold, metric=clip, paper schedule (they sit in the alignment group)."""
+    return [r for r in result["rows"] if r["group"] == "alignment" and r["alignment"] == "hold"]
+
+
+def markdown(results: list) -> str:
+    lines = []
+    for result in results:
+        dense = result["rows"][0]
+        lines.append(f"### {result['name']} ({result['variant']} digit{'s' if result['variant'] == 'two' else ''}, "
+                     f"{result['test_size']} test images, dense accuracy {dense['accuracy']:.3f})\n")
+        for group, key in (("alignment", "alignment"), ("metric", "metric"), ("schedule", "schedule")):
+            rows = [r for r in result["rows"] if r["group"] == group]
+            if group == "metric":
+                rows = paper_rows(result) + rows
+            if group == "schedule":
+                rows = paper_rows(result) + rows
+            ratios = sorted({r["ratio"] for r in rows})
+            names = list(dict.fromkeys(r[key] for r in rows))
+            lines.append(f"Top-1 accuracy / agreement with dense / KL by {group} "
+                         f"({'metric clip' if group == 'alignment' else 'alignment hold'}):\n")
+            lines.append(f"| {group} | " + " | ".join(f"-{r:.0%} FLOPs" for r in ratios) + " |")
+            lines.append("|---|" + "---|" * len(ratios))
+            for n in names:
+                cells = []
+                for ratio in ratios:
+                    row = next((r for r in rows if r[key] == n and r["ratio"] == ratio), None)
+                    cells.append("-" if row is None else f"{row['accuracy']:.3f} / {row['agreement']:.3f} / {row['kl']:.3f}")
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list, group: str, key: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        dense = result["rows"][0]["accuracy"]
+        rows = [r for r in result["rows"] if r["group"] == group]
+        if group == "schedule":
+            rows = paper_rows(result) + rows
+        for name in dict.fromkeys(r[key] for r in rows):
+            points = sorted((r["achieved"], r["accuracy"]) for r in rows if r[key] == name)
+            ax.plot([100 * p[0] for p in points], [100 * p[1] for p in points], marker="o", label=name)
+        ax.axhline(100 * dense, color="grey", linestyle="--", label="dense")
+        ax.set_xlabel("FLOPs reduction (%)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(result["name"])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None, help="checkpoint names (default: all shipped)")
+    parser.add_argument("--test-size", type=int, default=500)
+    parser.add_argument("--quick", action="store_true", help="100 test images, ratios 0.3 and 0.5")
+    parser.add_argument("--out", default=str(RESULTS / "fidelity"), help="output path without suffix")
+    args = parser.parse_args()
+    ratios = (0.3, 0.5) if args.quick else RATIOS
+    test_size = 100 if args.quick else args.test_size
+    results = [run_model(name, ratios, test_size) for name in (args.models or list_pretrained())]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
+    plot(results, "alignment", "alignment", out.with_name(out.name + "_alignment.png"))
+    plot(results, "schedule", "schedule", out.with_name(out.name + "_schedule.png"))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

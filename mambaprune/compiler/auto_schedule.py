@@ -1,0 +1,149 @@
+"""schedule="auto": choose sites and keep rates for a FLOPs target from calibration batches.
+
+The search measures, on the user's calibration batches, how far the pruned model's outputs move
+from the dense model's (mean KL divergence of the softmax for (batch, classes) outputs, else the
+mean squared error relative to the dense outputs' mean square). It builds a schedule greedily: the
+FLOPs target is reached in ``steps`` equal increments, each taken at the candidate site whose extra
+pruning moves the outputs least (per-block sensitivity, measured rather than assumed). ToP's sites
+("paper") and a site after every block ("uniform"), each with one solved keep rate, are scored the
+same way, and the best of the three is returned, so on the calibration data "auto" is never worse
+than either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..passes.prune_tokens import SiteSpec, prune_tokens
+from .capture import run_graph
+from .plan import Plan, make_plan, solve_site_keep
+
+RATIO_TOLERANCE = 0.03
+# The searched schedule must remove at least ratio - FINAL_SHORTFALL: pruning less than the
+# baselines would make it look better for the wrong reason.
+FINAL_SHORTFALL = 0.01
+
+
+@dataclass
+class ScheduleSearch:
+    """What the search measured: the discrepancy of every scored schedule, and the winner."""
+
+    chosen: str
+    scores: dict = field(default_factory=dict)   # name -> calibration discrepancy
+    plans: dict = field(default_factory=dict)    # name -> Plan
+
+
+def output_discrepancy(dense: List[torch.Tensor], pruned: List[torch.Tensor]) -> float:
+    """KL(dense || pruned) of softmax outputs for (batch, classes) tensors, else relative MSE."""
+    total = 0.0
+    for d, p in zip(dense, pruned):
+        d, p = d.float(), p.float()
+        if d.dim() == 2 and d.shape[1] > 1:
+            total += F.kl_div(p.log_softmax(-1), d.log_softmax(-1), log_target=True, reduction="batchmean").item()
+        else:
+            total += ((d - p).square().mean() / d.square().mean().clamp_min(1e-12)).item()
+    return total
+
+
+def search_schedule(gm: fx.GraphModule, analysis, flops: dict, ratio: float, batches: List[list],
+                    alignment: str, metric, steps: int = 3, max_sites: int = 6, progress: bool = True) -> ScheduleSearch:
+    """The best schedule for ``ratio`` on ``batches`` (flat graph inputs), see the module docstring."""
+    with torch.no_grad():
+        dense = [run_graph(gm, flat) for flat in batches]
+
+    def score(plan: Plan) -> float:
+        specs = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
+        pruned = prune_tokens(gm, analysis, specs, alignment, metric).graph_module
+        with torch.no_grad():
+            return sum(output_discrepancy(d, run_graph(pruned, flat)) for d, flat in zip(dense, batches)) / len(batches)
+
+    search = ScheduleSearch(chosen="")
+    sites = _spread(analysis.valid_sites, max_sites)
+    bar = _progress(steps * len(sites) + 2, progress)
+    for name in ("paper", "uniform"):
+        try:
+            plan = make_plan(analysis, flops, ratio, name)
+        except ValueError:
+            bar.update(1)
+            continue
+        if plan.estimated_ratio < ratio - RATIO_TOLERANCE:
+            bar.update(1)
+            continue
+        search.plans[name], search.scores[name] = plan, score(plan)
+        bar.update(1)
+    greedy = _greedy(analysis, flops, ratio, sites, steps, score, bar)
+    if greedy is not None:
+        search.plans["greedy"], search.scores["greedy"] = greedy
+    bar.close()
+    if not search.scores:
+        raise ValueError(f"ratio {ratio} cannot be reached for this model by any schedule; use a smaller ratio")
+    search.chosen = min(search.scores, key=search.scores.get)
+    return search
+
+
+def _greedy(analysis, flops, ratio, sites, steps, score: Callable[[Plan], float], bar):
+    """Reach ratio in ``steps`` increments, each at the site whose extra pruning scores best."""
+    keeps: dict = {}
+    best = None  # (plan, calibration discrepancy) after the latest step
+    for step in range(1, steps + 1):
+        target = ratio * step / steps
+        options = []
+        for site in sites:
+            trial = solve_site_keep(analysis, flops, keeps, site, target)
+            shortfall = FINAL_SHORTFALL if step == steps else RATIO_TOLERANCE
+            if target - shortfall <= trial.estimated_ratio <= target + RATIO_TOLERANCE:
+                options.append((score(trial), site, trial))
+            bar.update(1)
+        if not options:
+            return None
+        loss, _, plan = min(options, key=lambda option: (option[0], option[1]))
+        keeps, best = dict(plan.keeps), (plan, loss)
+    return best
+
+
+def _spread(sites: list, count: int) -> list:
+    """At most ``count`` of ``sites``, evenly spread (first and last included)."""
+    if len(sites) <= count:
+        return list(sites)
+    picks = {sites[round(i * (len(sites) - 1) / (count - 1))] for i in range(count)}
+    return sorted(picks)
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency; a stripped environment still gets a working search
+        enabled = False
+    if not enabled:
+        return _Silent()
+    return tqdm(total=total, desc="schedule='auto'", leave=False)
+
+
+class _Silent:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def calibration_inputs(calibration: Iterable, flatten: Callable[[tuple], list], expected: int) -> List[list]:
+    """Flat graph inputs of every calibration batch (a tensor or a tuple of the model's positional
+    inputs); ValueError when there is none or one does not fit the model's signature."""
+    batches = []
+    for index, batch in enumerate(calibration):
+        inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        flat = flatten(inputs)
+        if len(flat) != expected or not all(isinstance(t, torch.Tensor) for t in flat):
+            raise ValueError(
+                f"calibration batch {index} does not match the model's inputs: expected {expected} tensor(s) "
+                f"(what you would pass as model(*batch)), got {len(flat)} value(s). For a loader of "
+                "(images, labels) pairs pass `(images for images, _ in loader)`.")
+        batches.append(flat)
+    if not batches:
+        raise ValueError("calibration is empty: schedule='auto' needs at least one batch of model inputs")
+    return batches

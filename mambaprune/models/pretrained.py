@@ -1,0 +1,87 @@
+"""The reference checkpoints shipped with the package, trained on cluttered digits (benchmarks/train_reference.py).
+
+Each ``checkpoints/<name>.safetensors`` stores fp16 weights and, in its metadata, the registered
+factory, its overrides, the data variant and the dense test accuracy, so ``load_pretrained(name)``
+rebuilds the model without any other file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from ._registry import create_model
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+
+# name -> (registered factory, overrides, data variant). 96x96 inputs, patch 8: 144 patch tokens.
+REFERENCE_CONFIGS: Dict[str, tuple] = {
+    "vim_digits": ("vim_t", dict(img_size=96, patch_size=8, embed_dim=96, depth=12, d_state=8, num_classes=10), "one"),
+    "vim_digits_pair": ("vim_t", dict(img_size=96, patch_size=8, embed_dim=96, depth=12, d_state=8, num_classes=10), "two"),
+    "plainmamba_digits": ("plainmamba_l1", dict(img_size=96, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=10), "one"),
+}
+
+
+@dataclass
+class CheckpointInfo:
+    name: str
+    factory: str
+    overrides: dict
+    variant: str
+    test_accuracy: float
+    path: Path
+
+
+def checkpoint_path(name: str) -> Path:
+    return CHECKPOINT_DIR / f"{name}.safetensors"
+
+
+def list_pretrained() -> List[str]:
+    """Names of the shipped checkpoints."""
+    return sorted(p.stem for p in CHECKPOINT_DIR.glob("*.safetensors"))
+
+
+def checkpoint_info(name: str) -> CheckpointInfo:
+    """What the checkpoint ``name`` holds (from its safetensors metadata)."""
+    from safetensors import safe_open
+
+    path = checkpoint_path(name)
+    if not path.exists():
+        raise ValueError(
+            f"no shipped checkpoint named {name!r}; available: {', '.join(list_pretrained()) or 'none'} "
+            f"(train one with `python benchmarks/train_reference.py --name {name}`)"
+        )
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return CheckpointInfo(name, meta["factory"], json.loads(meta["overrides"]), meta["variant"],
+                          float(meta.get("test_accuracy", "nan")), path)
+
+
+def load_pretrained(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The shipped model ``name`` in eval mode, weights cast to ``dtype``."""
+    from safetensors.torch import load_file
+
+    info = checkpoint_info(name)
+    model = create_model(info.factory, **info.overrides)
+    state = {k: v.to(dtype) for k, v in load_file(str(info.path)).items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval()
+
+
+def save_pretrained(model: nn.Module, name: str, variant: str, test_accuracy: float, path: Path | None = None) -> Path:
+    """Write ``model`` as an fp16 safetensors checkpoint with the metadata ``load_pretrained`` needs."""
+    from safetensors.torch import save_file
+
+    factory, overrides, _ = REFERENCE_CONFIGS[name]
+    path = Path(path) if path is not None else checkpoint_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    metadata = {"factory": factory, "overrides": json.dumps(overrides), "variant": variant,
+                "test_accuracy": f"{test_accuracy:.4f}"}
+    save_file(state, str(path), metadata=metadata)
+    return path

@@ -1,0 +1,65 @@
+"""schedule='auto' with calibration batches, and the 'paper' / 'uniform' named schedules."""
+import pytest
+import torch
+
+import mambaprune
+from mambaprune.compiler.auto_schedule import output_discrepancy
+from mambaprune.models import create_model
+
+
+def tiny_vim():
+    torch.manual_seed(0)
+    return create_model("vim_t", img_size=32, patch_size=8, depth=6, embed_dim=32, d_state=4, num_classes=10).eval()
+
+
+def batches(count=2, size=4):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(size, 3, 32, 32, generator=g) for _ in range(count)]
+
+
+def test_auto_is_no_worse_than_paper_and_uniform_on_calibration_and_reaches_the_ratio():
+    model = tiny_vim()
+    calibration = batches()
+    auto = mambaprune.compile_pruned(model, 0.3, schedule="auto", calibration=calibration)
+    chosen, scores = auto.report.schedule_search
+    assert set(scores) >= {"paper", "uniform"} and scores[chosen] == min(scores.values())
+    assert abs(auto.report.achieved_ratio - 0.3) <= 0.03
+    with torch.no_grad():
+        measured = sum(output_discrepancy([model(x)], [auto(x)]) for x in calibration) / len(calibration)
+    assert measured == pytest.approx(scores[chosen], rel=1e-4, abs=1e-7)
+    for name in ("paper", "uniform"):
+        other = mambaprune.compile_pruned(model, 0.3, schedule=name)
+        with torch.no_grad():
+            theirs = sum(output_discrepancy([model(x)], [other(x)]) for x in calibration) / len(calibration)
+        assert measured <= theirs + 1e-9
+    assert "schedule='auto' chose" in str(auto.report)
+
+
+def test_uniform_schedule_prunes_after_every_block_and_paper_is_the_default():
+    model = tiny_vim()
+    uniform = mambaprune.compile_pruned(model, 0.3, schedule="uniform")
+    assert sorted(uniform.report.sites) == list(range(1, 6))
+    paper = mambaprune.compile_pruned(model, 0.3, schedule="paper")
+    default = mambaprune.compile_pruned(model, 0.3)
+    assert paper.report.sites == default.report.sites
+
+
+def test_output_discrepancy_is_kl_for_logits_and_relative_mse_otherwise():
+    logits = torch.randn(4, 10)
+    assert output_discrepancy([logits], [logits]) == pytest.approx(0.0, abs=1e-7)
+    assert output_discrepancy([logits], [logits.flip(-1)]) > 0
+    features = torch.randn(4, 3, 5)
+    assert output_discrepancy([features], [2 * features]) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(schedule="auto"), "schedule='auto' and calibration= go together"),
+    (dict(calibration=[torch.randn(2, 3, 32, 32)]), "schedule='auto' and calibration= go together"),
+    (dict(schedule="auto", calibration=[]), "calibration is empty"),
+    (dict(schedule="auto", calibration=[(torch.randn(2, 3, 32, 32), torch.zeros(2))]),
+     "calibration batch 0 does not match"),
+    (dict(schedule="bottom"), "schedule must be None, one of"),
+])
+def test_auto_schedule_errors_name_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mambaprune.compile_pruned(tiny_vim(), 0.3, **kwargs)
