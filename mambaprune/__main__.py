@@ -51,8 +51,7 @@ def _compile(args):
     from . import compile_pruned
 
     model = load_model_spec(args.model, args.img_size)
-    schedule = args.schedule if args.schedule != "paper" else None
-    return model, compile_pruned(model, ratio=args.ratio, schedule=schedule, alignment=args.alignment,
+    return model, compile_pruned(model, ratio=args.ratio, schedule=args.schedule, alignment=args.alignment,
                                  metric=args.metric)
 
 

@@ -11,7 +11,7 @@ from ..passes.annotate_flops import annotate_flops, total_flops
 from ..passes.prune_tokens import SiteSpec, prune_tokens
 from .analysis import analyse
 from .auto_schedule import ScheduleSearch, calibration_inputs, search_schedule
-from .capture import Capture, capture, infer_example_inputs, run_graph
+from .capture import Capture, capture, flat_inputs, infer_example_inputs, run_graph
 from .plan import make_plan, node_flops
 from .pruned_model import PrunedModel
 from .report import BlockReport, PruneReport
@@ -82,7 +82,7 @@ def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> P
     analysis = analyse(captured.gm)
     if not analysis.blocks:
         raise UnsupportedModelError(no_scan_message(model, captured.routed))
-    flat = _flat_inputs(_first_sample(example_inputs))
+    flat = flat_inputs(_first_sample(example_inputs))
     flops = node_flops(annotate_flops(captured.gm, flat).graph_module)
     return Prepared(captured, analysis, flops, flat, example_inputs)
 
@@ -114,8 +114,7 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
 
 
 def _search(prepared: Prepared, settings: PruneSettings, calibration: Iterable) -> ScheduleSearch:
-    placeholders = sum(1 for n in prepared.captured.gm.graph.nodes if n.op == "placeholder")
-    batches = calibration_inputs(calibration, _flat_inputs, placeholders)
+    batches = calibration_inputs(calibration, expected=len(prepared.flat))
     return search_schedule(prepared.captured.gm, prepared.analysis, prepared.flops, settings.ratio, batches,
                            settings.alignment, settings.metric)
 
@@ -146,11 +145,6 @@ def verify_rewrite(captured, analysis, sites: list, flat: list) -> None:
                 f"graph differs from the model (max abs diff {(e.float() - g.float()).abs().max().item():.3g}). "
                 "Please report the model; pass schedule= with later sites to prune only the blocks after the "
                 "problem.")
-
-
-def _flat_inputs(inputs: tuple) -> list:
-    flat, _ = torch.utils._pytree.tree_flatten((inputs, {}))
-    return flat
 
 
 def _first_sample(inputs: tuple) -> tuple:

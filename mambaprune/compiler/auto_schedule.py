@@ -17,9 +17,10 @@ from typing import Callable, Iterable, List
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..passes.prune_tokens import SiteSpec, prune_tokens
-from .capture import run_graph
+from .capture import flat_inputs, run_graph
 from .plan import Plan, make_plan, solve_site_keep
 
 RATIO_TOLERANCE = 0.03
@@ -63,7 +64,7 @@ def search_schedule(gm: fx.GraphModule, analysis, flops: dict, ratio: float, bat
 
     search = ScheduleSearch(chosen="")
     sites = _spread(analysis.valid_sites, max_sites)
-    bar = _progress(steps * len(sites) + 2, progress)
+    bar = tqdm(total=steps * len(sites) + 2, desc="schedule='auto'", leave=False, disable=not progress)
     for name in ("paper", "uniform"):
         try:
             plan = make_plan(analysis, flops, ratio, name)
@@ -113,31 +114,13 @@ def _spread(sites: list, count: int) -> list:
     return sorted(picks)
 
 
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency; a stripped environment still gets a working search
-        enabled = False
-    if not enabled:
-        return _Silent()
-    return tqdm(total=total, desc="schedule='auto'", leave=False)
-
-
-class _Silent:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def calibration_inputs(calibration: Iterable, flatten: Callable[[tuple], list], expected: int) -> List[list]:
+def calibration_inputs(calibration: Iterable, expected: int) -> List[list]:
     """Flat graph inputs of every calibration batch (a tensor or a tuple of the model's positional
-    inputs); ValueError when there is none or one does not fit the model's signature."""
+    inputs); ValueError when there is none or one does not fit the model's ``expected`` inputs."""
     batches = []
     for index, batch in enumerate(calibration):
         inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        flat = flatten(inputs)
+        flat = flat_inputs(inputs)
         if len(flat) != expected or not all(isinstance(t, torch.Tensor) for t in flat):
             raise ValueError(
                 f"calibration batch {index} does not match the model's inputs: expected {expected} tensor(s) "

@@ -48,6 +48,12 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
     return Capture(program, program.module(), tuple(example_inputs), routed)
 
 
+def flat_inputs(inputs: tuple) -> list:
+    """Positional model inputs -> the captured graph's placeholders, in order."""
+    flat, _ = torch.utils._pytree.tree_flatten((tuple(inputs), {}))
+    return flat
+
+
 def run_graph(gm: fx.GraphModule, flat: list) -> list:
     """Run a captured (or rewritten) graph on flat inputs; its tensor outputs as a list."""
     out = fx.Interpreter(gm).run(*flat)

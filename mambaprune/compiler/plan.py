@@ -99,8 +99,8 @@ def make_plan(analysis, flops: dict, ratio: float, schedule) -> Plan:
 
 
 def plan_for_sites(analysis, flops: dict, sites: list, ratio: float) -> Plan:
-    """One keep rate at every site in ``sites``, solved so the
-    estimated reduction is closest to ``ratio``; ValueError when it falls short by more than 0.03."""
+    """One keep rate at every site in ``sites``, solved so the estimated reduction is closest to
+    ``ratio``; ValueError when it falls short by more than 0.03."""
     dense = sum(flops.values())
     if not sites:
         raise ValueError(f"ratio {ratio} cannot be reached: the maximum is 0.0 ({_why_no_sites(analysis)})")

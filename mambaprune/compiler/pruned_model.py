@@ -38,6 +38,7 @@ class PrunedModel(torch.nn.Module):
     def kept_positions(self, *args) -> dict:
         """{site: (batch, K) original token positions kept there} for these inputs (eager run)."""
         from ..passes.select_tokens import KEPT_POSITIONS_KEY
+        from .capture import flat_inputs
 
         self.check_inputs(args)
         wanted = {n: n.meta[KEPT_POSITIONS_KEY] for n in self.graph_module.graph.nodes if KEPT_POSITIONS_KEY in n.meta}
@@ -50,8 +51,7 @@ class PrunedModel(torch.nn.Module):
                     found[wanted[node]] = value.clone()
                 return value
 
-        flat, _ = torch.utils._pytree.tree_flatten((args, {}))
-        Recorder(self.graph_module).run(*flat)
+        Recorder(self.graph_module).run(*flat_inputs(args))
         return dict(sorted(found.items()))
 
     def check_inputs(self, args: tuple) -> None:

@@ -162,17 +162,17 @@ def selective_scan(
     the same factor of 2 it applies to matmuls; the project's FLOPs counter halves those totals.
     """
     check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias, gap)
-    if _eager_cpu_training(u, delta, A, B, C, D, z, delta_bias):
+    if _eager_cpu_training(u, A, delta, B, C, D, z, delta_bias):
         # The op's backward recomputes the forward; the sequential scan's own autograd Function
         # saves its states instead, which makes eager CPU training about a third faster.
         return selective_scan_sequential(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), gap)
     return _selective_scan_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), gap)
 
 
-def _eager_cpu_training(u, *tensors) -> bool:
+def _eager_cpu_training(u, A, *others) -> bool:
     """Plain (not fake, not traced) CPU tensors needing gradients, with the sequential scan chosen."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or type(u) is not torch.Tensor:
         return False
-    if not any(t is not None and t.requires_grad for t in (u, *tensors)):
+    if not any(t is not None and t.requires_grad for t in (u, A, *others)):
         return False
-    return chosen_scan_impl(u, tensors[1].shape[-1]) == "sequential" and not u.is_cuda
+    return not u.is_cuda and chosen_scan_impl(u, A.shape[-1]) == "sequential"
