@@ -1,13 +1,15 @@
 """Fidelity of training-free pruning on the shipped cluttered-digits checkpoints.
 
-    python benchmarks/fidelity.py                   # both checkpoints, 500 test images (about 30 min on 2 cores)
-    python benchmarks/fidelity.py --quick           # 100 test images, ratios 0.3 and 0.5
+    python benchmarks/fidelity.py                          # every shipped checkpoint, 500 test images
+    python benchmarks/fidelity.py --models vim_digits      # one checkpoint
+    python benchmarks/fidelity.py --quick                  # 100 test images, ratios 0.3 and 0.5
 
 For FLOPs reductions 0.1-0.6: every alignment (metric clip), every metric (alignment hold) and the
 schedules paper / uniform / auto (searched on 2 validation batches), each against the dense model:
-top-1 test accuracy, agreement with the dense predictions and mean KL(dense || pruned). Writes
-benchmarks/results/fidelity.{json,md}, fidelity_alignment.png, fidelity_schedule.png and a
-kept-token map per checkpoint. Each model is captured once (``prepare``) and rebuilt per setting.
+top-1 test accuracy, agreement with the dense predictions and mean KL(dense || pruned). Writes, per
+checkpoint NAME, benchmarks/results/fidelity_NAME.{json,md}, fidelity_NAME_alignment.png,
+fidelity_NAME_schedule.png and fidelity_kept_tokens_NAME.png. Each model is captured once
+(``prepare``) and rebuilt per setting. Ratios a model cannot reach are recorded as unreachable.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from mambaprune.compiler.api import build, prepare
 from mambaprune.compiler.settings import ALIGNMENTS, PruneSettings
 from mambaprune.data import make_cluttered_digits
+from mambaprune.errors import UnreachableRatioError
 from mambaprune.models.pretrained import checkpoint_info, list_pretrained, load_pretrained
 from mambaprune.runtime.token_index import METRICS
 from mambaprune.visualize import plot_kept_tokens
@@ -52,7 +55,7 @@ def settings_grid(ratios) -> list:
     return grid
 
 
-def run_model(name: str, ratios, test_size: int) -> dict:
+def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
     info = checkpoint_info(name)
     model = load_pretrained(name)
     img_size = info.overrides["img_size"]
@@ -65,17 +68,22 @@ def run_model(name: str, ratios, test_size: int) -> dict:
     prepared = prepare(model, (test.inputs[:2],))
     for group, settings in tqdm(settings_grid(ratios), desc=name):
         start = time.perf_counter()
-        pruned = build(prepared, settings, calibration if settings.schedule == "auto" else None)
-        row = {"group": group, "ratio": settings.ratio, "achieved": round(pruned.report.achieved_ratio, 4),
-               "alignment": settings.alignment, "metric": settings.metric, "schedule": settings.schedule or "paper",
-               **compare(dense, logits_of(pruned, test), test.labels), "seconds": round(time.perf_counter() - start, 1)}
+        row = {"group": group, "ratio": settings.ratio, "alignment": settings.alignment, "metric": settings.metric,
+               "schedule": settings.schedule or "paper"}
+        try:
+            pruned = build(prepared, settings, calibration if settings.schedule == "auto" else None)
+        except UnreachableRatioError as err:
+            rows.append({**row, "unreachable": str(err)})
+            continue
+        row.update(achieved=round(pruned.report.achieved_ratio, 4), **compare(dense, logits_of(pruned, test), test.labels),
+                   seconds=round(time.perf_counter() - start, 1))
         if pruned.report.schedule_search:
             row["auto_chose"] = pruned.report.schedule_search[0]
         rows.append(row)
     pictures = make_cluttered_digits("test", 4, info.variant, img_size, seed=0)
     shown = build(prepared, PruneSettings(0.3, None, "hold", "clip"))
     plot_kept_tokens(pictures.pictures(), shown.kept_positions(pictures.inputs), shown.report,
-                     RESULTS / f"fidelity_kept_tokens_{name}.png",
+                     folder / f"fidelity_kept_tokens_{name}.png",
                      titles=[f"label {int(v)}" for v in pictures.labels])
     return {"name": name, "variant": info.variant, "test_size": test_size, "rows": rows}
 
@@ -107,10 +115,18 @@ def markdown(results: list) -> str:
                 cells = []
                 for ratio in ratios:
                     row = next((r for r in rows if r[key] == n and r["ratio"] == ratio), None)
-                    cells.append("-" if row is None else f"{row['accuracy']:.3f} / {row['agreement']:.3f} / {row['kl']:.3f}")
+                    cells.append(_cell(row))
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
+
+
+def _cell(row) -> str:
+    if row is None:
+        return "-"
+    if "unreachable" in row:
+        return "unreachable"
+    return f"{row['accuracy']:.3f} / {row['agreement']:.3f} / {row['kl']:.3f}"
 
 
 def plot(results: list, group: str, key: str, path: Path) -> None:
@@ -126,7 +142,7 @@ def plot(results: list, group: str, key: str, path: Path) -> None:
         if group == "schedule":
             rows = paper_rows(result) + rows
         for name in dict.fromkeys(r[key] for r in rows):
-            points = sorted((r["achieved"], r["accuracy"]) for r in rows if r[key] == name)
+            points = sorted((r["achieved"], r["accuracy"]) for r in rows if r[key] == name and "achieved" in r)
             ax.plot([100 * p[0] for p in points], [100 * p[1] for p in points], marker="o", label=name)
         ax.axhline(100 * dense, color="grey", linestyle="--", label="dense")
         ax.set_xlabel("FLOPs reduction (%)")
@@ -141,21 +157,21 @@ def plot(results: list, group: str, key: str, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None, help="checkpoint names (default: all shipped)")
-    parser.add_argument("--test-size", type=int, default=500)
+    parser.add_argument("--test-size", type=int, default=None, help="test images (default 500, 100 with --quick)")
     parser.add_argument("--quick", action="store_true", help="100 test images, ratios 0.3 and 0.5")
-    parser.add_argument("--out", default=str(RESULTS / "fidelity"), help="output path without suffix")
+    parser.add_argument("--out", default=str(RESULTS / "fidelity"), help="output prefix: _NAME.json, _NAME.md, ... are appended")
     args = parser.parse_args()
     ratios = (0.3, 0.5) if args.quick else RATIOS
-    test_size = 100 if args.quick else args.test_size
-    results = [run_model(name, ratios, test_size) for name in (args.models or list_pretrained())]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
-    plot(results, "alignment", "alignment", out.with_name(out.name + "_alignment.png"))
-    plot(results, "schedule", "schedule", out.with_name(out.name + "_schedule.png"))
-    print(markdown(results))
-
+    test_size = args.test_size or (100 if args.quick else 500)
+    for name in args.models or list_pretrained():
+        out = Path(f"{args.out}_{name}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = run_model(name, ratios, test_size, out.parent)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(markdown([result]))
+        plot([result], "alignment", "alignment", out.with_name(out.name + "_alignment.png"))
+        plot([result], "schedule", "schedule", out.with_name(out.name + "_schedule.png"))
+        print(markdown([result]))
 
 if __name__ == "__main__":
     main()

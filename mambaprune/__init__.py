@@ -6,7 +6,7 @@
 from .compiler.api import compile_pruned
 from .compiler.pruned_model import PrunedModel
 from .compiler.scan_registry import register_scan, unregister_scan
-from .errors import MambapruneError, MissingDependencyError, UnsupportedModelError
+from .errors import MambapruneError, MissingDependencyError, UnreachableRatioError, UnsupportedModelError
 from .runtime import selective_scan
 
 __version__ = "0.1.0"
@@ -19,4 +19,5 @@ def create_model(name: str, **overrides):
 
 
 __all__ = ["compile_pruned", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
-           "MambapruneError", "UnsupportedModelError", "MissingDependencyError", "__version__"]
+           "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError",
+           "__version__"]

@@ -13,6 +13,13 @@ class UnsupportedModelError(MambapruneError, ValueError):
     """
 
 
+class UnreachableRatioError(MambapruneError, ValueError):
+    """The FLOPs reduction asked for is beyond what pruning at the schedule's sites can give.
+
+    The message quotes the maximum that can be reached; use a smaller ratio or earlier sites.
+    """
+
+
 class MissingDependencyError(MambapruneError, ImportError):
     """An optional dependency (onnx, onnxruntime, triton, torch-tensorrt, mamba-ssm) is not installed."""
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import mambaprune
-from mambaprune import MambapruneError, UnsupportedModelError
+from mambaprune import MambapruneError, UnreachableRatioError, UnsupportedModelError
 from mambaprune.compiler.settings import ALIGNMENTS, BACKENDS, METRICS
 from mambaprune.models import create_model
 
@@ -95,7 +95,7 @@ def test_valid_schedule_compiles(vim):
 # -- planning ---------------------------------------------------------------------------------------
 def test_unreachable_ratio_says_the_maximum():
     model = tiny_vim(depth=2)
-    with pytest.raises(ValueError, match=r"ratio 0.95 cannot be reached.*maximum") as info:
+    with pytest.raises(UnreachableRatioError, match=r"ratio 0.95 cannot be reached.*maximum") as info:
         mambaprune.compile_pruned(model, ratio=0.95)
     message = str(info.value)
     maximum = float(message.split(" is ")[1].split(" ")[0])

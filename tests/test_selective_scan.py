@@ -312,3 +312,60 @@ def test_triton_kernel_without_triton_names_the_missing_package(monkeypatch):
     u = torch.randn(1, 4, 5)
     with pytest.raises(MissingDependencyError, match=r"triton.*mambaprune\[gpu\]"):
         scan_triton.selective_scan_triton(u, u.abs(), -torch.ones(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+
+
+WITHOUT_TRITON_SCRIPT = r"""
+import sys
+sys.modules["triton"] = None  # `import triton` now raises ImportError, as on a CPU-only install
+import json, os, torch
+import mambaprune
+from mambaprune.errors import MissingDependencyError
+from mambaprune.runtime import selective_scan, selective_scan_reference, triton_available
+
+g = torch.Generator().manual_seed(0)
+u = torch.randn(2, 4, 7, generator=g)
+args = (u, u.abs(), -torch.ones(4, 3), torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g))
+report = dict(available=triton_available(), triton_modules=sorted(m for m in sys.modules if m.startswith("triton")))
+report["cpu_ok"] = torch.equal(selective_scan(*args), selective_scan_reference(*args))
+
+class CallsTritonOp(torch.nn.Module):
+    def forward(self, *a):
+        return torch.ops.mambaprune.selective_scan_triton(*a, None, None, None, False, None, 32)
+
+exported = torch.export.export(CallsTritonOp(), args, strict=False)  # the op exists, with its fake kernel
+report["export_targets"] = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+
+
+def error_of(call):
+    try:
+        call()
+    except MissingDependencyError as error:
+        return str(error)
+
+report["errors"] = {"triton_op": error_of(lambda: torch.ops.mambaprune.selective_scan_triton(*args))}
+os.environ["MAMBAPRUNE_SCAN_IMPL"] = "triton"
+report["errors"]["forced"] = error_of(lambda: selective_scan(*args))
+print("REPORT" + json.dumps(report))
+"""
+
+
+def test_without_triton_the_core_works_and_forcing_triton_names_the_package():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("MAMBAPRUNE_SCAN_IMPL", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TRITON_SCRIPT], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("REPORT"))[len("REPORT"):])
+    assert report["available"] is False and report["triton_modules"] == ["triton"]  # the blocked entry only
+    assert report["cpu_ok"]
+    assert report["export_targets"] == ["mambaprune.selective_scan_triton.default"]
+    assert sorted(report["errors"]) == ["forced", "triton_op"]
+    for label, message in report["errors"].items():
+        assert message is not None and "'triton'" in message and "mambaprune[gpu]" in message, label

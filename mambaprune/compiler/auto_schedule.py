@@ -6,8 +6,11 @@ mean squared error relative to the dense outputs' mean square). It builds a sche
 FLOPs target is reached in ``steps`` equal increments, each taken at the candidate site whose extra
 pruning moves the outputs least (per-block sensitivity, measured rather than assumed). ToP's sites
 ("paper") and a site after every block ("uniform"), each with one solved keep rate, are scored the
-same way, and the best of the three is returned, so on the calibration data "auto" is never worse
-than either.
+same way. The better baseline is returned unless the greedy schedule beats it by GREEDY_MARGIN
+(relative): a few calibration batches cannot tell close scores apart, and the baselines do not
+depend on them (on the digits PlainMamba at -10% FLOPs, a greedy schedule that scored best on 64
+calibration images was twice as far from the dense model as ToP's sites on 500 test images). On the calibration data "auto" is therefore
+never worse than either baseline.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..errors import UnreachableRatioError
 from ..passes.prune_tokens import SiteSpec, prune_tokens
 from .capture import flat_inputs, run_graph
 from .plan import Plan, make_plan, solve_site_keep
@@ -27,6 +31,8 @@ RATIO_TOLERANCE = 0.03
 # The searched schedule must remove at least ratio - FINAL_SHORTFALL: pruning less than the
 # baselines would make it look better for the wrong reason.
 FINAL_SHORTFALL = 0.01
+# The greedy schedule replaces the better baseline only if its calibration score is this much lower.
+GREEDY_MARGIN = 0.2
 
 
 @dataclass
@@ -68,7 +74,7 @@ def search_schedule(gm: fx.GraphModule, analysis, flops: dict, ratio: float, bat
     for name in ("paper", "uniform"):
         try:
             plan = make_plan(analysis, flops, ratio, name)
-        except ValueError:
+        except UnreachableRatioError:
             bar.update(1)
             continue
         if plan.estimated_ratio < ratio - RATIO_TOLERANCE:
@@ -81,9 +87,20 @@ def search_schedule(gm: fx.GraphModule, analysis, flops: dict, ratio: float, bat
         search.plans["greedy"], search.scores["greedy"] = greedy
     bar.close()
     if not search.scores:
-        raise ValueError(f"ratio {ratio} cannot be reached for this model by any schedule; use a smaller ratio")
-    search.chosen = min(search.scores, key=search.scores.get)
+        raise UnreachableRatioError(f"ratio {ratio} cannot be reached for this model by any schedule; use a smaller ratio")
+    search.chosen = _choose(search.scores)
     return search
+
+
+def _choose(scores: dict) -> str:
+    """The better baseline, unless the greedy schedule is clearly (GREEDY_MARGIN) better."""
+    baselines = {name: scores[name] for name in ("paper", "uniform") if name in scores}
+    if not baselines:
+        return "greedy"
+    best = min(baselines, key=baselines.get)
+    if "greedy" in scores and scores["greedy"] < (1 - GREEDY_MARGIN) * baselines[best]:
+        return "greedy"
+    return best
 
 
 def _greedy(analysis, flops, ratio, sites, steps, score: Callable[[Plan], float], bar):

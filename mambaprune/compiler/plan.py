@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..passes.annotate_flops import FLOPS_KEY
+from ..errors import UnreachableRatioError
 from .token_flow import BatchTok, PaddedTok, Tok, info_of
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
@@ -100,14 +101,14 @@ def make_plan(analysis, flops: dict, ratio: float, schedule) -> Plan:
 
 def plan_for_sites(analysis, flops: dict, sites: list, ratio: float) -> Plan:
     """One keep rate at every site in ``sites``, solved so the estimated reduction is closest to
-    ``ratio``; ValueError when it falls short by more than 0.03."""
+    ``ratio``; UnreachableRatioError when it falls short by more than 0.03."""
     dense = sum(flops.values())
     if not sites:
-        raise ValueError(f"ratio {ratio} cannot be reached: the maximum is 0.0 ({_why_no_sites(analysis)})")
+        raise UnreachableRatioError(f"ratio {ratio} cannot be reached: the maximum is 0.0 ({_why_no_sites(analysis)})")
     best = _solve_uniform_keep(analysis, flops, sites, ratio, dense)
     achieved = best.estimated_ratio
     if ratio - achieved > 0.03:
-        raise ValueError(
+        raise UnreachableRatioError(
             f"ratio {ratio} cannot be reached for this model: the maximum FLOPs reduction with pruning after "
             f"blocks {sites} is {achieved:.3f} (too few blocks after the first site or too few tokens). "
             "Use a smaller ratio or an explicit schedule with earlier sites.")

@@ -6,7 +6,15 @@ associative-scan variants on an H100, and it is memory bound, so it reads its in
 strides: the channels-last view that linear layers produce ((B, L, D) transposed to (B, D, L),
 strides (L*D, 1, D)) is read as it is, with no copy. Each step's loads are then contiguous.
 
-The module imports without Triton; ``triton_available()`` says whether the kernel can run.
+The forward is the custom op ``mambaprune::selective_scan_triton``, registered with
+``torch.library.triton_op`` and launching the kernel through ``torch.library.wrap_triton``: torch.export
+keeps it as one node, and torch.compile traces through it to the kernel launch, which Inductor emits
+in its generated code instead of calling back into Python. ``mambaprune::selective_scan`` dispatches
+to it on CUDA (that op itself stays one opaque node under export and compile).
+
+The module imports without Triton: the op is then a plain custom op with the same schema and fake
+kernel whose implementation raises MissingDependencyError; ``triton_available()`` says whether the
+kernel can run.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ try:
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
+
+OP_NAME = "mambaprune::selective_scan_triton"
 
 
 def triton_available() -> bool:
@@ -110,7 +120,16 @@ def _strides_or_zero(t: Optional[torch.Tensor], rank: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * rank
 
 
-def selective_scan_triton(
+def _interpreted(kernel) -> bool:
+    """Whether TRITON_INTERPRET=1 made @triton.jit return the CPU interpreter's function."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - triton without an interpreter
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _selective_scan_triton_op(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -123,23 +142,30 @@ def selective_scan_triton(
     gap: Optional[torch.Tensor] = None,
     block_d: int = 32,
 ) -> torch.Tensor:
-    """Forward selective scan with the Triton kernel; same contract as ``selective_scan_reference``.
-
-    Accumulates in fp32 whatever the input dtype (float64 inputs are computed in fp32 too).
-    """
+    # torch.compile runs this body on fake tensors to trace the kernel launch (wrap_triton records
+    # it as a graph node), so it holds only torch ops and the launch.
     if triton is None:
         raise missing_dependency("triton", "gpu", "The Triton selective-scan kernel")
+    if u.device.type == "cpu" and not _interpreted(_selective_scan_fwd_kernel):
+        raise ValueError(
+            "selective_scan: the Triton kernel needs GPU tensors; u is on the CPU. Use "
+            "MAMBAPRUNE_SCAN_IMPL=reference or sequential there (or TRITON_INTERPRET=1, set before triton "
+            "is imported, to run the kernel in Triton's CPU interpreter)"
+        )
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     groups = 1 if B.dim() == 3 else B.shape[1]
     out = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
     if out.numel() == 0:
         return out
+    # wrap_triton before pytorch#185597 (torch 2.11 among them) rejects the interpreter's kernels
+    # (pytorch#152868), which only launch eagerly anyway; on a GPU the launch goes through wrap_triton.
+    kernel = (_selective_scan_fwd_kernel if _interpreted(_selective_scan_fwd_kernel)
+              else wrap_triton(_selective_scan_fwd_kernel))
     # Absent optional tensors: any valid pointer will do, the constexpr flags keep it unread.
     unused_pointer = u
-    block_n = _next_power_of_2(dstate)
     grid = (batch, triton.cdiv(dim, block_d))
-    _selective_scan_fwd_kernel[grid](
+    kernel[grid](
         u, delta, A, B, C,
         D if D is not None else unused_pointer,
         z if z is not None else unused_pointer,
@@ -154,6 +180,47 @@ def selective_scan_triton(
         *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         HAS_GAP=gap is not None, SOFTPLUS=bool(delta_softplus),
-        BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_D=block_d, BLOCK_N=_next_power_of_2(dstate),
     )
     return out
+
+
+if triton is not None:
+    from torch.library import wrap_triton
+
+    selective_scan_triton_op = torch.library.triton_op(OP_NAME, _selective_scan_triton_op, mutates_args=())
+else:  # the same op, so graphs naming it still load and trace; running it raises
+    selective_scan_triton_op = torch.library.custom_op(OP_NAME, _selective_scan_triton_op, mutates_args=())
+
+
+@selective_scan_triton_op.register_fake
+def _selective_scan_triton_fake(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, gap=None, block_d=32
+):
+    # Explicit rather than triton_op's default (the body itself on fake tensors), which fails
+    # with interpreted kernels, on CPU tensors and without triton.
+    return u.new_empty(u.shape)
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    gap: Optional[torch.Tensor] = None,
+    block_d: int = 32,
+) -> torch.Tensor:
+    """Forward selective scan with the Triton kernel, as the op ``mambaprune::selective_scan_triton``;
+    same contract as ``selective_scan_reference``.
+
+    Accumulates in fp32 whatever the input dtype (float64 inputs are computed in fp32 too). The op
+    is differentiable: selective_scan.py registers the scan op's backward for it too.
+    """
+    if triton is None:
+        raise missing_dependency("triton", "gpu", "The Triton selective-scan kernel")
+    return selective_scan_triton_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), gap, block_d)

@@ -4,11 +4,12 @@ Every scan in a captured model is routed here so that torch.export sees a single
 compiler can find, rewrite (e.g. add a position ``gap`` after pruning) and lower. The op has a fake
 kernel (export / compile), an autograd formula and a FLOP formula (FlopCounterMode).
 
-Implementations: Triton on CUDA; on the CPU the token-by-token scan with its analytic backward
-(``scan_sequential``) once a token's state (batch * D * N) is big enough to amortise the per-token
-dispatch, else the log-depth doubling reference. ``MAMBAPRUNE_SCAN_IMPL=reference|sequential|triton``
-forces one. The backward is the sequential scan's analytic one on the CPU and the differentiated
-doubling reference elsewhere.
+Implementations: Triton on CUDA (the op ``mambaprune::selective_scan_triton``, a
+``torch.library.triton_op``: see scan_triton); on the CPU the token-by-token scan with its analytic
+backward (``scan_sequential``) once a token's state (batch * D * N) is big enough to amortise the
+per-token dispatch, else the log-depth doubling reference.
+``MAMBAPRUNE_SCAN_IMPL=reference|sequential|triton`` forces one. The backward is the sequential
+scan's analytic one on the CPU and the differentiated doubling reference elsewhere.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .scan_reference import selective_scan_reference
 from .scan_sequential import selective_scan_sequential
-from .scan_triton import selective_scan_triton, triton_available
+from .scan_triton import selective_scan_triton, selective_scan_triton_op, triton_available
 from .validation import check_selective_scan_args
 
 IMPL_ENV_VAR = "MAMBAPRUNE_SCAN_IMPL"
@@ -87,9 +88,11 @@ _DIFFERENTIABLE = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap = inputs
+    # inputs[10:] is the Triton op's block_d
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap = inputs[:10]
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, gap)
     ctx.delta_softplus = delta_softplus
+    ctx.extra_inputs = len(inputs) - 10
 
 
 def _backward(ctx, grad_out):
@@ -107,10 +110,12 @@ def _backward(ctx, grad_out):
         )
         grads = torch.autograd.grad(y, [leaves[name] for name in wanted], grad_out) if wanted else ()
     by_name = dict(zip(wanted, grads))
-    return (*(by_name.get(name) for name in _DIFFERENTIABLE), None, None)
+    return (*(by_name.get(name) for name in _DIFFERENTIABLE), None, None, *(None,) * ctx.extra_inputs)
 
 
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+# The Triton op called directly (torch.ops.mambaprune.selective_scan_triton) trains the same way.
+selective_scan_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def selective_scan_macs(u_shape, A_shape, has_D: bool, has_z: bool) -> int:
@@ -121,10 +126,8 @@ def selective_scan_macs(u_shape, A_shape, has_D: bool, has_z: bool) -> int:
     return 9 * per_token * dstate + per_token * int(has_D) + per_token * int(has_z)
 
 
-@register_flop_formula(torch.ops.mambaprune.selective_scan)
-def _selective_scan_flops(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, gap=None, *, out_shape=None, **kwargs
-) -> int:
+@register_flop_formula([torch.ops.mambaprune.selective_scan, torch.ops.mambaprune.selective_scan_triton])
+def _selective_scan_flops(u, delta, A, B, C, D=None, z=None, *rest, out_shape=None, **kwargs) -> int:
     # FlopCounterMode counts 2 FLOPs per matmul MAC; the project divides its totals by 2, so the
     # scan registers twice its MACs to come out as MACs like everything else.
     return 2 * selective_scan_macs(u, A, D is not None, z is not None)
