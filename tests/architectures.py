@@ -20,6 +20,10 @@ Styles:
   window_reverse on a (B, C, H, W) map.
 - ``VMambaStyle``: hierarchical channels-first model, two stages with a strided conv downsampling,
   LayerNorm2d, a 4-way cross-scan folded into ONE scan call with grouped B/C (B, 4, N, L).
+  ``variant`` builds malformed relatives the compiler must refuse: "interleaved" (the scan's channels
+  interleave the directions, so they do not match B/C's groups), "unmerged" (the column-major
+  output is added without being transposed back), "groups_mismatched" (B/C list the directions in
+  another order than u).
 """
 from __future__ import annotations
 
@@ -618,8 +622,12 @@ def cross_merge(ys, H, W):
 
 
 class SS2D(nn.Module):
-    def __init__(self, d_model, d_state=4, expand=2, d_conv=3, K=4):
+    VARIANTS = ("vmamba", "interleaved", "unmerged", "groups_mismatched")
+
+    def __init__(self, d_model, d_state=4, expand=2, d_conv=3, K=4, variant="vmamba"):
         super().__init__()
+        assert variant in self.VARIANTS
+        self.variant = variant
         self.d_inner, self.d_state, self.dt_rank, self.K = expand * d_model, d_state, math.ceil(d_model / 16), K
         D, R, N = self.d_inner, self.dt_rank, d_state
         self.in_proj = Linear2d(d_model, 2 * D, bias=False)
@@ -641,19 +649,27 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("b k d l, k c d -> b k c l", xs, self.x_proj_weight)
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
         dts = torch.einsum("b k r l, k d r -> b k d l", dts, self.dt_projs_weight)
+        if self.variant == "interleaved":      # channel c * K + k is direction k: not B/C's group k
+            xs, dts = xs.transpose(1, 2), dts.transpose(1, 2)
+        if self.variant == "groups_mismatched":
+            Bs, Cs = Bs.flip(1), Cs.flip(1)
         ys = selective_scan(xs.reshape(B, -1, L), dts.reshape(B, -1, L), -torch.exp(self.A_logs.float()),
                             Bs.contiguous(), Cs.contiguous(), self.Ds.float(),
                             delta_bias=self.dt_projs_bias.reshape(-1).float(), delta_softplus=True)
-        y = cross_merge(ys.view(B, K, D, L), H, W).view(B, D, H, W)
+        if self.variant == "unmerged":
+            ys = ys.view(B, K, D, L)
+            y = (ys[:, 0] + ys[:, 2].flip(-1) + ys[:, 1] + ys[:, 3].flip(-1)).view(B, D, H, W)
+        else:
+            y = cross_merge(ys.view(B, K, D, L), H, W).view(B, D, H, W)
         y = self.out_norm(y) * F.silu(z)
         return self.out_proj(y)
 
 
 class VSSBlock(nn.Module):
-    def __init__(self, dim, d_state):
+    def __init__(self, dim, d_state, variant="vmamba"):
         super().__init__()
         self.norm = LayerNorm2d(dim)
-        self.op = SS2D(dim, d_state)
+        self.op = SS2D(dim, d_state, variant=variant)
         self.norm2 = LayerNorm2d(dim)
         self.mlp = nn.Sequential(Linear2d(dim, 2 * dim), nn.GELU(), Linear2d(2 * dim, dim))
 
@@ -665,13 +681,14 @@ class VSSBlock(nn.Module):
 class VMambaStyle(nn.Module):
     """Stem (patch 4) -> stage 1 (dims[0]) -> strided conv downsample -> stage 2 (dims[1]) -> pool."""
 
-    def __init__(self, img_size=32, patch_size=4, dims=(24, 48), depths=(2, 2), d_state=4, num_classes=10):
+    def __init__(self, img_size=32, patch_size=4, dims=(24, 48), depths=(2, 2), d_state=4, num_classes=10,
+                 variant="vmamba"):
         super().__init__()
         self.img_size = img_size
         self.patch_embed = nn.Sequential(nn.Conv2d(3, dims[0], patch_size, stride=patch_size), LayerNorm2d(dims[0]))
         self.stages = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, depths)):
-            blocks = [VSSBlock(dim, d_state) for _ in range(depth)]
+            blocks = [VSSBlock(dim, d_state, variant) for _ in range(depth)]
             down = (nn.Sequential(nn.Conv2d(dim, dims[i + 1], 2, stride=2), LayerNorm2d(dims[i + 1]))
                     if i + 1 < len(dims) else nn.Identity())
             self.stages.append(nn.ModuleDict(dict(blocks=nn.Sequential(*blocks), downsample=down)))
@@ -731,6 +748,9 @@ ZOO = {
     "mambavision_windowed_int_reverse": lambda: MambaVisionStyle(windowed=True, patch_size=4, conv_padding=1,
                                                                  reverse=window_reverse_int),
     "vmamba": lambda: VMambaStyle(),
+    "vmamba_interleaved": lambda: VMambaStyle(variant="interleaved"),
+    "vmamba_unmerged": lambda: VMambaStyle(variant="unmerged"),
+    "vmamba_groups_mismatched": lambda: VMambaStyle(variant="groups_mismatched"),
     "hierarchical_vim": lambda: HierarchicalVim(),
 }
 

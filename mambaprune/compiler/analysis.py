@@ -17,7 +17,8 @@ from typing import Optional
 import networkx as nx
 import torch.fx as fx
 
-from .token_flow import META_KEY, BatchTok, Grid, PaddedTok, Readout, Tok, TokenFlow, Unknown, info_of, is_scan, op_name, propagate_tokens, shape_of
+from .token_flow import (META_KEY, BatchTok, Grid, MultiTok, PaddedTok, Readout, Tok, TokenFlow, Unknown, info_of,
+                         is_scan, op_name, propagate_tokens, shape_of)
 
 _FOLLOW_TO_PROJECTION = {"aten::transpose", "aten::permute", "aten::contiguous", "aten::clone", "aten::view",
                          "aten::reshape", "aten::_unsafe_view", "aten::_to_copy", "aten::to"}
@@ -125,8 +126,10 @@ def repeated_container(path: str) -> Optional[str]:
 
 def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Node]:
     """Where all directions of the block have merged, followed through the gate to the projection."""
-    common = set.intersection(*(nx.descendants(graph, s) | {s} for s in scans))
-    merged = [n for n in sorted(common, key=order.__getitem__) if isinstance(info_of(n), Tok)]
+    downstream = [nx.descendants(graph, s) | {s} for s in scans]
+    common = set.intersection(*downstream)
+    reached = directions_reached(scans, set.union(*downstream), order)
+    merged = [n for n in sorted(common, key=order.__getitem__) if isinstance(info_of(n), Tok) and reached[n]]
     if not merged:
         return None
     y = merged[0]
@@ -140,6 +143,62 @@ def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Nod
             break
         y = user
     return y
+
+
+def directions_reached(scans: list, nodes: set, order: dict) -> dict:
+    """node -> whether every direction of every scan flows into it.
+
+    A scan that folds G directions into one call (MultiTok output) contributes G directions. Each
+    node carries, per part of its direction axis, the directions that flow into that part: a slice or
+    select of the direction axis keeps some parts, so VMamba's `ys[:, 0]` (row-major and its flip
+    only) is not the merged output yet, while `ys[:, 0] + unflipped(ys[:, 1])` is.
+    """
+    carried = {}
+    for scan in scans:
+        info = info_of(scan)
+        count = len(info.layouts) if isinstance(info, MultiTok) else 1
+        carried[scan] = tuple(frozenset({(scan, g)}) for g in range(count))
+    for node in sorted(nodes - set(scans), key=order.__getitem__):
+        inputs = [carried[a] for a in node.all_input_nodes if a in carried]
+        carried[node] = _carry_directions(node, inputs) if inputs else ()
+    wanted = {(s, g) for s in scans for g in range(len(carried[s]))}
+    return {n: set().union(*carried.get(n, ())) >= wanted for n in nodes}
+
+
+def _carry_directions(node: fx.Node, inputs: list) -> tuple:
+    """Per output part, the directions flowing into it (see directions_reached)."""
+    out, source = info_of(node), info_of(node.args[0]) if node.args else None
+    everything = frozenset().union(*(frozenset().union(*parts) for parts in inputs))
+    if isinstance(source, MultiTok) and op_name(node) in ("aten::slice", "aten::select", "aten::flip"):
+        parts = _selected_parts(node, source, inputs[0])
+        if parts is not None:
+            return parts
+    count = len(out.layouts) if isinstance(out, MultiTok) else 1
+    if count == 1:
+        return (everything,)
+    same = [parts for parts in inputs if len(parts) == count]
+    if len(same) == len(inputs) and op_name(node) not in ("aten::cat", "aten::stack"):
+        return tuple(frozenset().union(*column) for column in zip(*same))
+    return tuple(everything for _ in range(count))
+
+
+def _selected_parts(node: fx.Node, info: MultiTok, parts: tuple) -> Optional[tuple]:
+    """The parts of the direction axis that a slice/select keeps, or the flipped order of all."""
+    ndim = len(shape_of(node.args[0]))
+    if op_name(node) == "aten::flip":
+        dims = [d + ndim if d < 0 else d for d in node.args[1]]
+        return parts[::-1] if info.gdim in dims else parts
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if (dim + ndim if dim < 0 else dim) != info.gdim or len(parts) != len(info.layouts):
+        return None
+    size = shape_of(node.args[0])[info.gdim]
+    part = size // len(info.layouts)
+    if op_name(node) == "aten::select":
+        index = node.args[2] + size if node.args[2] < 0 else node.args[2]
+        return (parts[index // part],)
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = min(node.args[3], size) if len(node.args) > 3 and node.args[3] is not None else size
+    return parts[start // part:-(-end // part)]
 
 
 def block_name(scans: list) -> str:
@@ -159,7 +218,7 @@ def block_name(scans: list) -> str:
 
 def mixing_of(scans: list, graph: nx.DiGraph) -> str:
     """A short description of the token mixing recognised around the scans."""
-    layouts = [info_of(s).layout.describe() if isinstance(info_of(s), Tok) else "?" for s in scans]
+    layouts = [_describe(info_of(s)) for s in scans]
     parts = [f"{len(scans)} scan{'s' if len(scans) > 1 else ''} ({', '.join(layouts)})"]
     ancestors = set().union(*(nx.ancestors(graph, s) for s in scans))
     convs = sorted({op_name(n).split("::")[-1] for n in ancestors if op_name(n) in ("aten::conv1d", "aten::conv2d")
@@ -167,6 +226,14 @@ def mixing_of(scans: list, graph: nx.DiGraph) -> str:
     if convs:
         parts.append("+ " + ", ".join(convs))
     return " ".join(parts)
+
+
+def _describe(info) -> str:
+    if isinstance(info, Tok):
+        return info.layout.describe()
+    if isinstance(info, MultiTok):
+        return f"{len(info.layouts)} directions in one call: " + ", ".join(l.describe() for l in info.layouts)
+    return "?"
 
 
 def collect_not_understood(gm: fx.GraphModule) -> list:
@@ -198,7 +265,7 @@ def find_sites(analysis: GraphAnalysis, graph: nx.DiGraph, order: dict) -> None:
                                            f"block {block.name}: its scan outputs never merge into one token tensor")
             continue
         cut = block_closure(block, analysis.gm, graph)
-        reason = site_problem(cut, unknown, analysis.token_length)
+        reason = site_problem(cut, unknown, block.token_length)
         if reason:
             analysis.invalid_sites[key] = reason
             continue
@@ -238,13 +305,23 @@ def site_problem(cut: set, unknown: list, length: int) -> Optional[str]:
         info = info_of(node)
         if not any(u not in cut for u in node.users):
             continue
-        if isinstance(info, (PaddedTok, Grid, BatchTok)):
+        if isinstance(info, (PaddedTok, BatchTok, MultiTok)):
             return f"{node.name} crosses the site as a {type(info).__name__}"
+        if isinstance(info, Grid) and info.layout.length != length:
+            return f"{node.name} crosses the site as a grid of another stage"
         shape = shape_of(node)
-        if info is None and shape and len(shape) > 1 and not isinstance(shape[0], int) and length in shape[1:] \
-                and node.op == "call_function":
+        if info is None and shape and len(shape) > 1 and not isinstance(shape[0], int) and node.op == "call_function" \
+                and _holds_tokens(shape, length):
             return f"{node.name} has {length} rows but its token axis could not be followed"
     return None
+
+
+def _holds_tokens(shape, length: int) -> bool:
+    """A dim of `length`, or two adjacent static dims whose product is `length` (an untracked grid)."""
+    if length in shape[1:]:
+        return True
+    return any(isinstance(a, int) and isinstance(b, int) and a * b == length and a > 1 and b > 1
+               for a, b in zip(shape[1:], shape[2:]))
 
 
 __all__ = ["analyse", "GraphAnalysis", "Block", "NotUnderstood", "Readout", "TokenFlow", "META_KEY"]

@@ -2,9 +2,10 @@
 
 The FLOPs model is the dense graph's own per-node FLOPs (torch.utils.flop_counter, our op formulas,
 MACs as DESIGN.md says) with every token-carrying node downstream of a site scaled by K/L: exact for
-token-wise layers, the scan and the token conv1d; grid ops (depthwise conv2d) run densely on the
-scattered grid and are not scaled. Default sites are evenly spaced like ToP's (after blocks 5, 10,
-15 of 24); one keep rate for all sites is solved so that the reduction is closest to `ratio`.
+token-wise layers (a per-token op on a pruned grid included), the scan and the token conv1d; a
+conv2d that looks at neighbours runs densely on the scattered grid and is not scaled. Default sites
+are evenly spaced like ToP's (after blocks 5, 10, 15 of 24); one keep rate for all sites is solved
+so that the reduction is closest to `ratio`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.fx as fx
 
 from ..passes.annotate_flops import FLOPS_KEY
 from ..errors import UnreachableRatioError
-from .token_flow import BatchTok, PaddedTok, Tok, info_of
+from .token_flow import BatchTok, Grid, MultiTok, PaddedTok, Tok, info_of, op_name
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
 TOP_KEEP = 0.8
@@ -46,10 +47,17 @@ def estimate(analysis, flops: dict, kept: dict) -> float:
         if not f:
             continue
         region = sum(1 for cut in cuts if node not in cut)
-        if region and isinstance(info_of(node), (Tok, BatchTok, PaddedTok)):
+        if region and _scales_with_tokens(node):
             f *= kept[keys[region - 1]] / analysis.site_length(keys[region - 1])
         total += f
     return total
+
+
+def _scales_with_tokens(node: fx.Node) -> bool:
+    info = info_of(node)
+    if isinstance(info, Grid) and op_name(node) == "aten::conv2d":
+        return tuple(node.args[1].meta["val"].shape[-2:]) == (1, 1)
+    return isinstance(info, (Tok, BatchTok, PaddedTok, Grid, MultiTok))
 
 
 def kept_counts(analysis, keeps: dict) -> dict:

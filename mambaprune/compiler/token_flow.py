@@ -6,8 +6,14 @@ tokens, or that it does something to the token axis the compiler does not unders
 stored in `node.meta["mambaprune.tokens"]`; the passes rewrite nodes according to them.
 
 Seeds: the first tensors (in topological order) with exactly one dimension whose size is the token
-count of a selective scan, batch first. The token axis then flows through view/permute/pointwise
-rules; anything else that touches it becomes `Unknown(reason)`.
+count of a selective scan, batch first, or a 4-D map with exactly one pair of adjacent dims whose
+product is a token count (a (B, C, H, W) or (B, H, W, C) grid). The token axis then flows through
+view/permute/pointwise rules; anything else that touches it becomes `Unknown(reason)`.
+
+Directions folded into one tensor (VMamba's cross-scan: a stack/cat of the tokens in row-major,
+column-major and reversed orders, scanned by ONE call with grouped B/C) are `MultiTok`: equal parts
+along a group axis, each in its own layout. Every rule that would mix the parts (a reduction, norm
+or projection over the group axis, a conv along the tokens) refuses.
 """
 from __future__ import annotations
 
@@ -59,6 +65,25 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class MultiTok:
+    """Token axis `dim`; along `gdim` the tensor holds len(layouts) equal parts, part g in layouts[g].
+
+    Built only through `multi()`: a MultiTok always has at least two distinct layouts.
+    """
+    dim: int
+    gdim: int
+    layouts: tuple
+
+
+def multi(dim: int, gdim: int, layouts) -> Union["Tok", MultiTok]:
+    """A tensor whose parts are all in one layout is simply in that layout."""
+    layouts = tuple(layouts)
+    if all(layout == layouts[0] for layout in layouts):
+        return Tok(dim, layouts[0])
+    return MultiTok(dim, gdim, layouts)
+
+
+@dataclass(frozen=True)
 class Unknown:
     """The node does something to the token axis that the compiler cannot rewrite."""
     reason: str
@@ -71,7 +96,7 @@ class Readout:
     position: Optional[int] = None  # original position read, for "select"
 
 
-Info = Union[Tok, BatchTok, PaddedTok, Grid, Unknown, Readout, tuple, None]
+Info = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok, Unknown, Readout, tuple, None]
 
 def scan_op():
     return torch.ops.mambaprune.selective_scan.default
@@ -135,7 +160,7 @@ def info_of(node) -> Info:
 
 
 def is_token_info(info) -> bool:
-    return isinstance(info, (Tok, BatchTok, PaddedTok, Grid))
+    return isinstance(info, (Tok, BatchTok, PaddedTok, Grid, MultiTok))
 
 
 _PRIMES = (1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049)
@@ -221,7 +246,11 @@ class TokenFlow:
         if shape is None or len(shape) < 2 or is_static(shape[0]) or node not in self.input_dependent:
             return None
         dims = self.flattened_grid_dim(node, shape)
-        if not dims and len(shape) == 3:  # (B, L, D) or (B, D, L); image-like (B, C, H, W) never seeds
+        if dims and self.flattens_transposed_grid(node, shape):
+            return Unknown("a flatten of a transposed (B, C, H, W)-like map whose token order could not be traced")
+        if not dims and len(shape) == 4:
+            return self.grid_seed(shape)
+        if not dims and len(shape) == 3:  # (B, L, D) or (B, D, L)
             dims = [d for d in (1, 2) if is_static(shape[d]) and shape[d] in self.token_lengths]
         if len(dims) != 1:
             return None
@@ -229,12 +258,42 @@ class TokenFlow:
             self.note_class_tokens(node, dims[0])
         return Tok(dims[0], Layout.identity(shape[dims[0]]))
 
+    def grid_seed(self, shape) -> Optional[Grid]:
+        """A (B, C, H, W) or (B, H, W, C) map: exactly one pair of adjacent dims multiplies to a token count."""
+        pairs = [(d, d + 1) for d in (1, 2) if is_static(shape[d]) and is_static(shape[d + 1])
+                 and shape[d] * shape[d + 1] in self.token_lengths]
+        if len(pairs) != 1:
+            return None
+        h, w = pairs[0]
+        return Grid(h, w, Layout.identity(shape[h] * shape[w]), shape[h], shape[w])
+
     def flattened_grid_dim(self, node: fx.Node, shape) -> list:
         """When a width equals the token count, the token axis is the one a flatten of the grid made."""
         if op_name(node) not in _VIEW_OPS or not isinstance(node.args[0], fx.Node):
             return []
         groups = view_groups(shape_of(node.args[0]), shape) or []
         return [go[0] for gi, go in groups if len(gi) == 2 and len(go) == 1 and shape[go[0]] in self.token_lengths]
+
+    def flattens_transposed_grid(self, node: fx.Node, shape) -> bool:
+        """An untracked map whose two flattened dims were swapped by a permute/transpose before the flatten.
+
+        Seeding it as row-major would be wrong (it is the column-major order of the map it came from).
+        """
+        groups = view_groups(shape_of(node.args[0]), shape) or []
+        flattened = next(gi for gi, go in groups if len(gi) == 2 and len(go) == 1 and shape[go[0]] in self.token_lengths)
+        source = node.args[0]
+        while isinstance(source, fx.Node) and op_name(source) in _IDENTITY_OPS:
+            source = source.args[0]
+        if not isinstance(source, fx.Node) or op_name(source) not in ("aten::permute", "aten::transpose"):
+            return False
+        ndim = len(shape_of(source))
+        if op_name(source) == "aten::permute":
+            perm = [norm_dim(d, ndim) for d in source.args[1]]
+        else:
+            perm = list(range(ndim))
+            a, b = norm_dim(source.args[1], ndim), norm_dim(source.args[2], ndim)
+            perm[a], perm[b] = perm[b], perm[a]
+        return perm[flattened[0]] > perm[flattened[1]]
 
     def note_class_tokens(self, cat: fx.Node, dim: int) -> None:
         """Slots of a concatenation that come from parameters, not from the image, are class tokens."""
@@ -282,7 +341,7 @@ class TokenFlow:
             i = info_of(a)
             if i is None:
                 continue
-            if not isinstance(i, (Tok, BatchTok, Grid)):
+            if not isinstance(i, (Tok, BatchTok, Grid, MultiTok)):
                 raise _NotUnderstood(f"{op_name(node)} mixes a token tensor with {type(i).__name__}")
             shift = len(out_shape) - len(shape_of(a))
             found.append(_shift(i, shift))
@@ -292,20 +351,27 @@ class TokenFlow:
         return first
 
     def scan_rule(self, node: fx.Node) -> Info:
+        """Every input in one order, or (grouped B/C) channel group g of every input in layouts[g]."""
         u, delta, _a, b, c = node.args[:5]
         z = _arg(node, 6, "z")
-        layouts = set()
+        per_group = []
         for name, t in (("u", u), ("delta", delta), ("B", b), ("C", c), ("z", z)):
             if t is None:
                 continue
             i = info_of(t)
             ndim = len(shape_of(t))
-            if not isinstance(i, Tok) or i.dim != ndim - 1:
+            if not isinstance(i, (Tok, MultiTok)) or i.dim != ndim - 1:
                 raise _NotUnderstood(f"selective scan input {name} does not carry the tokens on its last axis")
-            layouts.add(i.layout)
-        if len(layouts) != 1:
-            raise _NotUnderstood("selective scan inputs are in different token orders")
-        return Tok(2, layouts.pop())
+            if isinstance(i, MultiTok) and (i.gdim != 1 or name in ("B", "C") and ndim != 4):
+                raise _NotUnderstood(f"selective scan input {name} holds token orders along an axis that is not "
+                                     "its channel / group axis")
+            per_group.append(i.layouts if isinstance(i, MultiTok) else (i.layout,))
+        count = int(np.lcm.reduce([len(p) for p in per_group]))
+        expanded = {tuple(layout for layout in p for _ in range(count // len(p))) for p in per_group}
+        if len(expanded) != 1:
+            raise _NotUnderstood("selective scan inputs are in different token orders (the channel groups of u, "
+                                 "delta and z do not match the groups of B/C in order)")
+        return multi(2, 1, expanded.pop())
 
     def view_rule(self, node: fx.Node, xi: Info) -> Info:
         in_shape, out_shape = shape_of(node.args[0]), shape_of(node)
@@ -324,6 +390,8 @@ class TokenFlow:
                 if _is_batch_then_token(gi, xi.dim, in_shape) and len(go) == 1:
                     return BatchTok(go[0], xi.layout)
                 raise _NotUnderstood(f"{op_name(node)} merges the token axis with other dims {in_shape} -> {out_shape}")
+        if isinstance(xi, MultiTok):
+            return _view_parts(xi, groups, in_shape, out_shape, op_name(node))
         if isinstance(xi, BatchTok):
             for gi, go in groups:
                 if xi.dim not in gi:
@@ -378,7 +446,10 @@ class TokenFlow:
         return _permute(xi, [int(p) for p in perm])
 
     def rule_linear(self, node, xi):
-        if isinstance(xi, (Tok, BatchTok)) and xi.dim != len(shape_of(node.args[0])) - 1:
+        last = len(shape_of(node.args[0])) - 1
+        if isinstance(xi, MultiTok) and xi.gdim == last:
+            raise _NotUnderstood("a linear layer mixes directions folded into one tensor (parts in different orders)")
+        if isinstance(xi, (Tok, BatchTok, MultiTok)) and xi.dim != last:
             return xi
         raise _NotUnderstood("a linear layer mixes the token axis")
 
@@ -386,6 +457,9 @@ class TokenFlow:
         a, b = node.args[0], node.args[1]
         ai, bi = info_of(a), info_of(b)
         out_nd = len(shape_of(node))
+        if isinstance(ai, MultiTok) or isinstance(bi, MultiTok):
+            raise _NotUnderstood("a matmul on directions folded into one tensor (only einsum and linear layers "
+                                 "that keep the direction axis are understood)")
         if isinstance(ai, (Tok, BatchTok)) and bi is None and ai.dim != len(shape_of(a)) - 1:
             return _shift(ai, out_nd - len(shape_of(a)))
         if isinstance(bi, (Tok, BatchTok)) and ai is None and bi.dim == len(shape_of(b)) - 1:
@@ -395,7 +469,34 @@ class TokenFlow:
     rule_bmm = rule_matmul
     rule_mm = rule_matmul
 
+    def rule_einsum(self, node, xi):
+        """The token letter (and a direction letter) pass through to the output; nothing sums over them."""
+        equation, operands = node.args[0], list(node.args[1])
+        if "->" not in equation or "." in equation:
+            raise _NotUnderstood("an einsum without an explicit output (or with '...') on the token axis")
+        lhs, output = equation.replace(" ", "").split("->")
+        inputs = lhs.split(",")
+        carriers = [k for k, op in enumerate(operands) if info_of(op) is not None]
+        if len(carriers) != 1 or any(len(set(t)) != len(t) for t in inputs + [output]):
+            raise _NotUnderstood("an einsum of two token tensors (or with a repeated index) mixes the token axis")
+        k = carriers[0]
+        info, letters = info_of(operands[k]), inputs[k]
+        if not isinstance(info, (Tok, MultiTok)):
+            raise _NotUnderstood(f"an einsum on a {type(info).__name__}")
+        token = letters[info.dim]
+        others = "".join(t for j, t in enumerate(inputs) if j != k)
+        if token not in output or token in others or output[0] != letters[0]:
+            raise _NotUnderstood("an einsum contracts or mixes the token axis")
+        if isinstance(info, Tok):
+            return Tok(output.index(token), info.layout)
+        group = letters[info.gdim]
+        if group not in output:
+            raise _NotUnderstood("an einsum sums over directions folded into one tensor (parts in different orders)")
+        return multi(output.index(token), output.index(group), info.layouts)
+
     def rule_conv1d(self, node, xi):
+        if isinstance(xi, MultiTok):
+            raise _NotUnderstood("conv1d along directions folded into one tensor (parts in different orders)")
         if not isinstance(xi, Tok) or xi.dim != len(shape_of(node.args[0])) - 1:
             raise _NotUnderstood("conv1d over a non-token axis of a token tensor")
         stride, padding, dilation = (_arg(node, i, k, d) for i, k, d in
@@ -426,6 +527,10 @@ class TokenFlow:
         token_dim = getattr(xi, "dim", None) if not isinstance(xi, Grid) else None
         if isinstance(xi, Grid) and dim in (xi.hdim, xi.wdim):
             raise _NotUnderstood("slice of the token grid")
+        if isinstance(xi, MultiTok) and dim == xi.gdim:
+            if step != 1 or not is_static(start) or not is_static(end):
+                raise _NotUnderstood("strided or symbolic slice of directions folded into one tensor")
+            return _part_range(xi, start, end, size)
         if dim != token_dim:
             return xi
         if step != 1 or not is_static(start) or not is_static(end):
@@ -446,6 +551,13 @@ class TokenFlow:
             if xi.hdim in dims or xi.wdim in dims:
                 raise _NotUnderstood("flip of the token grid")
             return xi
+        if isinstance(xi, MultiTok):
+            layouts = xi.layouts[::-1] if xi.gdim in dims else xi.layouts
+            if xi.dim in dims:
+                layouts = tuple(layout.reversed() for layout in layouts)
+            return multi(xi.dim, xi.gdim, layouts)
+        if xi.dim in dims and not isinstance(xi, Tok):
+            raise _NotUnderstood(f"flip of the token axis of a {type(xi).__name__}")
         return Tok(xi.dim, xi.layout.reversed()) if xi.dim in dims else xi
 
     def rule_index(self, node, xi):
@@ -460,6 +572,10 @@ class TokenFlow:
 
     def rule_index_select(self, node, xi):
         dim = norm_dim(node.args[1], len(shape_of(node)))
+        if isinstance(xi, MultiTok):
+            if dim in (xi.dim, xi.gdim):
+                raise _NotUnderstood("index_select of the token or direction axis of directions folded into one tensor")
+            return xi
         if not isinstance(xi, Tok) or dim != xi.dim:
             return xi if isinstance(xi, Tok) else self._raise("index_select on the token grid")
         perm = self.constant_value(node.args[2])
@@ -468,6 +584,8 @@ class TokenFlow:
     def rule_select(self, node, xi):
         ndim = len(shape_of(node.args[0]))
         dim = norm_dim(node.args[1], ndim)
+        if isinstance(xi, MultiTok):
+            return _select_part(xi, dim, node.args[2], shape_of(node.args[0])[dim])
         if isinstance(xi, Tok) and dim == xi.dim:
             index = node.args[2]
             if not is_static(index):
@@ -486,6 +604,8 @@ class TokenFlow:
         dims = list(range(ndim)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
         dims = [norm_dim(d, ndim) for d in dims]
         token_dims = _token_dims(xi)
+        if isinstance(xi, MultiTok) and xi.gdim in dims and xi.dim not in dims:
+            raise _NotUnderstood(f"{op_name(node)} over directions folded into one tensor (parts in different orders)")
         if any(d in dims for d in token_dims):
             if isinstance(xi, (BatchTok, PaddedTok)):
                 raise _NotUnderstood(f"{op_name(node)} over flattened batch x tokens")
@@ -506,6 +626,8 @@ class TokenFlow:
         token_dims = _token_dims(xi)
         if any(d >= ndim - normalized for d in token_dims):
             raise _NotUnderstood(f"{op_name(node)} normalises over the token axis")
+        if isinstance(xi, MultiTok) and xi.gdim >= ndim - normalized:
+            raise _NotUnderstood(f"{op_name(node)} normalises over directions folded into one tensor")
         return xi
 
     def channel_rule(self, node, xi):
@@ -538,35 +660,46 @@ class TokenFlow:
 
     def rule_unbind(self, node, xi):
         dim = norm_dim(_arg(node, 1, "dim", 0), len(shape_of(node.args[0])))
-        if isinstance(xi, Tok) and dim == xi.dim:
+        if dim in _token_dims(xi):
             raise _NotUnderstood("unbind of the token axis")
+        size = shape_of(node.args[0])[dim]
+        if isinstance(xi, MultiTok):
+            return tuple(_select_part(xi, dim, i, size) for i in range(size))
         return tuple(_drop_dim(xi, dim) for _ in node.meta["val"])
 
     def _split_like(self, node, xi, dim, count):
         dim = norm_dim(dim, len(shape_of(node.args[0])))
         if dim in _token_dims(xi):
             raise _NotUnderstood(f"{op_name(node)} of the token axis")
+        if isinstance(xi, MultiTok) and dim == xi.gdim:
+            size, start, out = shape_of(node.args[0])[dim], 0, []
+            for value in node.meta["val"]:
+                out.append(_part_range(xi, start, start + value.shape[dim], size))
+                start += value.shape[dim]
+            return tuple(out)
         return tuple(xi for _ in range(count))
 
     def rule_cat(self, node, xi):
         parts = node.args[0]
         dim = norm_dim(_arg(node, 1, "dim", 0), len(shape_of(node)))
         infos = [info_of(p) for p in parts]
-        tok = [i for i in infos if i is not None]
-        if any(i != tok[0] for i in tok) or len(tok) != len(parts):
-            raise _NotUnderstood("concatenation of token tensors in different orders (or with non-token tensors)")
-        if isinstance(tok[0], Tok) and dim == tok[0].dim:
+        if any(i is None for i in infos):
+            raise _NotUnderstood("concatenation of token tensors with non-token tensors")
+        if any(dim in _token_dims(i) for i in infos):
             raise _NotUnderstood("concatenation along the token axis")
-        return tok[0]
+        if all(i == infos[0] for i in infos) and not isinstance(infos[0], MultiTok):
+            return infos[0]
+        return _concat_parts(parts, infos, dim)
 
     def rule_stack(self, node, xi):
+        """Token tensors stacked along a new axis: one part per tensor (directions folded into one tensor)."""
         parts = node.args[0]
         dim = norm_dim(_arg(node, 1, "dim", 0), len(shape_of(node)))
         infos = [info_of(p) for p in parts]
-        if any(i != infos[0] for i in infos) or not isinstance(infos[0], Tok):
-            raise _NotUnderstood("stack of token tensors in different orders (directions folded into one tensor)")
+        if dim == 0 or not all(isinstance(i, Tok) and i.dim == infos[0].dim for i in infos):
+            raise _NotUnderstood("stack of tensors that are not token tensors with one token axis (or along the batch)")
         i0 = infos[0]
-        return Tok(i0.dim + (1 if dim <= i0.dim else 0), i0.layout)
+        return multi(i0.dim + (1 if dim <= i0.dim else 0), dim, [i.layout for i in infos])
 
     def rule_scaled_dot_product_attention(self, node, xi):
         q, k, v = node.args[:3]
@@ -579,8 +712,10 @@ class TokenFlow:
 
     def rule_softmax(self, node, xi):
         dim = norm_dim(node.args[1], len(shape_of(node)))
-        if isinstance(xi, Tok) and dim == xi.dim:
+        if dim in _token_dims(xi):
             raise _NotUnderstood("softmax over the token axis")
+        if isinstance(xi, MultiTok) and dim == xi.gdim:
+            raise _NotUnderstood("softmax over directions folded into one tensor")
         return xi
 
     rule__softmax = rule_softmax
@@ -619,6 +754,8 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 def _shift(info, shift: int):
     if shift == 0 or info is None:
         return info
+    if isinstance(info, MultiTok):
+        return MultiTok(info.dim + shift, info.gdim + shift, info.layouts)
     if isinstance(info, (Tok, BatchTok)):
         return type(info)(info.dim + shift, info.layout)
     if isinstance(info, Grid):
@@ -630,6 +767,8 @@ def _permute(info, perm: list):
     if info is None:
         return None
     where = {old: new for new, old in enumerate(perm)}
+    if isinstance(info, MultiTok):
+        return MultiTok(where[info.dim], where[info.gdim], info.layouts)
     if isinstance(info, (Tok, BatchTok, PaddedTok)):
         if isinstance(info, PaddedTok):
             raise _NotUnderstood("permute of a padded conv1d output")
@@ -648,12 +787,91 @@ def _is_batch_then_token(group: list, token_dim: int, shape) -> bool:
 
 
 def _drop_dim(info, dim: int):
+    if isinstance(info, MultiTok):
+        if dim == info.gdim:
+            raise _NotUnderstood("drops the axis that holds directions folded into one tensor")
+        return MultiTok(info.dim - (dim < info.dim), info.gdim - (dim < info.gdim), info.layouts)
     if isinstance(info, Tok):
         return Tok(info.dim - (1 if dim < info.dim else 0), info.layout)
     if isinstance(info, Grid):
         return Grid(info.hdim - (dim < info.hdim), info.wdim - (dim < info.wdim), info.layout,
                     info.height, info.width)
     return info
+
+
+def _part_size(info: MultiTok, size) -> int:
+    if not is_static(size) or size % len(info.layouts):
+        raise _NotUnderstood("directions folded into one tensor along an axis that does not split into equal parts")
+    return size // len(info.layouts)
+
+
+def _part_range(info: MultiTok, start: int, end: int, size) -> Info:
+    """Slots [start, end) of the direction axis: whole parts only."""
+    part = _part_size(info, size)
+    if start % part or end % part:
+        raise _NotUnderstood("a slice that cuts through a direction of directions folded into one tensor")
+    return multi(info.dim, info.gdim, info.layouts[start // part:end // part])
+
+
+def _select_part(info: MultiTok, dim: int, index, size) -> Info:
+    """x.select(dim, index): one slot of the direction axis is a tensor in that part's layout."""
+    if dim == info.dim:
+        raise _NotUnderstood("select of a token of directions folded into one tensor")
+    if dim != info.gdim:
+        return _drop_dim(info, dim)
+    if not is_static(index):
+        raise _NotUnderstood("select of a symbolic direction")
+    index = index + size if index < 0 else index
+    return Tok(info.dim - (dim < info.dim), info.layouts[index // _part_size(info, size)])
+
+
+def _concat_parts(parts: list, infos: list, dim: int) -> Info:
+    """Token tensors in different orders side by side along `dim`: the parts of a MultiTok."""
+    layouts, sizes = [], set()
+    for part, info in zip(parts, infos):
+        if isinstance(info, Tok):
+            own = (info.layout,)
+        elif isinstance(info, MultiTok) and info.gdim == dim:
+            own = info.layouts
+        else:
+            raise _NotUnderstood("concatenation of token tensors in different orders (or with non-token tensors)")
+        if info.dim != infos[0].dim or dim == 0:
+            raise _NotUnderstood("concatenation of token tensors in different orders along different axes")
+        sizes.add(_part_size(MultiTok(info.dim, dim, own), shape_of(part)[dim]))
+        layouts.extend(own)
+    if len(sizes) != 1:
+        raise _NotUnderstood("concatenation of directions of unequal sizes")
+    return multi(infos[0].dim, dim, layouts)
+
+
+def _view_parts(info: MultiTok, groups: list, in_shape, out_shape, name: str) -> Info:
+    """A view keeps the token axis alone and the direction axis as the major dim of its group."""
+    new_dim = new_gdim = None
+    for gi, go in groups:
+        if info.dim in gi:
+            if gi != [info.dim] or len(go) != 1:
+                raise _NotUnderstood(f"{name} reshapes the token axis of directions folded into one tensor")
+            new_dim = go[0]
+        if info.gdim in gi:
+            new_gdim = _parts_after_view(info, gi, go, in_shape, out_shape, name)
+    return multi(new_dim, new_gdim, info.layouts)
+
+
+def _parts_after_view(info: MultiTok, gi: list, go: list, in_shape, out_shape, name: str) -> int:
+    """The output dim that the parts run along; each part must stay a block of whole slices of it."""
+    sizes_in, sizes_out = [in_shape[d] for d in gi], [out_shape[d] for d in go]
+    if gi[0] != info.gdim or not all(is_static(x) for x in sizes_in + sizes_out):
+        raise _NotUnderstood(f"{name} interleaves directions folded into one tensor with another axis "
+                             f"{tuple(in_shape)} -> {tuple(out_shape)}")
+    block = int(np.prod(sizes_in)) // len(info.layouts)   # elements of one part in the flattened group
+    for j in range(len(go)):
+        if int(np.prod(sizes_out[:j])) != 1:
+            break
+        inner = int(np.prod(sizes_out[j + 1:]))
+        if block % inner == 0 and sizes_out[j] == len(info.layouts) * (block // inner):
+            return go[j]
+    raise _NotUnderstood(f"{name} splits directions folded into one tensor across axes "
+                         f"{tuple(in_shape)} -> {tuple(out_shape)}")
 
 
 def _constant_tensor(gm: fx.GraphModule, node, _depth: int = 0) -> Optional[torch.Tensor]:

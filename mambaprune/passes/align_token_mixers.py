@@ -5,19 +5,24 @@ definition (DESIGN.md) with `vpos` as the tokens' claimed positions:
 - depthwise conv1d along the tokens -> `pos_conv1d` over the path ranks (a pruned neighbour adds 0);
 - a constant token permutation (zig-zag, cross-scan order or its inverse) -> a per-sample reorder of
   the kept tokens into the ORIGINAL path restricted to them;
-- a reshape to the H x W grid -> scatter to the grid (zeros at pruned cells) and, when the grid is
-  flattened again, gather back: every grid op (depthwise conv2d, BN, activations) runs unchanged;
+- a pruned H x W grid is a K x 1 column of its kept cells (gather_streams, resize_token_shapes), so
+  per-token grid ops run unchanged; a conv2d that looks at neighbours scatters the column to a zero
+  grid, runs unchanged and gathers the kept cells back; a grid read in another order (flattened
+  after a transpose: a column-major direction) is reordered into the ORIGINAL path of that order
+  restricted to the kept tokens;
 - `decay`: every selective scan gets `gap` = path steps between consecutive kept tokens.
-Flips need no rewrite: a flipped pruned tensor is already the reversed path restricted to the kept.
+Flips need no rewrite: a flipped pruned tensor is already the reversed path restricted to the kept;
+neither do directions folded into one tensor (MultiTok): each part is already in its own order.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
-from ..compiler.token_flow import Grid, Tok, info_of, is_scan, op_name
-from ..runtime import pos_conv1d, scatter_tokens
+from ..compiler.token_flow import Grid, MultiTok, Tok, info_of, is_scan, op_name
+from ..errors import UnsupportedModelError
+from ..runtime import pos_conv1d
 from ..runtime import token_index as ti
-from .token_state import Pruned, PruneContext, Scattered
+from .token_state import Pruned, PruneContext
 
 
 def align_node(ctx: PruneContext, old: fx.Node, args: tuple, kwargs: dict, site: int):
@@ -29,26 +34,31 @@ def align_node(ctx: PruneContext, old: fx.Node, args: tuple, kwargs: dict, site:
         return _conv1d(ctx, old, args, site, pruned_input)
     if "mambaprune.permutation" in old.meta and pruned_input:
         return _permute_tokens(ctx, old, args, site, pruned_input)
-    if isinstance(info_of(old), Grid) and pruned_input:
-        return _enter_grid(ctx, old, args, kwargs, site, pruned_input)
-    if isinstance(info_of(old), Tok) and any(isinstance(ctx.state.get(a), Scattered) for a in _nodes(args)):
-        return _leave_grid(ctx, old, args, kwargs, site)
+    if op_name(old) == "aten::conv2d" and pruned_input and isinstance(pruned_input.tok, Grid) \
+            and _looks_at_neighbours(old):
+        return _conv2d(ctx, old, args, kwargs, site, pruned_input.tok)
     if is_scan(old) and ctx.alignment == "decay":
         return _scan_with_gaps(ctx, old, args, kwargs, site)
     return None
 
 
+def leave_grid(ctx: PruneContext, old: fx.Node, node: fx.Node, site: int) -> fx.Node:
+    """A pruned grid flattened in another order than its own: reorder the kept tokens into it."""
+    out = info_of(old)
+    source = _pruned(ctx, node.args[0]) if node.args else None
+    if not isinstance(out, Tok) or source is None or not isinstance(source.tok, Grid) \
+            or source.tok.layout == out.layout:
+        return node
+    ctx.state[node] = Pruned(site, Tok(out.dim, source.tok.layout))
+    index = ctx.reorder_index(site, source.tok.layout, out.layout)
+    reordered = ctx.call(ti.gather_tokens, node, index, out.dim)
+    ctx.state[reordered] = Pruned(site, out)
+    return reordered
+
+
 def _pruned(ctx: PruneContext, value):
     state = ctx.state.get(value) if isinstance(value, fx.Node) else None
     return state if isinstance(state, Pruned) else None
-
-
-def _nodes(args):
-    for a in args:
-        if isinstance(a, fx.Node):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (x for x in a if isinstance(x, fx.Node))
 
 
 def _conv1d(ctx, old, args, site, state):
@@ -67,24 +77,29 @@ def _permute_tokens(ctx, old, args, site, state):
     return node
 
 
-def _enter_grid(ctx, old, args, kwargs, site, state):
-    tok = state.tok
-    dense = ctx.call(scatter_tokens, args[0], ctx.ranks(site, tok.layout), tok.layout.length, tok.dim)
-    node = ctx.graph.call_function(old.target, (dense,) + tuple(args[1:]), kwargs)
-    ctx.state[node] = Scattered(site)
-    return node
+def _looks_at_neighbours(conv: fx.Node) -> bool:
+    """Anything but a 1x1 kernel without padding (a per-token linear layer written as a conv2d)."""
+    kernel = tuple(conv.args[1].meta["val"].shape[-2:])
+    padding = conv.args[4] if len(conv.args) > 4 else conv.kwargs.get("padding", [0, 0])
+    return kernel != (1, 1) or any(p != 0 for p in ([padding] * 2 if isinstance(padding, int) else padding))
 
 
-def _leave_grid(ctx, old, args, kwargs, site):
-    dense = ctx.graph.call_function(old.target, args, kwargs)
-    tok = info_of(old)
-    node = ctx.call(ti.gather_tokens, dense, ctx.ranks(site, tok.layout), tok.dim)
-    ctx.state[node] = Pruned(site, tok)
+def _conv2d(ctx, old, args, kwargs, site, grid: Grid):
+    """Scatter the kept cells to a zero grid, convolve as the model does, gather the kept cells back."""
+    ranks = ctx.ranks(site, grid.layout)
+    dense = ctx.call(ti.scatter_grid, args[0], ranks, grid.height, grid.width, grid.hdim, grid.wdim)
+    conv = ctx.graph.call_function(old.target, (dense,) + tuple(args[1:]), kwargs)
+    node = ctx.call(ti.gather_grid, conv, ranks, grid.hdim, grid.wdim)
+    ctx.state[node] = Pruned(site, info_of(old))
     return node
 
 
 def _scan_with_gaps(ctx, old, args, kwargs, site):
     tok = info_of(old)
+    if isinstance(tok, MultiTok):
+        raise UnsupportedModelError(
+            f"alignment='decay' is not possible for {old.name}: it scans directions in different token orders in "
+            "ONE call (grouped B/C), and the scan's `gap` is shared by all channels. Use alignment='hold'.")
     gap = ctx.call(ti.path_gaps, ctx.ranks(site, tok.layout))
     kwargs = dict(kwargs)
     args = list(args)

@@ -19,14 +19,14 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..compiler.token_flow import BatchTok, Grid, Tok, info_of
-from .align_token_mixers import align_node
-from .gather_streams import cut_constant, cut_to_site
+from ..compiler.token_flow import BatchTok, Grid, MultiTok, Tok, info_of
+from .align_token_mixers import align_node, leave_grid
+from .gather_streams import cut_constant, cut_grid_constant, cut_to_site
 from .remap_readout import remap_select, restore_output
 from .resize_token_shapes import resize_shape_args
 from .score_tokens import emit_scores
 from .select_tokens import emit_selection
-from .token_state import Pruned, PruneContext, Scattered
+from .token_state import Pruned, PruneContext
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,14 @@ def emit_site(ctx: PruneContext, analysis, site: SiteSpec, env: dict, metric) ->
 
 def emit_pruned(ctx: PruneContext, old: fx.Node, env: dict, site: int) -> fx.Node:
     out = info_of(old)
-    meets_tokens = isinstance(out, Tok) and _is_pointwise(old)
+    meets_tokens = isinstance(out, (Tok, Grid)) and _is_pointwise(old)
     rank = len(old.meta["val"].shape) if meets_tokens else 0
+    cut = cut_constant if isinstance(out, Tok) else cut_grid_constant
 
     def operand(n: fx.Node) -> fx.Node:
         value = cut_to_site(ctx, n, env[n], site)
         if meets_tokens and info_of(n) is None:
-            value = cut_constant(ctx, n, value, out, rank, site)
+            value = cut(ctx, n, value, out, rank, site)
         return value
 
     args = fx.node.map_arg(old.args, operand)
@@ -104,6 +105,7 @@ def emit_pruned(ctx: PruneContext, old: fx.Node, env: dict, site: int) -> fx.Nod
         args = resize_shape_args(ctx, old, args, site)
         node = ctx.graph.create_node(old.op, old.target, args, kwargs, name=old.name)
         mark_state(ctx, old, node, site)
+        node = leave_grid(ctx, old, node, site)
     node.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace")})
     return node
 
@@ -112,10 +114,8 @@ def mark_state(ctx: PruneContext, old: fx.Node, node: fx.Node, site: int) -> Non
     states = [ctx.state.get(a) for a in node.all_input_nodes]
     out = info_of(old)
     pruned = [s for s in states if isinstance(s, Pruned)]
-    if pruned and isinstance(out, (Tok, BatchTok, tuple)):
+    if pruned and isinstance(out, (Tok, BatchTok, Grid, MultiTok, tuple)):
         ctx.state[node] = Pruned(max(s.site for s in pruned), None if isinstance(out, tuple) else out)
-    elif any(isinstance(s, Scattered) for s in states) and isinstance(out, (Grid, tuple)):
-        ctx.state[node] = Scattered(site)
 
 
 def _is_pointwise(node: fx.Node) -> bool:

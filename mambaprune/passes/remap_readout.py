@@ -3,13 +3,15 @@
 Invariant: `x[:, i]` on a pruned tensor reads, per sample, the slot that now holds the token the
 dense graph read at i (a protected token, so always kept). Pooling over the tokens needs no rewrite:
 it pools the kept tokens. A graph output that still carries tokens is scattered back to L slots
-(zeros at pruned positions) so that the model keeps its output shapes.
+(zeros at pruned positions) so that the model keeps its output shapes; a grid output is scattered
+back to its H x W cells.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
-from ..compiler.token_flow import Readout, info_of, op_name
+from ..compiler.token_flow import Grid, MultiTok, Readout, info_of, op_name
+from ..errors import UnsupportedModelError
 from ..runtime import scatter_tokens
 from ..runtime import token_index as ti
 from .token_state import Pruned, PruneContext
@@ -34,4 +36,9 @@ def restore_output(ctx: PruneContext, value):
     if not isinstance(state, Pruned):
         return value
     tok = state.tok
-    return ctx.call(scatter_tokens, value, ctx.dense_index(state.site, tok.layout), tok.layout.length, tok.dim)
+    if isinstance(tok, MultiTok) or tok is None:
+        raise UnsupportedModelError(f"the model output {value.name} holds directions in different token orders")
+    index = ctx.dense_index(state.site, tok.layout)
+    if isinstance(tok, Grid):
+        return ctx.call(ti.scatter_grid, value, index, tok.height, tok.width, tok.hdim, tok.wdim)
+    return ctx.call(scatter_tokens, value, index, tok.layout.length, tok.dim)

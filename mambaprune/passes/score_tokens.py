@@ -4,14 +4,15 @@ Invariant: emits nodes only; the graph computes the same outputs as before. The 
 reads the block's SSM output `y` (after the gate, every direction merged back to token order) with
 the chosen metric (DESIGN.md): clip, l1, l2, raw, random, or `delta` (mean of the softplus'd step
 size over channels, over every scan of the block), or a user callable (y, token_dim) -> (B, L). Scores of a tensor in another layout are moved
-back to identity slots.
+back to identity slots; a scan that folds several directions into one call (MultiTok) is scored per
+direction, each moved back from its own order.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..compiler.token_flow import info_of
+from ..compiler.token_flow import MultiTok, info_of
 from ..runtime import token_index as ti
 from .token_state import Pruned, PruneContext
 
@@ -36,9 +37,12 @@ def _delta_scores(ctx: PruneContext, block, env: dict) -> fx.Node:
             delta = ctx.call(_add_channel_bias, delta, env[bias])
         if softplus:
             delta = ctx.call(F.softplus, delta)
-        scores = ctx.call(ti.token_scores, delta, 2, "delta")
-        scores = _to_identity(ctx, scores, env[scan.args[1]], info_of(scan.args[1]).layout)
-        total = scores if total is None else ctx.call(_add, total, scores)
+        info = info_of(scan.args[1])
+        layouts = info.layouts if isinstance(info, MultiTok) else (info.layout,)
+        for g, layout in enumerate(layouts):
+            part = delta if len(layouts) == 1 else ctx.call(_channel_part, delta, g, len(layouts))
+            scores = _to_identity(ctx, ctx.call(ti.token_scores, part, 2, "delta"), env[scan.args[1]], layout)
+            total = scores if total is None else ctx.call(_add, total, scores)
     return total
 
 
@@ -65,6 +69,11 @@ def _current_dim(ctx: PruneContext, value: fx.Node, tok) -> int:
 
 def _add_channel_bias(delta, bias):
     return delta + bias.reshape(1, -1, 1)
+
+
+def _channel_part(delta, index, parts):
+    """Channels of direction `index` of a (B, parts * D, L) tensor."""
+    return delta.chunk(parts, dim=1)[index]
 
 
 def _add(a, b):

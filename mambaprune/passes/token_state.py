@@ -1,10 +1,11 @@
 """Shared state of the pruning rewrite: which tensors are pruned, and the index nodes that serve them.
 
-Each value in the rewritten graph is in one of three states:
+Each value in the rewritten graph is in one of two states:
 - dense: as in the original graph (upstream of the first site, parameters, constants);
 - `Pruned(site, tok)`: the token axis `tok.dim` holds the K tokens kept at `site`, sorted along
-  `tok.layout` (compiler/layout.py);
-- `Scattered(site)`: a dense 2-D grid rebuilt from the tokens kept at `site` (zeros elsewhere).
+  `tok.layout` (compiler/layout.py); for a grid (`Grid`) the K kept cells stand along `hdim` (and
+  `wdim` has size 1); for directions folded into one tensor (`MultiTok`) part g of the direction
+  axis holds the same K tokens sorted along `layouts[g]`.
 
 Index tensors are emitted lazily and cached per (site, layout): the order of a layout's slots, its
 inverse, the path ranks of the kept tokens, their original positions. Site 0 is the dense sequence.
@@ -27,12 +28,7 @@ SORTED_MODES = ("none", "hold", "decay")
 @dataclass(frozen=True)
 class Pruned:
     site: int
-    tok: Tok
-
-
-@dataclass(frozen=True)
-class Scattered:
-    site: int
+    tok: Tok      # or Grid / MultiTok / None (a tuple: its items carry their own)
 
 
 @dataclass
@@ -55,7 +51,7 @@ class PruneContext:
         self.site_order: list = []
         self._cache: dict = {}
         self._constants: dict = {}
-        self.state: dict = {}          # new-graph node -> Pruned | Scattered
+        self.state: dict = {}          # new-graph node -> Pruned
         self.identity = Layout.identity(length)
 
     # -- graph building helpers ----------------------------------------------------------------

@@ -118,3 +118,32 @@ def path_gaps(ranks: torch.Tensor) -> torch.Tensor:
     """Steps along the path between consecutive kept tokens (first token: steps from the start)."""
     first = ranks[:, :1] + 1
     return torch.cat([first, ranks[:, 1:] - ranks[:, :-1]], dim=1).to(torch.float32)
+
+
+def gather_grid(x: torch.Tensor, index: torch.Tensor, hdim: int, wdim: int) -> torch.Tensor:
+    """The cells `index` (B, K), cell = i * W + j, of the grid in dims (hdim, wdim) -> K along hdim, 1 along wdim.
+
+    A pruned grid keeps the rank of the dense one: its kept cells stand in a K x 1 column, so every
+    per-token op on it (a 1x1 conv, a channel LayerNorm, a permute, a mean over both grid dims) runs
+    unchanged.
+    """
+    x = x.expand(index.shape[0], *x.shape[1:])
+    moved = x.movedim((hdim, wdim), (-2, -1))
+    flat = moved.reshape(*moved.shape[:-2], moved.shape[-2] * moved.shape[-1])
+    out = token_ops.gather_tokens(flat, index, flat.dim() - 1).unsqueeze(-1)
+    return out.movedim((-2, -1), (hdim, wdim))
+
+
+def scatter_grid(x: torch.Tensor, index: torch.Tensor, height: int, width: int, hdim: int, wdim: int) -> torch.Tensor:
+    """Inverse of ``gather_grid``: a zero (height, width) grid with the K kept cells put back at `index`."""
+    moved = x.movedim((hdim, wdim), (-2, -1))
+    flat = moved.reshape(*moved.shape[:-2], moved.shape[-2] * moved.shape[-1])
+    dense = token_ops.scatter_tokens(flat, index, height * width, flat.dim() - 1)
+    return dense.reshape(*dense.shape[:-1], height, width).movedim((-2, -1), (hdim, wdim))
+
+
+def expand_grid(x: torch.Tensor, hdim: int, wdim: int, height: int, width: int) -> torch.Tensor:
+    """Broadcast a constant's size-1 grid dims to the full (height, width) grid."""
+    sizes = [-1] * x.dim()
+    sizes[hdim], sizes[wdim] = height, width
+    return x.expand(*sizes)
