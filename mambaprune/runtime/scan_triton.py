@@ -219,8 +219,7 @@ def selective_scan_triton(
     same contract as ``selective_scan_reference``.
 
     Accumulates in fp32 whatever the input dtype (float64 inputs are computed in fp32 too). The op
-    is differentiable: selective_scan.py registers the scan op's backward for it too.
+    is differentiable: selective_scan.py registers the scan op's backward for it too. Without triton
+    the op's body raises MissingDependencyError.
     """
-    if triton is None:
-        raise missing_dependency("triton", "gpu", "The Triton selective-scan kernel")
     return selective_scan_triton_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), gap, block_d)
