@@ -4,7 +4,7 @@
     python benchmarks/fidelity.py --models vim_digits      # one checkpoint
     python benchmarks/fidelity.py --quick                  # 100 test images, ratios 0.3 and 0.5
 
-For FLOPs reductions 0.1-0.6: every alignment (metric clip), every metric (alignment hold) and the
+For FLOPs reductions 0.1-0.6: every alignment (default metric), every metric (alignment hold) and the
 schedules paper / uniform / auto (searched on 2 validation batches), each against the dense model:
 top-1 test accuracy, agreement with the dense predictions and mean KL(dense || pruned). Writes, per
 checkpoint NAME, benchmarks/results/fidelity_NAME.{json,md}, fidelity_NAME_alignment.png,
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mambaprune.compiler.api import build, prepare
-from mambaprune.compiler.settings import ALIGNMENTS, PruneSettings
+from mambaprune.compiler.settings import ALIGNMENTS, DEFAULT_METRIC, PruneSettings
 from mambaprune.data import make_cluttered_digits
 from mambaprune.errors import UnreachableRatioError
 from mambaprune.models.pretrained import checkpoint_info, list_pretrained, load_pretrained
@@ -49,9 +49,9 @@ def compare(dense: torch.Tensor, pruned: torch.Tensor, labels: torch.Tensor) -> 
 
 def settings_grid(ratios) -> list:
     """(group, settings) pairs: alignments x ratios, metrics x ratios, schedules x ratios."""
-    grid = [("alignment", PruneSettings(r, None, a, "clip")) for a in ALIGNMENTS for r in ratios]
-    grid += [("metric", PruneSettings(r, None, "hold", m)) for m in METRICS if m != "clip" for r in ratios]
-    grid += [("schedule", PruneSettings(r, s, "hold", "clip")) for s in ("uniform", "auto") for r in ratios]
+    grid = [("alignment", PruneSettings(r, None, a, DEFAULT_METRIC)) for a in ALIGNMENTS for r in ratios]
+    grid += [("metric", PruneSettings(r, None, "hold", m)) for m in METRICS if m != DEFAULT_METRIC for r in ratios]
+    grid += [("schedule", PruneSettings(r, s, "hold", DEFAULT_METRIC)) for s in ("uniform", "auto") for r in ratios]
     return grid
 
 
@@ -81,7 +81,7 @@ def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
             row["auto_chose"] = pruned.report.schedule_search[0]
         rows.append(row)
     pictures = make_cluttered_digits("test", 4, info.variant, img_size, seed=0)
-    shown = build(prepared, PruneSettings(0.3, None, "hold", "clip"))
+    shown = build(prepared, PruneSettings(0.3, None, "hold", DEFAULT_METRIC))
     plot_kept_tokens(pictures.pictures(), shown.kept_positions(pictures.inputs), shown.report,
                      folder / f"fidelity_kept_tokens_{name}.png",
                      titles=[f"label {int(v)}" for v in pictures.labels])
@@ -89,7 +89,7 @@ def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
 
 
 def paper_rows(result: dict) -> list:
-    """The rows at alignment=hold, metric=clip, paper schedule (they sit in the alignment group)."""
+    """The rows at alignment=hold, the default metric, paper schedule (they sit in the alignment group)."""
     return [r for r in result["rows"] if r["group"] == "alignment" and r["alignment"] == "hold"]
 
 
@@ -108,7 +108,7 @@ def markdown(results: list) -> str:
             ratios = sorted({r["ratio"] for r in rows})
             names = list(dict.fromkeys(r[key] for r in rows))
             lines.append(f"Top-1 accuracy / agreement with dense / KL by {group} "
-                         f"({'metric clip' if group == 'alignment' else 'alignment hold'}):\n")
+                         f"({'metric ' + DEFAULT_METRIC if group == 'alignment' else 'alignment hold'}):\n")
             lines.append(f"| {group} | " + " | ".join(f"-{r:.0%} FLOPs" for r in ratios) + " |")
             lines.append("|---|" + "---|" * len(ratios))
             for n in names:

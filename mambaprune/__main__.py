@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .compiler.settings import ALIGNMENTS, DEFAULT_METRIC, METRICS, STAGE_FILLS
 from .errors import MambapruneError
 
 DEMO_CHECKPOINT = "vim_digits"
@@ -52,7 +53,7 @@ def _compile(args):
 
     model = load_model_spec(args.model, args.img_size)
     return model, compile_pruned(model, ratio=args.ratio, schedule=args.schedule, alignment=args.alignment,
-                                 metric=args.metric)
+                                 metric=args.metric, stage_fill=args.stage_fill)
 
 
 def compile_command(args) -> None:
@@ -112,8 +113,10 @@ def demo(args) -> None:
     img_size = overrides["img_size"]
     test = make_cluttered_digits("test", args.images, variant, img_size, seed=0)
     start = time.perf_counter()
-    pruned = compile_pruned(model, ratio=args.ratio, example_inputs=(test.inputs[:2],))
-    print(f"\ncompile_pruned(ratio={args.ratio}) in {time.perf_counter() - start:.1f} s")
+    pruned = compile_pruned(model, ratio=args.ratio, example_inputs=(test.inputs[:2],), alignment=args.alignment)
+    print(f"\ncompile_pruned(ratio={args.ratio}, alignment={args.alignment!r}) in {time.perf_counter() - start:.1f} s"
+          + (" (the best alignment for this ViM in benchmarks/fidelity.py; the library default is 'hold')"
+             if args.alignment == "none" else ""))
     print(pruned.report)
 
     with torch.no_grad():
@@ -172,7 +175,9 @@ def _add_prune_options(command) -> None:
     command.add_argument("--ratio", type=float, default=0.3, help="fraction of FLOPs to remove (default 0.3)")
     command.add_argument("--schedule", default="paper", choices=("paper", "uniform", "top"))
     command.add_argument("--alignment", default="hold", choices=("hold", "decay", "none", "none-unsorted"))
-    command.add_argument("--metric", default="clip", choices=("clip", "l1", "l2", "raw", "random", "delta"))
+    command.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS)
+    command.add_argument("--stage-fill", default="carry", choices=STAGE_FILLS,
+                         help="hierarchical models: what pruned cells hold when a stage's grid is restored")
     command.add_argument("--img-size", type=int, default=None, help="input size for registered architectures")
 
 
@@ -182,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_demo = commands.add_parser("demo", help="prune the digits ViM: report, accuracy, speed, ONNX, picture")
     run_demo.add_argument("--ratio", type=float, default=0.3)
     run_demo.add_argument("--images", type=int, default=300, help="test images to score")
+    run_demo.add_argument("--alignment", default="none", choices=ALIGNMENTS,
+                          help="'none' (default here) suits ViM-style models; see the README's Fidelity section")
     run_demo.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "mambaprune_demo"),
                           help="folder for the ONNX file and the picture")
     run_demo.set_defaults(run=demo)

@@ -26,7 +26,8 @@ def plot_kept_tokens(pictures: torch.Tensor, kept_by_site: dict, report, path, t
     """One row per image: the image, then the patches still kept after each site (pruned ones dimmed).
 
     pictures: (n, H, W, 3) in [0, 1]; kept_by_site: {site: (n, K) positions} from
-    ``PrunedModel.kept_positions``; report: the PrunedModel's report. The patch grid must be square.
+    ``PrunedModel.kept_positions``; report: the PrunedModel's report. The patch grid of each site's
+    stage must be square.
     """
     import matplotlib
 
@@ -35,14 +36,16 @@ def plot_kept_tokens(pictures: torch.Tensor, kept_by_site: dict, report, path, t
 
     count, height = pictures.shape[0], pictures.shape[1]
     sites = sorted(kept_by_site)
-    side = math.isqrt(report.token_length - len(report.protected))
     fig, axes = plt.subplots(count, len(sites) + 1, figsize=(2.1 * (len(sites) + 1), 2.1 * count), squeeze=False)
     for row in range(count):
         axes[row, 0].imshow(pictures[row].numpy())
         axes[row, 0].set_title(titles[row] if titles else "input", fontsize=8)
         for col, site in enumerate(sites, start=1):
             kept = kept_by_site[site][row:row + 1]
-            mask = patch_mask(kept, report.protected, report.token_length)[0].reshape(side, side).float()
+            length = report.site_lengths.get(site, report.token_length)
+            protected = report.protected if length == report.token_length else []  # class tokens: first stage
+            side = math.isqrt(length - len(protected))
+            mask = patch_mask(kept, protected, length)[0].reshape(side, side).float()
             scale = height // side
             shade = mask.repeat_interleave(scale, 0).repeat_interleave(scale, 1)[..., None]
             axes[row, col].imshow((pictures[row] * (0.2 + 0.8 * shade)).numpy())

@@ -106,9 +106,11 @@ class LocalMambaMixer(nn.Module):
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
         self.scans = nn.ModuleDict({d: LocalScanDirection(self.d_inner, d_state, math.ceil(dim / 16))
                                     for d in self.directions})
-        order = window_order(grid, grid, 2)
-        self.register_buffer("win_order", order, persistent=False)
-        self.register_buffer("win_inverse", torch.argsort(order), persistent=False)
+        for d in self.directions:
+            if d.startswith("w"):     # "w2", "w7": window by window (2 x 2, 7 x 7), row-major inside
+                order = window_order(grid, grid, int(d[1:]))
+                self.register_buffer(f"{d}_order", order, persistent=False)
+                self.register_buffer(f"{d}_inverse", torch.argsort(order), persistent=False)
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
 
     def to_direction(self, x, d):
@@ -119,8 +121,8 @@ class LocalMambaMixer(nn.Module):
         if d == "v":      # column-major: grid, swap H and W, flatten
             B, L, E = x.shape
             return x.reshape(B, self.grid, self.grid, E).transpose(1, 2).flatten(1, 2)
-        if d == "w2":
-            return x[:, self.win_order]
+        if d.startswith("w"):
+            return x[:, getattr(self, f"{d}_order")]
         raise ValueError(d)
 
     def from_direction(self, y, d):
@@ -131,8 +133,8 @@ class LocalMambaMixer(nn.Module):
         if d == "v":
             B, L, E = y.shape
             return y.reshape(B, self.grid, self.grid, E).transpose(1, 2).flatten(1, 2)
-        if d == "w2":
-            return y[:, self.win_inverse]
+        if d.startswith("w"):
+            return y[:, getattr(self, f"{d}_inverse")]
         raise ValueError(d)
 
     def forward(self, x):
@@ -703,7 +705,7 @@ class VMambaStyle(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# 5b. hierarchical ViM: two isotropic stages (64 then 16 tokens), strided conv between them
+# 5b. hierarchical ViM: two token stages (64 then 16 tokens), strided conv between them
 # ------------------------------------------------------------------------------------------------
 class HierarchicalVim(nn.Module):
     """(B, L, C) token stages with ViM-like bidirectional mixers; between the stages the tokens go back
@@ -735,6 +737,8 @@ class HierarchicalVim(nn.Module):
 
 ZOO = {
     "localmamba": lambda: LocalMambaStyle(depth=3),
+    "localmamba_7x7": lambda: LocalMambaStyle(img_size=56, patch_size=4, embed_dim=16, depth=3,
+                                              directions=("h", "h_flip", "v", "w2", "w7")),
     "cls_head": lambda: ClassTokenVim(cls="head", depth=3),
     "cls_none_meanpool": lambda: ClassTokenVim(cls="none", depth=3),
     "cls_head_tail": lambda: ClassTokenVim(cls="head+tail", depth=3),
@@ -748,10 +752,11 @@ ZOO = {
     "mambavision_windowed_int_reverse": lambda: MambaVisionStyle(windowed=True, patch_size=4, conv_padding=1,
                                                                  reverse=window_reverse_int),
     "vmamba": lambda: VMambaStyle(),
+    "vmamba_4_stages": lambda: VMambaStyle(img_size=64, dims=(16, 24, 32, 48), depths=(2, 2, 4, 2)),
     "vmamba_interleaved": lambda: VMambaStyle(variant="interleaved"),
     "vmamba_unmerged": lambda: VMambaStyle(variant="unmerged"),
     "vmamba_groups_mismatched": lambda: VMambaStyle(variant="groups_mismatched"),
-    "hierarchical_vim": lambda: HierarchicalVim(),
+    "hierarchical_vim": lambda: HierarchicalVim(depths=(3, 3)),
 }
 
 

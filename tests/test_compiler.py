@@ -167,3 +167,41 @@ def test_metric_may_be_any_callable():
     plain = mambaprune.compile_pruned(model, ratio=0.2, metric="l1")
     x = images(model)
     assert torch.equal(pruned(x), plain(x))      # scaling every score keeps the same tokens
+
+
+def test_novelty_is_the_distance_from_the_mean_token():
+    y = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [2.0, 4.0]]])      # (B=1, L=3, C=2); mean token (2, 4/3)
+    expected = torch.tensor([[(1 + 16 / 9) ** 0.5, (1 + 16 / 9) ** 0.5, 8 / 3]])
+    assert torch.allclose(ti.token_scores(y, 1, "novelty"), expected)
+    assert torch.allclose(ti.token_scores(y.transpose(1, 2), 2, "novelty-y"), expected)
+    grid = y.transpose(1, 2).reshape(1, 2, 3, 1)                    # (B, C, H=3, W=1)
+    assert torch.allclose(ti.grid_token_scores(grid, 2, 3, "novelty"), expected)
+
+
+def test_novelty_keeps_the_tokens_of_the_stream_farthest_from_its_mean():
+    """ViM: the stream the next block reads is hidden + residual; at the first site the kept patches
+    are its top-K by distance from the sample's mean token, and the class token is always kept."""
+    model = tiny("vim_t")
+    x = images(model)
+    pruned = mambaprune.compile_pruned(model, schedule={2: 0.5})
+    kept = pruned.kept_positions(x)[2]
+    with torch.no_grad():
+        tokens = model.patch_embed(x)
+        M = model.token_position
+        hidden = torch.cat((tokens[:, :M], model.cls_token.expand(len(x), -1, -1), tokens[:, M:]), 1) + model.pos_embed
+        residual = None
+        for layer in model.layers[:2]:
+            hidden, residual = layer(hidden, residual)
+        stream = hidden + residual
+        scores = (stream - stream.mean(1, keepdim=True)).norm(dim=-1)
+    scores[:, M] = float("inf")
+    expected = scores.topk(kept.shape[1], dim=1).indices.sort(dim=1).values
+    assert torch.equal(kept, expected)
+
+
+def test_novelty_y_reads_the_ssm_output_and_differs_from_the_stream():
+    model = tiny("vim_t")
+    x = images(model)
+    on_y = mambaprune.compile_pruned(model, schedule={2: 0.5}, metric="novelty-y").kept_positions(x)[2]
+    on_stream = mambaprune.compile_pruned(model, schedule={2: 0.5}).kept_positions(x)[2]
+    assert on_y.shape == on_stream.shape and not torch.equal(on_y, on_stream)

@@ -1,7 +1,8 @@
 """VMamba's cross-scan: 4 directions folded into ONE selective-scan call with grouped B/C.
 
-The compiler prunes inside the last stage (sites before the downsampling stay refused). The pruned
-model is checked against a hand-written reference that runs the last block on the kept tokens only:
+The compiler prunes inside every stage; before a downsampling the stage's grid is restored (its
+pruned cells carry the stream's value at their site, or zeros). The pruned model is checked against
+a hand-written reference that runs the blocks after a site on the kept tokens only:
 LayerNorm2d / 1x1 convs per token, the depthwise conv2d on a zero grid holding the kept cells, and
 each of the 4 directions scanning the SAME kept tokens in its own order (row-major, column-major,
 both reversed) with a token-by-token scan, merged back at the kept positions. Malformed relatives
@@ -33,8 +34,8 @@ SITE = 3          # after stages.1.blocks.0: the last stage (4 x 4 = 16 tokens)
 TOL = 1e-5
 
 
-def images(batch=3, seed=5):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def images(batch=3, seed=5, size=32):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,33 @@ def kept_ss2d(op, t, pos, H, W, orders=direction_orders):
     return op.out_proj(y)
 
 
+def kept_block(block, t, pos, H, W):
+    """A VSSBlock on the kept cells t (b, C, K, 1) at row-major cells pos (b, K)."""
+    t = t + kept_ss2d(block.op, block.norm(t), pos, H, W)
+    return t + block.mlp(block.norm2(t))
+
+
+def cells(x, pos):
+    """(b, C, H, W) -> the cells pos (b, K) as (b, C, K, 1)."""
+    return x.flatten(2).gather(2, pos[:, None, :].expand(-1, x.shape[1], -1))[..., None]
+
+
+def put(grid, t, pos):
+    """The flattened grid (b, C, H * W) with the cells t (b, C, K, 1) written at pos (b, K)."""
+    return grid.scatter(2, pos[:, None, :].expand(-1, grid.shape[1], -1), t[..., 0])
+
+
+def reference_first_stage(model, img, pos, stage_fill):
+    """Dense up to site 1, stages.0.blocks.1 on the kept cells only, the 8 x 8 grid restored (pruned
+    cells: the stream at the site, or zeros), then the downsampling and stage 1 dense."""
+    stage0, stage1 = model.stages
+    x = stage0["blocks"][0](model.patch_embed(img))
+    t = kept_block(stage0["blocks"][1], cells(x, pos), pos, *x.shape[2:])
+    base = x.flatten(2) if stage_fill == "carry" else torch.zeros_like(x.flatten(2))
+    y = stage1["blocks"](stage0["downsample"](put(base, t, pos).view_as(x)))
+    return model.head(model.norm(y).mean(dim=(2, 3)))
+
+
 def reference(model, img, pos, orders=direction_orders):
     """The model dense up to the site, then its last block on the kept tokens only."""
     stage0, stage1 = model.stages
@@ -154,11 +182,60 @@ def test_every_direction_sees_its_own_order(vmamba, pruned):
     assert right <= TOL < wrong / 4 and wrong > 100 * right
 
 
-def test_report_names_the_refused_stage_and_the_directions(pruned):
+@pytest.mark.parametrize("stage_fill", ["carry", "zeros"])
+def test_pruned_first_stage_restored_before_the_downsampling_matches_the_reference(vmamba, stage_fill):
+    fast = mambaprune.compile_pruned(vmamba, schedule={1: 0.5}, stage_fill=stage_fill)
+    x = images()
+    pos = fast.kept_positions(x)[1]
+    assert pos.shape == (3, 32)
+    with torch.no_grad():
+        out, ref, dense = fast(x), reference_first_stage(vmamba, x, pos, stage_fill), vmamba(x)
+    assert (out - ref).abs().max() <= TOL
+    assert (out - dense).abs().max() > 1e-3, "pruning changed nothing"
+
+
+def test_novelty_on_a_grid_keeps_the_cells_farthest_from_the_mean_cell(vmamba):
+    """The default metric reads the (B, C, H, W) stream crossing the site, cells in row-major order."""
+    fast = mambaprune.compile_pruned(vmamba, schedule={1: 0.5})
+    x = images()
+    with torch.no_grad():
+        stream = vmamba.stages[0]["blocks"][0](vmamba.patch_embed(x)).flatten(2)      # (b, C, 64)
+    scores = (stream - stream.mean(2, keepdim=True)).norm(dim=1)
+    expected = scores.topk(32, dim=1).indices.sort(dim=1).values
+    assert torch.equal(fast.kept_positions(x)[1], expected)
+
+
+def test_two_sites_in_one_stage_each_pruned_cell_carries_the_value_at_its_own_site():
+    """4 stages; stage 2 (4 x 4 cells, 4 blocks) pruned after its blocks 0 and 1: 16 -> 8 -> 4 cells.
+    Before the downsampling, the cells dropped at the first site hold the stream there, those dropped
+    at the second site the stream there, the 4 kept cells their final values."""
+    model = arch.build("vmamba_4_stages")
+    fast = mambaprune.compile_pruned(model, schedule={5: 0.5, 6: 0.5})
+    assert fast.report.sites == {5: 8, 6: 4}
+    x = images(size=64)
+    kept = fast.kept_positions(x)
+    first, second = kept[5], kept[6]
+    assert bool(torch.isin(second, first).all())
+    s0, s1, s2, s3 = model.stages
+    with torch.no_grad():
+        h = s2["blocks"][0](s1["downsample"](s1["blocks"](s0["downsample"](s0["blocks"](model.patch_embed(x))))))
+        H, W = h.shape[2:]
+        at_second = kept_block(s2["blocks"][1], cells(h, first), first, H, W)      # the 8 cells at site 6
+        slots = (first[:, :, None] == second[:, None, :]).float().argmax(1)      # second's slots in first
+        t = at_second[..., 0].gather(2, slots[:, None, :].expand(-1, h.shape[1], -1))[..., None]
+        for block in (s2["blocks"][2], s2["blocks"][3]):
+            t = kept_block(block, t, second, H, W)
+        grid = put(put(h.flatten(2), at_second, first), t, second).view_as(h)
+        y = s3["blocks"](s2["downsample"](grid))
+        ref = model.head(model.norm(y).mean(dim=(2, 3)))
+        assert (fast(x) - ref).abs().max() <= TOL
+
+
+def test_report_names_the_directions_and_the_sites_at_a_stage_end(pruned):
     report = pruned.report
     assert list(report.sites) == [SITE]
-    assert set(report.unprunable_sites) == {1, 2}
-    assert all("a new stage starts" in r for r in report.unprunable_sites.values())
+    assert set(report.unprunable_sites) == {2}
+    assert "last of its stage" in report.unprunable_sites[2]
     assert report.blocks[0].mixing.startswith("1 scan (4 directions in one call: identity, permutation, flip")
     assert report.pruned_flops < report.dense_flops
 
@@ -180,6 +257,18 @@ def test_other_metrics_and_alignments_run(vmamba, options):
         out = fast(x)
     assert out.shape == vmamba(x).shape and bool(torch.isfinite(out).all())
     assert fast.kept_positions(x)[SITE].shape == (3, 8)
+
+
+def test_carry_needs_a_stream_like_the_downsampling_input():
+    """A 1x1 conv that changes the channels before the strided conv: the restored tensor is not the
+    stream, so there is nothing for a pruned cell to carry; zeros still work."""
+    model = arch.build("vmamba")
+    model.stages[0]["downsample"] = nn.Sequential(arch.Linear2d(24, 32), nn.Conv2d(32, 48, 2, stride=2),
+                                                  arch.LayerNorm2d(48))
+    with pytest.raises(UnsupportedModelError, match=r"stage_fill='carry' found no tensor like .*stage_fill='zeros'"):
+        mambaprune.compile_pruned(model, schedule={1: 0.5})
+    fast = mambaprune.compile_pruned(model, schedule={1: 0.5}, stage_fill="zeros")
+    assert fast.report.sites == {1: 32}
 
 
 def test_decay_is_refused_for_a_grouped_scan_in_several_orders(vmamba):
@@ -243,3 +332,16 @@ def test_an_einsum_that_mixes_the_tokens_is_refused():
     analyse(gm)
     reasons = [info_of(n).reason for n in gm.graph.nodes if isinstance(info_of(n), Unknown)]
     assert reasons and "einsum of two token tensors" in reasons[0], reasons
+
+
+def test_restored_stages_export_to_onnx_and_match(tmp_path):
+    """The restore (scatter into the carried stream) is plain torch: it exports and runs in onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = arch.build("vmamba_4_stages")
+    fast = mambaprune.compile_pruned(model, ratio=0.3)
+    x = images(size=64)
+    session = ort.InferenceSession(str(fast.export(tmp_path / "vmamba.onnx")))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert (torch.from_numpy(got) - fast(x)).abs().max() <= 1e-4

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import mambaprune
 from mambaprune import MambapruneError, UnreachableRatioError, UnsupportedModelError
-from mambaprune.compiler.settings import ALIGNMENTS, BACKENDS, METRICS
+from mambaprune.compiler.settings import ALIGNMENTS, BACKENDS, METRICS, STAGE_FILLS
 from mambaprune.models import create_model
 
 
@@ -40,7 +40,8 @@ def test_ratio_outside_the_unit_interval(vim, ratio):
 @pytest.mark.parametrize("option, value, choices", [
     ("alignment", "holdd", ("none", "none-unsorted", "hold", "decay")),
     ("alignment", None, ("none", "none-unsorted", "hold", "decay")),
-    ("metric", "l3", ("clip", "l1", "l2", "raw", "random", "delta")),
+    ("metric", "l3", METRICS),
+    ("stage_fill", "last", STAGE_FILLS),
     ("backend", "tensorflow", ("eager", "inductor")),
     ("backend", "Eager", ("eager", "inductor")),
 ])
@@ -48,7 +49,7 @@ def test_bad_option_names_list_the_choices(vim, option, value, choices):
     with pytest.raises(ValueError, match=f"{option} must be one of") as info:
         mambaprune.compile_pruned(vim, ratio=0.3, **{option: value})
     message = str(info.value)
-    documented = {"alignment": ALIGNMENTS, "metric": METRICS, "backend": BACKENDS}[option]
+    documented = {"alignment": ALIGNMENTS, "metric": METRICS, "backend": BACKENDS, "stage_fill": STAGE_FILLS}[option]
     assert set(choices) <= set(documented)
     assert all(repr(choice) in message for choice in documented), message
     assert repr(value) in message

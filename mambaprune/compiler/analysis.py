@@ -36,6 +36,16 @@ class Block:
 
 
 @dataclass
+class StageEnd:
+    """Where a pruned stage ends: `downsampling` (a conv2d that changes the token grid) reads the
+    stage's last token tensor `restore` through the layout-only ops `chain` (transposes, reshapes to
+    the grid; empty for a grid stream); restore_stage_grid makes `restore` whole again."""
+    downsampling: fx.Node
+    restore: fx.Node
+    chain: list
+
+
+@dataclass
 class NotUnderstood:
     name: str
     reason: str
@@ -49,10 +59,12 @@ class GraphAnalysis:
     protected: set
     class_tokens: set
     not_understood: list
-    barriers: list = field(default_factory=list)    # nodes every site must follow (stage changes)
+    barriers: list = field(default_factory=list)    # downsamplings between stages (token grid changes)
     cuts: dict = field(default_factory=dict)        # site key -> ancestor-closed node set of the dense part
     valid_sites: list = field(default_factory=list)
     invalid_sites: dict = field(default_factory=dict)  # site key -> reason
+    stage_ends: dict = field(default_factory=dict)  # site key -> StageEnd of its stage (hierarchical models)
+    after_stage: dict = field(default_factory=dict)  # site key -> nodes downstream of that downsampling
 
     @property
     def depth(self) -> int:
@@ -61,6 +73,22 @@ class GraphAnalysis:
     def site_length(self, key: int) -> int:
         """Tokens flowing at a site (the stage of the block it follows)."""
         return self.blocks[key - 1].token_length
+
+    def crossing_tokens(self, key: int) -> list:
+        """The token tensors computed before site `key` and used after it, in graph order: the token
+        stream the next block receives (one tensor, or a hidden and a residual part as in ViM)."""
+        cut, length = self.cuts[key], self.site_length(key)
+        return [n for n in self.gm.graph.nodes
+                if n in cut and n.op == "call_function" and isinstance(info_of(n), (Tok, Grid))
+                and info_of(n).layout.length == length
+                and any(u not in cut and not op_name(u).startswith("aten::_assert") for u in n.users)]
+
+    def stream_parts(self, key: int) -> list:
+        """crossing_tokens(key) when they are parts of one stream (same token axis, order and shape:
+        their sum is what the next block reads); [] otherwise."""
+        parts = self.crossing_tokens(key)
+        kinds = {(info_of(n), tuple(shape_of(n)[1:])) for n in parts}
+        return parts if len(kinds) == 1 else []
 
     def protected_below(self, length: int) -> int:
         return sum(1 for p in self.protected if p < length)
@@ -256,7 +284,8 @@ def module_of(node: fx.Node) -> str:
 
 
 def find_sites(analysis: GraphAnalysis, graph: nx.DiGraph, order: dict) -> None:
-    unknown = [n for n in analysis.gm.graph.nodes if isinstance(info_of(n), Unknown)] + analysis.barriers
+    unknown = [n for n in analysis.gm.graph.nodes if isinstance(info_of(n), Unknown)]
+    barriers = sorted(analysis.barriers, key=order.__getitem__)
     for block in analysis.blocks[:-1]:
         key = block.index + 1
         if block.y is None:
@@ -265,12 +294,59 @@ def find_sites(analysis: GraphAnalysis, graph: nx.DiGraph, order: dict) -> None:
                                            f"block {block.name}: its scan outputs never merge into one token tensor")
             continue
         cut = block_closure(block, analysis.gm, graph)
-        reason = site_problem(cut, unknown, block.token_length)
+        end = next((b for b in barriers if b not in cut), None)
+        after = nx.descendants(graph, end) if end is not None else set()
+        reason = site_problem(cut, [n for n in unknown if n not in after], block.token_length)
+        stage_end = None
+        if not reason and end is not None:
+            stage_end = describe_stage_end(end, cut)
+            if analysis.blocks[key].token_length != block.token_length:
+                reason = (f"block {block.name} is the last of its stage: no block before the downsampling "
+                          f"{module_of(end)} would run on fewer tokens")
+            else:
+                reason = stage_end_problem(stage_end, cut, after, block.token_length)
         if reason:
             analysis.invalid_sites[key] = reason
             continue
         analysis.cuts[key] = cut
         analysis.valid_sites.append(key)
+        if stage_end is not None:
+            analysis.stage_ends[key], analysis.after_stage[key] = stage_end, after
+
+
+_LAYOUT_OPS = {"aten::transpose", "aten::permute", "aten::view", "aten::reshape", "aten::_unsafe_view",
+               "aten::flatten", "aten::unflatten", "aten::contiguous", "aten::clone"}
+
+
+def describe_stage_end(end: fx.Node, cut: set) -> StageEnd:
+    """Walk back from the downsampling's input through single-use layout ops to the stage's stream."""
+    restore, chain = end.args[0], []
+    while (isinstance(restore, fx.Node) and restore not in cut and op_name(restore) in _LAYOUT_OPS
+           and len(restore.users) == 1 and isinstance(restore.args[0], fx.Node)):
+        chain.insert(0, restore)
+        restore = restore.args[0]
+    return StageEnd(end, restore, chain)
+
+
+def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int) -> Optional[str]:
+    """Why the pruned stage could not be restored before its downsampling (None: it can).
+
+    The restore (passes/restore_stage_grid.py) puts the kept tokens of `stage_end.restore` back at
+    their places in the full tensor; that is all the next stage may receive from the pruned one.
+    """
+    end, restore = stage_end.downsampling, stage_end.restore
+    info = info_of(restore)
+    if not isinstance(info, (Tok, Grid)) or info.layout.length != length or restore in cut:
+        return (f"the downsampling {module_of(end)} reads {restore.name}, which is not the token stream of the "
+                "pruned stage: sites are possible inside the last stage only")
+    for node in after:
+        for arg in node.all_input_nodes:
+            if arg is end or arg in after or arg in cut or arg.op != "call_function":
+                continue
+            if info_of(arg) is not None:
+                return (f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
+                        f"downsampling {module_of(end)}: only the downsampling's input can be restored")
+    return None
 
 
 def block_closure(block: Block, gm: fx.GraphModule, graph: nx.DiGraph) -> set:
@@ -296,11 +372,7 @@ def site_problem(cut: set, unknown: list, length: int) -> Optional[str]:
     later_unknown = [n for n in unknown if n not in cut]
     if later_unknown:
         first = later_unknown[0]
-        info = info_of(first)
-        if not isinstance(info, Unknown):
-            return (f"after it, {module_of(first)} changes the token grid (a new stage starts): "
-                    "sites are possible inside the last stage only")
-        return f"after it, {module_of(first)} does something the compiler cannot rewrite ({info.reason})"
+        return f"after it, {module_of(first)} does something the compiler cannot rewrite ({info_of(first).reason})"
     for node in cut:
         info = info_of(node)
         if not any(u not in cut for u in node.users):
@@ -324,4 +396,4 @@ def _holds_tokens(shape, length: int) -> bool:
                for a, b in zip(shape[1:], shape[2:]))
 
 
-__all__ = ["analyse", "GraphAnalysis", "Block", "NotUnderstood", "Readout", "TokenFlow", "META_KEY"]
+__all__ = ["analyse", "GraphAnalysis", "Block", "StageEnd", "NotUnderstood", "Readout", "TokenFlow", "META_KEY"]

@@ -15,14 +15,15 @@ from .capture import Capture, capture, flat_inputs, infer_example_inputs, run_gr
 from .plan import make_plan, node_flops
 from .pruned_model import PrunedModel
 from .report import BlockReport, PruneReport
-from .settings import PruneSettings
+from .settings import DEFAULT_METRIC, PruneSettings
 
 VERIFY_TOLERANCE = 1e-4
 
 
 def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: Optional[tuple] = None, *,
-                   schedule=None, alignment: str = "hold", metric: str = "clip", backend: str = "eager",
-                   verify: bool = True, calibration: Optional[Iterable] = None) -> PrunedModel:
+                   schedule=None, alignment: str = "hold", metric: str = DEFAULT_METRIC, backend: str = "eager",
+                   verify: bool = True, calibration: Optional[Iterable] = None,
+                   stage_fill: str = "carry") -> PrunedModel:
     """Prune tokens of a vision state-space model; returns a module with the model's call signature.
 
     Args:
@@ -36,7 +37,11 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
             "auto" (searched on `calibration`, see below), "top" (ToP's: keep 0.8 at its sites,
             ignores `ratio`) or {k: keep_rate} (a site after the first k blocks).
         alignment: "hold" (default), "decay", "none" or "none-unsorted" (DESIGN.md).
-        metric: token importance: "clip" (default), "l1", "l2", "raw", "random" or "delta".
+        metric: token importance at each site: "novelty" (default: the distance of a token of the
+            stream crossing the site from the sample's mean token), or read from the SSM output y
+            of the block before the site: "novelty-y" (the same distance on y), "clip" (ToP's),
+            "l1", "l2", "raw", "random", "delta" (the scans' step sizes) or a callable
+            (y, token_dim) -> scores (B, L).
         backend: "eager", "inductor" (torch.compile), "onnxruntime" (the ONNX export run by an
             onnxruntime InferenceSession, CUDA provider first when available) or "tensorrt"
             (torch-tensorrt, our custom ops kept in PyTorch; needs a model compiled on CUDA).
@@ -45,6 +50,9 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         calibration: with schedule="auto", a few batches of model inputs (each a tensor or a tuple
             of positional inputs); the schedule whose outputs stay closest to the dense model's on
             them wins (a greedy per-block sensitivity search, ToP's sites and uniform sites).
+        stage_fill: hierarchical models (stages with downsampling between them): what the pruned
+            cells of a stage's grid hold when the grid is restored before the downsampling:
+            "carry" (default: the value at the site where the cell was pruned) or "zeros".
 
     Example::
 
@@ -53,7 +61,7 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         >>> print(fast.report)
     """
     settings = PruneSettings(ratio=ratio, schedule=schedule, alignment=alignment, metric=metric, backend=backend,
-                             verify=verify)
+                             verify=verify, stage_fill=stage_fill)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_pruned expects a torch.nn.Module; got {type(model).__name__}")
     if (settings.schedule == "auto") != (calibration is not None):
@@ -97,9 +105,10 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
     else:
         plan = make_plan(analysis, prepared.flops, settings.ratio, settings.schedule)
     sites = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
-    pruned = prune_tokens(captured.gm, analysis, sites, settings.alignment, settings.metric).graph_module
+    pruned = prune_tokens(captured.gm, analysis, sites, settings.alignment, settings.metric,
+                          settings.stage_fill).graph_module
     if settings.verify and sites:
-        verify_rewrite(captured, analysis, sites, prepared.flat)
+        verify_rewrite(captured, analysis, sites, prepared.flat, settings.stage_fill)
     report = PruneReport(
         blocks=[BlockReport(b.index, b.name, b.mixing, t) for b, t in zip(analysis.blocks, plan.tokens_per_block)],
         sites=dict(plan.kept), keep_rates=dict(plan.keeps), token_length=analysis.token_length,
@@ -109,14 +118,15 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         metric=settings.metric, backend=settings.backend,
         not_understood=[(n.name, n.reason) for n in analysis.not_understood],
         unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed),
-        schedule_search=None if search is None else (search.chosen, dict(search.scores)))
+        schedule_search=None if search is None else (search.chosen, dict(search.scores)),
+        site_lengths={key: analysis.site_length(key) for key in plan.kept})
     return PrunedModel(pruned, report, prepared.example_inputs, settings.backend)
 
 
 def _search(prepared: Prepared, settings: PruneSettings, calibration: Iterable) -> ScheduleSearch:
     batches = calibration_inputs(calibration, expected=len(prepared.flat))
     return search_schedule(prepared.captured.gm, prepared.analysis, prepared.flops, settings.ratio, batches,
-                           settings.alignment, settings.metric)
+                           settings.alignment, settings.metric, stage_fill=settings.stage_fill)
 
 
 def require_backend(backend: str) -> None:
@@ -130,10 +140,10 @@ def require_backend(backend: str) -> None:
         import_torch_tensorrt()
 
 
-def verify_rewrite(captured, analysis, sites: list, flat: list) -> None:
+def verify_rewrite(captured, analysis, sites: list, flat: list, stage_fill: str) -> None:
     """Every token kept + `hold` must reproduce the dense graph exactly (up to float noise)."""
     keep_all = [SiteSpec(site.key, analysis.site_length(site.key)) for site in sites]
-    check = prune_tokens(captured.gm, analysis, keep_all, "hold", "clip").graph_module
+    check = prune_tokens(captured.gm, analysis, keep_all, "hold", "clip", stage_fill).graph_module
     with torch.no_grad():
         expected = run_graph(captured.gm, flat)
         got = run_graph(check, flat)

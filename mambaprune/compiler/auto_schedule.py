@@ -57,14 +57,15 @@ def output_discrepancy(dense: List[torch.Tensor], pruned: List[torch.Tensor]) ->
 
 
 def search_schedule(gm: fx.GraphModule, analysis, flops: dict, ratio: float, batches: List[list],
-                    alignment: str, metric, steps: int = 3, max_sites: int = 6, progress: bool = True) -> ScheduleSearch:
+                    alignment: str, metric, steps: int = 3, max_sites: int = 6, progress: bool = True,
+                    stage_fill: str = "carry") -> ScheduleSearch:
     """The best schedule for ``ratio`` on ``batches`` (flat graph inputs), see the module docstring."""
     with torch.no_grad():
         dense = [run_graph(gm, flat) for flat in batches]
 
     def score(plan: Plan) -> float:
         specs = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
-        pruned = prune_tokens(gm, analysis, specs, alignment, metric).graph_module
+        pruned = prune_tokens(gm, analysis, specs, alignment, metric, stage_fill).graph_module
         with torch.no_grad():
             return sum(output_discrepancy(d, run_graph(pruned, flat)) for d, flat in zip(dense, batches)) / len(batches)
 

@@ -3,7 +3,8 @@
 The FLOPs model is the dense graph's own per-node FLOPs (torch.utils.flop_counter, our op formulas,
 MACs as DESIGN.md says) with every token-carrying node downstream of a site scaled by K/L: exact for
 token-wise layers (a per-token op on a pruned grid included), the scan and the token conv1d; a
-conv2d that looks at neighbours runs densely on the scattered grid and is not scaled. Default sites
+conv2d that looks at neighbours runs densely on the scattered grid and is not scaled, nor is anything
+after the downsampling that ends a pruned stage (the grid is restored there). Default sites
 are evenly spaced like ToP's (after blocks 5, 10, 15 of 24); one keep rate for all sites is solved
 so that the reduction is closest to `ratio`.
 """
@@ -47,8 +48,9 @@ def estimate(analysis, flops: dict, kept: dict) -> float:
         if not f:
             continue
         region = sum(1 for cut in cuts if node not in cut)
-        if region and _scales_with_tokens(node):
-            f *= kept[keys[region - 1]] / analysis.site_length(keys[region - 1])
+        key = keys[region - 1] if region else None
+        if key and node not in analysis.after_stage.get(key, ()) and _scales_with_tokens(node):
+            f *= kept[key] / analysis.site_length(key)
         total += f
     return total
 

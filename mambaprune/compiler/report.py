@@ -30,6 +30,7 @@ class PruneReport:
     unprunable_sites: dict = field(default_factory=dict)
     routed_scans: list = field(default_factory=list)
     schedule_search: tuple | None = None  # schedule="auto": (chosen, {candidate: calibration discrepancy})
+    site_lengths: dict = field(default_factory=dict)  # site key -> tokens of its stage (hierarchical models)
 
     @property
     def achieved_ratio(self) -> float:

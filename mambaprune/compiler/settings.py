@@ -7,7 +7,12 @@ from typing import Optional, Union
 
 from ..runtime.token_index import METRICS
 
+# chosen from benchmarks/fidelity.py (README, "Fidelity")
+DEFAULT_METRIC = "novelty"
+
 ALIGNMENTS = ("none", "none-unsorted", "hold", "decay")
+# how a hierarchical model's pruned grid is filled before the downsampling that ends the stage
+STAGE_FILLS = ("carry", "zeros")
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 # None is "paper": ToP's sites (blocks 5, 10, 15 of 24, scaled) with one keep rate solved for ratio.
 NAMED_SCHEDULES = ("top", "paper", "uniform", "auto")
@@ -18,9 +23,10 @@ class PruneSettings:
     ratio: float = 0.3
     schedule: Optional[Union[str, dict]] = None
     alignment: str = "hold"
-    metric: str = "clip"
+    metric: str = DEFAULT_METRIC
     backend: str = "eager"
     verify: bool = True
+    stage_fill: str = "carry"
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0 <= self.ratio < 1:
@@ -30,6 +36,8 @@ class PruneSettings:
         if not callable(self.metric) and self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS} or a callable (y, token_dim) -> scores (B, L); "
                              f"got {self.metric!r}")
+        if self.stage_fill not in STAGE_FILLS:
+            raise ValueError(f"stage_fill must be one of {STAGE_FILLS}; got {self.stage_fill!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
         validate_schedule(self.schedule)

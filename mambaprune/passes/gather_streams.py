@@ -81,3 +81,19 @@ def _gather(ctx: PruneContext, value: fx.Node, tok, older: int, site: int) -> fx
         ctx.state[node] = Pruned(site, tok)
         ctx._cache[key] = node
     return ctx._cache[key]
+
+
+def summed_stream(ctx: PruneContext, parts: list, env: dict, site: int) -> fx.Node:
+    """The sum of the stream's parts (old-graph nodes, e.g. ViM's hidden and residual), each cut to
+    the tokens kept at `site` (0: dense)."""
+    values = [env[p] if site == 0 else cut_to_site(ctx, p, env[p], site) for p in parts]
+    total = values[0]
+    for value in values[1:]:
+        total = ctx.call(_add, total, value)
+        if site:
+            ctx.state[total] = ctx.state[values[0]]
+    return total
+
+
+def _add(a, b):
+    return a + b

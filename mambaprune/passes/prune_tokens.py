@@ -5,8 +5,10 @@ re-emitted in an order where everything upstream of site s (the ancestors of blo
 comes first; at each site the score and selection nodes are emitted, then every downstream node is
 re-emitted with its token arguments cut to the site (gather_streams), token mixers aligned
 (align_token_mixers), constant-index readouts remapped (remap_readout) and literal token counts in
-shape arguments resized (resize_token_shapes). With every keep rate at 1 and `hold`, the result
-computes exactly what the dense graph computes (compile_pruned checks this on every model).
+shape arguments resized (resize_token_shapes); before the downsampling that ends a pruned stage the
+grid is restored (restore_stage_grid) and the next stage runs densely up to its own sites. With every
+keep rate at 1 and `hold`, the result computes exactly what the dense graph computes (compile_pruned
+checks this on every model).
 
     dense:   x -> [block 0..k-1] -> y_k ---------------------------> [block k..] -> head
     pruned:  x -> [block 0..k-1] -> y_k -> score -> topk -> gather -> [block k.. on K tokens] -> head
@@ -23,6 +25,7 @@ from ..compiler.token_flow import BatchTok, Grid, MultiTok, Tok, info_of
 from .align_token_mixers import align_node, leave_grid
 from .gather_streams import cut_constant, cut_grid_constant, cut_to_site
 from .remap_readout import remap_select, restore_output
+from .restore_stage_grid import emit_stage_end
 from .resize_token_shapes import resize_shape_args
 from .score_tokens import emit_scores
 from .select_tokens import emit_selection
@@ -35,34 +38,60 @@ class SiteSpec:
     keep: int         # static number of tokens kept there
 
 
-def prune_tokens(gm: fx.GraphModule, analysis, sites: list, alignment: str, metric) -> PassResult:
+def prune_tokens(gm: fx.GraphModule, analysis, sites: list, alignment: str, metric,
+                 stage_fill: str = "carry") -> PassResult:
     if not sites:
         return PassResult(gm, False)
     sites = sorted(sites, key=lambda s: s.key)
     region = regions(gm, analysis, sites)
     ordered = sorted(gm.graph.nodes, key=lambda n: (region[n] if n.op != "output" else len(sites) + 1,))
     graph = fx.Graph()
-    ctx = PruneContext(graph, gm, alignment, analysis.site_length(sites[0].key))
+    contexts = StageContexts(graph, gm, alignment, analysis, sites)
     env: dict = {}
     emitted = 0
     for old in ordered:
         r = region[old]
         while emitted < r and old.op != "output":
-            emit_site(ctx, analysis, sites[emitted], env, metric)
+            emit_site(contexts.of(sites[emitted].key), analysis, sites[emitted], env, metric)
             emitted += 1
         if old.op == "output":
-            env[old] = graph.output(restore_output(ctx, fx.node.map_arg(old.args[0], env.__getitem__)))
+            env[old] = graph.output(restore_output(contexts, fx.node.map_arg(old.args[0], env.__getitem__)))
             continue
         if r == 0 or old.op != "call_function":
             env[old] = graph.node_copy(old, env.__getitem__)
             continue
-        env[old] = emit_pruned(ctx, old, env, sites[r - 1].key)
+        key = sites[r - 1].key
+        if old in analysis.after_stage.get(key, ()):
+            env[old] = graph.node_copy(old, env.__getitem__)  # a later stage, before its own sites: dense
+            continue
+        stage_end = analysis.stage_ends.get(key)
+        if stage_end is not None and (old is stage_end.downsampling or old in stage_end.chain):
+            env[old] = emit_stage_end(contexts.of(key), analysis, old, env, key, stage_fill)
+            continue
+        env[old] = emit_pruned(contexts.of(key), old, env, key)
     graph._codegen = gm.graph._codegen
     result = fx.GraphModule(gm, graph)
     result.graph.eliminate_dead_code()
     result.graph.lint()
     result.recompile()
     return PassResult(result, True)
+
+
+class StageContexts:
+    """One PruneContext per stage of a hierarchical model (its own token count and chain of sites),
+    sharing the graph and the pruned-state map; an isotropic model has one."""
+
+    def __init__(self, graph: fx.Graph, gm: fx.GraphModule, alignment: str, analysis, sites: list):
+        self._by_site, self.state, current = {}, {}, None
+        for site in sites:
+            length = analysis.site_length(site.key)
+            if current is None or current.length != length:
+                current = PruneContext(graph, gm, alignment, length)
+                current.state = self.state
+            self._by_site[site.key] = current
+
+    def of(self, key: int) -> PruneContext:
+        return self._by_site[key]
 
 
 def regions(gm: fx.GraphModule, analysis, sites: list) -> dict:
@@ -77,7 +106,7 @@ def regions(gm: fx.GraphModule, analysis, sites: list) -> dict:
 
 def emit_site(ctx: PruneContext, analysis, site: SiteSpec, env: dict, metric) -> None:
     block = analysis.blocks[site.key - 1]
-    scores = emit_scores(ctx, block, env, metric)
+    scores = emit_scores(ctx, block, env, metric, analysis.stream_parts(site.key))
     y = env[block.y]
     state = ctx.state.get(y)
     token_dim = state.tok.dim if isinstance(state, Pruned) else info_of(block.y).dim

@@ -29,12 +29,15 @@ def remap_select(ctx: PruneContext, old: fx.Node, args: tuple, site: int):
     return ctx.call(ti.read_slot, args[0], slot, state.tok.dim)
 
 
-def restore_output(ctx: PruneContext, value):
+def restore_output(contexts, value):
+    """`value` (a graph output) with its token axis back at full length; `contexts` is prune_tokens'
+    StageContexts (the shared pruned-state map and the PruneContext of each site)."""
     if isinstance(value, (list, tuple)):
-        return type(value)(restore_output(ctx, v) for v in value)
-    state = ctx.state.get(value) if isinstance(value, fx.Node) else None
+        return type(value)(restore_output(contexts, v) for v in value)
+    state = contexts.state.get(value) if isinstance(value, fx.Node) else None
     if not isinstance(state, Pruned):
         return value
+    ctx = contexts.of(state.site)
     tok = state.tok
     if isinstance(tok, MultiTok) or tok is None:
         raise UnsupportedModelError(f"the model output {value.name} holds directions in different token orders")

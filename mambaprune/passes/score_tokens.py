@@ -2,29 +2,46 @@
 
 Invariant: emits nodes only; the graph computes the same outputs as before. The score (B, L_site)
 reads the block's SSM output `y` (after the gate, every direction merged back to token order) with
-the chosen metric (DESIGN.md): clip, l1, l2, raw, random, or `delta` (mean of the softplus'd step
-size over channels, over every scan of the block), or a user callable (y, token_dim) -> (B, L). Scores of a tensor in another layout are moved
-back to identity slots; a scan that folds several directions into one call (MultiTok) is scored per
-direction, each moved back from its own order.
+the chosen metric (DESIGN.md, runtime/token_index.py): clip, l1, l2, raw, random, novelty-y
+(distance from the sample's mean token), or `delta` (mean of the softplus'd step size over channels,
+over every scan of the block), or a user callable (y, token_dim) -> (B, L). `novelty` reads the
+token stream crossing the site instead (the sum of its parts: ViM's hidden + residual, PlainMamba's
+x; `y` when the crossing tensors are not one stream). Scores of a tensor in another layout are
+moved back to identity slots; a scan that folds several directions into one call (MultiTok) is
+scored per direction, each moved back from its own order.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..compiler.token_flow import MultiTok, info_of
+from ..compiler.token_flow import Grid, MultiTok, info_of
 from ..runtime import token_index as ti
+from .gather_streams import summed_stream
 from .token_state import Pruned, PruneContext
 
 
-def emit_scores(ctx: PruneContext, block, env: dict, metric: str) -> fx.Node:
+def emit_scores(ctx: PruneContext, block, env: dict, metric: str, stream: list = ()) -> fx.Node:
     if metric == "delta":
         return _delta_scores(ctx, block, env)
+    if metric == "novelty" and stream:
+        return _stream_scores(ctx, stream, env, metric)
     y = env[block.y]
     tok = info_of(block.y)
     dim = _current_dim(ctx, y, tok)
     scores = ctx.call(_named(metric), y, dim) if callable(metric) else ctx.call(ti.token_scores, y, dim, metric)
     return _to_identity(ctx, scores, y, tok.layout)
+
+
+def _stream_scores(ctx: PruneContext, parts: list, env: dict, metric: str) -> fx.Node:
+    """The metric on the token stream crossing the site (the sum of its parts)."""
+    stream = summed_stream(ctx, parts, env, ctx.site_order[-1] if ctx.site_order else 0)
+    tok = info_of(parts[0])
+    if isinstance(tok, Grid):
+        scores = ctx.call(ti.grid_token_scores, stream, tok.hdim, tok.wdim, metric)
+    else:
+        scores = ctx.call(ti.token_scores, stream, _current_dim(ctx, stream, tok), metric)
+    return _to_identity(ctx, scores, stream, tok.layout)
 
 
 def _delta_scores(ctx: PruneContext, block, env: dict) -> fx.Node:

@@ -15,7 +15,7 @@ import torch
 
 from . import token_ops
 
-METRICS = ("clip", "l1", "l2", "raw", "random", "delta")
+METRICS = ("clip", "l1", "l2", "raw", "random", "delta", "novelty", "novelty-y")
 
 
 def token_scores(y: torch.Tensor, token_dim: int, metric: str) -> torch.Tensor:
@@ -32,7 +32,17 @@ def token_scores(y: torch.Tensor, token_dim: int, metric: str) -> torch.Tensor:
         return flat.sum(-1) if metric == "raw" else flat.mean(-1)
     if metric == "random":
         return pseudo_random_scores(flat)
+    if metric in ("novelty", "novelty-y"):
+        # distance from the sample's mean token: a token like the average one adds little the others
+        # do not already carry (benchmarks/fidelity.py: it keeps the digit, clip keeps the clutter)
+        return (flat - flat.mean(1, keepdim=True)).square().sum(-1).sqrt()
     raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def grid_token_scores(x: torch.Tensor, hdim: int, wdim: int, metric: str) -> torch.Tensor:
+    """token_scores of a (B, C, H, W)-like grid, cells in row-major order (a pruned K x 1 grid: its K cells)."""
+    flat = x.movedim((hdim, wdim), (-2, -1)).flatten(-2)
+    return token_scores(flat, flat.dim() - 1, metric)
 
 
 def pseudo_random_scores(flat: torch.Tensor) -> torch.Tensor:
@@ -140,6 +150,16 @@ def scatter_grid(x: torch.Tensor, index: torch.Tensor, height: int, width: int, 
     flat = moved.reshape(*moved.shape[:-2], moved.shape[-2] * moved.shape[-1])
     dense = token_ops.scatter_tokens(flat, index, height * width, flat.dim() - 1)
     return dense.reshape(*dense.shape[:-1], height, width).movedim((-2, -1), (hdim, wdim))
+
+
+def put_grid(base: torch.Tensor, x: torch.Tensor, index: torch.Tensor, hdim: int, wdim: int) -> torch.Tensor:
+    """The dense grid `base` with the K cells of the pruned grid `x` (a K x 1 column) written at `index` (B, K)."""
+    base = base.expand(index.shape[0], *base.shape[1:])
+    moved = base.movedim((hdim, wdim), (-2, -1))
+    flat = moved.reshape(*moved.shape[:-2], moved.shape[-2] * moved.shape[-1])
+    cells = x.movedim((hdim, wdim), (-2, -1)).squeeze(-1)
+    out = token_ops.put_tokens(flat, cells, index, flat.dim() - 1)
+    return out.reshape(moved.shape).movedim((-2, -1), (hdim, wdim))
 
 
 def expand_grid(x: torch.Tensor, hdim: int, wdim: int, height: int, width: int) -> torch.Tensor:

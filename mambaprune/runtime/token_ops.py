@@ -65,6 +65,12 @@ def scatter_tokens(x: torch.Tensor, index: torch.Tensor, length: int, dim: int) 
     return x.new_zeros(out_shape).scatter(axis, _expand_index(index, x.shape, axis), x)
 
 
+def put_tokens(base: torch.Tensor, x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``base`` with x's K slots along `dim` written at `index` (batch, K); the other slots keep base's values."""
+    axis = check_token_index("put_tokens", x, index, dim)
+    return base.scatter(axis, _expand_index(index, x.shape, axis), x.to(base.dtype))
+
+
 # ----------------------------------------------------------------------------- pos_conv1d
 
 
