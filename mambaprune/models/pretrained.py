@@ -19,11 +19,12 @@ from ._registry import create_model
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
-# name -> (registered factory, overrides, data variant). 96x96 inputs, patch 8: 144 patch tokens.
+# name -> (registered factory, overrides, data variant); the shipped ones: 64x64 inputs, patch 8, 64 patch tokens.
 REFERENCE_CONFIGS: Dict[str, tuple] = {
     "vim_digits": ("vim_t", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=10), "one"),
     "vim_digits_pair": ("vim_t", dict(img_size=96, patch_size=8, embed_dim=96, depth=12, d_state=8, num_classes=10), "two"),
     "plainmamba_digits": ("plainmamba_l1", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=10), "one"),
+    "plainmamba_digits_pair": ("plainmamba_l1", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=10), "two"),
 }
 
 
