@@ -31,6 +31,7 @@ from fidelity import compare, logits_of  # noqa: E402
 from train_reference import accuracy, learning_rate  # noqa: E402
 
 from mambaprune.compiler.api import build, prepare  # noqa: E402
+from mambaprune.compiler.plan import solve_site_keep  # noqa: E402
 from mambaprune.compiler.settings import DEFAULT_METRIC, STAGE_FILLS, PruneSettings  # noqa: E402
 from mambaprune.data import make_cluttered_digits  # noqa: E402
 from mambaprune.errors import UnreachableRatioError  # noqa: E402
@@ -91,7 +92,6 @@ def run(steps: int, test_size: int, ratios) -> dict:
 
 def _first_stage_keep(prepared, site: int, ratio: float) -> float:
     """The keep rate at `site` whose estimated reduction is closest to `ratio` (bisection in plan)."""
-    from mambaprune.compiler.plan import solve_site_keep
     plan = solve_site_keep(prepared.analysis, prepared.flops, {}, site, ratio)
     if ratio - plan.estimated_ratio > 0.03:
         raise UnreachableRatioError(f"{ratio} is beyond a single first-stage site (max {plan.estimated_ratio:.3f})")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..compiler.token_flow import Grid, MultiTok, info_of
 from ..runtime import token_index as ti
-from .gather_streams import summed_stream
+from .gather_streams import add, summed_stream
 from .token_state import Pruned, PruneContext
 
 
@@ -35,7 +35,7 @@ def emit_scores(ctx: PruneContext, block, env: dict, metric: str, stream: list =
 
 def _stream_scores(ctx: PruneContext, parts: list, env: dict, metric: str) -> fx.Node:
     """The metric on the token stream crossing the site (the sum of its parts)."""
-    stream = summed_stream(ctx, parts, env, ctx.site_order[-1] if ctx.site_order else 0)
+    stream = summed_stream(ctx, parts, env, ctx.latest_site())
     tok = info_of(parts[0])
     if isinstance(tok, Grid):
         scores = ctx.call(ti.grid_token_scores, stream, tok.hdim, tok.wdim, metric)
@@ -59,7 +59,7 @@ def _delta_scores(ctx: PruneContext, block, env: dict) -> fx.Node:
         for g, layout in enumerate(layouts):
             part = delta if len(layouts) == 1 else ctx.call(_channel_part, delta, g, len(layouts))
             scores = _to_identity(ctx, ctx.call(ti.token_scores, part, 2, "delta"), env[scan.args[1]], layout)
-            total = scores if total is None else ctx.call(_add, total, scores)
+            total = scores if total is None else ctx.call(add, total, scores)
     return total
 
 
@@ -92,9 +92,6 @@ def _channel_part(delta, index, parts):
     """Channels of direction `index` of a (B, parts * D, L) tensor."""
     return delta.chunk(parts, dim=1)[index]
 
-
-def _add(a, b):
-    return a + b
 
 
 def _columns(scores, rank):

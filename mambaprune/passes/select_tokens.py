@@ -18,7 +18,7 @@ KEPT_POSITIONS_KEY = "mambaprune.kept_positions"
 
 def emit_selection(ctx: PruneContext, site: int, scores: fx.Node, reference: fx.Node, token_dim: int,
                    keep: int, protected: set) -> SiteNodes:
-    previous = ctx.site_order[-1] if ctx.site_order else 0
+    previous = ctx.latest_site()
     if previous == 0:
         prev_idx = ctx.call(ti.initial_positions, reference, token_dim)
     else:

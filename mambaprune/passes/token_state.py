@@ -82,6 +82,10 @@ class PruneContext:
         self.sites[site] = nodes
         self.site_order.append(site)
 
+    def latest_site(self) -> int:
+        """The last site added so far (0: none yet, the dense sequence)."""
+        return self.site_order[-1] if self.site_order else 0
+
     def previous_site(self, site: int) -> int:
         position = self.site_order.index(site)
         return self.site_order[position - 1] if position else 0
