@@ -4,8 +4,9 @@
     python benchmarks/fidelity.py --models vim_digits      # one checkpoint
     python benchmarks/fidelity.py --quick                  # 100 test images, ratios 0.3 and 0.5
 
-For FLOPs reductions 0.1-0.6: every alignment (default metric), every metric (alignment hold) and the
-schedules paper / uniform / auto (searched on 2 validation batches), each against the dense model:
+For FLOPs reductions 0.1-0.6: every alignment and alignment="auto" (default metric), every metric
+(alignment auto), and the schedules paper / uniform / auto, the last also with alignment="auto"
+(calibration: 2 batches of 32 validation images), each against the dense model:
 top-1 test accuracy, agreement with the dense predictions and mean KL(dense || pruned). Writes, per
 checkpoint NAME, benchmarks/results/fidelity_NAME.{json,md}, fidelity_NAME_alignment.png,
 fidelity_NAME_schedule.png and fidelity_kept_tokens_NAME.png. Each model is captured once
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mambaprune.compiler.api import build, prepare
-from mambaprune.compiler.settings import ALIGNMENTS, DEFAULT_METRIC, PruneSettings
+from mambaprune.compiler.settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, PruneSettings
 from mambaprune.data import make_cluttered_digits
 from mambaprune.errors import UnreachableRatioError
 from mambaprune.models.pretrained import checkpoint_info, list_pretrained, load_pretrained
@@ -49,10 +50,17 @@ def compare(dense: torch.Tensor, pruned: torch.Tensor, labels: torch.Tensor) -> 
 
 def settings_grid(ratios) -> list:
     """(group, settings) pairs: alignments x ratios, metrics x ratios, schedules x ratios."""
-    grid = [("alignment", PruneSettings(r, None, a, DEFAULT_METRIC)) for a in ALIGNMENTS for r in ratios]
-    grid += [("metric", PruneSettings(r, None, "hold", m)) for m in METRICS if m != DEFAULT_METRIC for r in ratios]
-    grid += [("schedule", PruneSettings(r, s, "hold", DEFAULT_METRIC)) for s in ("uniform", "auto") for r in ratios]
+    grid = [("alignment", PruneSettings(r, None, a, DEFAULT_METRIC)) for a in ALIGNMENT_CHOICES for r in ratios]
+    grid += [("metric", PruneSettings(r, None, "auto", m)) for m in METRICS if m != DEFAULT_METRIC for r in ratios]
+    grid += [("schedule", PruneSettings(r, s, a, DEFAULT_METRIC))
+             for s, a in (("uniform", "hold"), ("auto", "hold"), ("auto", "auto")) for r in ratios]
     return grid
+
+
+def schedule_label(settings: PruneSettings) -> str:
+    """The schedule's name in the tables; the fully automatic setting is named by both choices."""
+    name = settings.schedule or "paper"
+    return f"{name}, alignment auto" if settings.alignment == "auto" and name == "auto" else name
 
 
 def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
@@ -69,9 +77,9 @@ def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
     for group, settings in tqdm(settings_grid(ratios), desc=name):
         start = time.perf_counter()
         row = {"group": group, "ratio": settings.ratio, "alignment": settings.alignment, "metric": settings.metric,
-               "schedule": settings.schedule or "paper"}
+               "schedule": schedule_label(settings)}
         try:
-            pruned = build(prepared, settings, calibration if settings.schedule == "auto" else None)
+            pruned = build(prepared, settings, calibration if settings.needs_calibration else None)
         except UnreachableRatioError as err:
             rows.append({**row, "unreachable": str(err)})
             continue
@@ -79,18 +87,20 @@ def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
                    seconds=round(time.perf_counter() - start, 1))
         if pruned.report.schedule_search:
             row["auto_chose"] = pruned.report.schedule_search[0]
+        if pruned.report.alignment_search:
+            row["auto_alignment_chose"] = pruned.report.alignment_search[0]
         rows.append(row)
     pictures = make_cluttered_digits("test", 4, info.variant, img_size, seed=0)
-    shown = build(prepared, PruneSettings(0.3, None, "hold", DEFAULT_METRIC))
+    shown = build(prepared, PruneSettings(0.3, None, "auto", DEFAULT_METRIC), calibration)
     plot_kept_tokens(pictures.pictures(), shown.kept_positions(pictures.inputs), shown.report,
                      folder / f"fidelity_kept_tokens_{name}.png",
                      titles=[f"label {int(v)}" for v in pictures.labels])
     return {"name": name, "variant": info.variant, "test_size": test_size, "rows": rows}
 
 
-def paper_rows(result: dict) -> list:
-    """The rows at alignment=hold, the default metric, paper schedule (they sit in the alignment group)."""
-    return [r for r in result["rows"] if r["group"] == "alignment" and r["alignment"] == "hold"]
+def paper_rows(result: dict, alignment: str = "hold") -> list:
+    """The rows at ``alignment``, the default metric, paper schedule (they sit in the alignment group)."""
+    return [r for r in result["rows"] if r["group"] == "alignment" and r["alignment"] == alignment]
 
 
 def markdown(results: list) -> str:
@@ -102,13 +112,13 @@ def markdown(results: list) -> str:
         for group, key in (("alignment", "alignment"), ("metric", "metric"), ("schedule", "schedule")):
             rows = [r for r in result["rows"] if r["group"] == group]
             if group == "metric":
-                rows = paper_rows(result) + rows
+                rows = paper_rows(result, "auto") + rows
             if group == "schedule":
                 rows = paper_rows(result) + rows
             ratios = sorted({r["ratio"] for r in rows})
             names = list(dict.fromkeys(r[key] for r in rows))
             lines.append(f"Top-1 accuracy / agreement with dense / KL by {group} "
-                         f"({'metric ' + DEFAULT_METRIC if group == 'alignment' else 'alignment hold'}):\n")
+                         f"({_condition(group)}):\n")
             lines.append(f"| {group} | " + " | ".join(f"-{r:.0%} FLOPs" for r in ratios) + " |")
             lines.append("|---|" + "---|" * len(ratios))
             for n in names:
@@ -121,12 +131,19 @@ def markdown(results: list) -> str:
     return "\n".join(lines)
 
 
+def _condition(group: str) -> str:
+    return {"alignment": f"metric {DEFAULT_METRIC}; auto: [the alignment it chose]",
+            "metric": "alignment auto: [the alignment it chose]",
+            "schedule": f"metric {DEFAULT_METRIC}, alignment hold unless named"}[group]
+
+
 def _cell(row) -> str:
     if row is None:
         return "-"
     if "unreachable" in row:
         return "unreachable"
-    return f"{row['accuracy']:.3f} / {row['agreement']:.3f} / {row['kl']:.3f}"
+    chose = f" [{row['auto_alignment_chose']}]" if "auto_alignment_chose" in row else ""
+    return f"{row['accuracy']:.3f} / {row['agreement']:.3f} / {row['kl']:.3f}{chose}"
 
 
 def plot(results: list, group: str, key: str, path: Path) -> None:

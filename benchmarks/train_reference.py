@@ -3,11 +3,18 @@
     python benchmarks/train_reference.py --name vim_digits            # one digit, ViM-style
     python benchmarks/train_reference.py --name vim_digits_pair       # two digits, (a + b) mod 10
     python benchmarks/train_reference.py --name plainmamba_digits
+    python benchmarks/train_reference.py --name plainmamba_digits_pair --init-from plainmamba_digits --aux-weight 1
 
 Writes mambaprune/models/checkpoints/<name>.safetensors (fp16, with its dense test accuracy) and
 benchmarks/results/training/<name>.json (the log). Every batch is freshly generated from the
 training digit scans, so the model never sees a validation or test digit. Ctrl-C (or SIGTERM) stops
 the run early; what was trained so far is still evaluated, saved and logged (``stopped_at_step``).
+
+Two digits, label (a + b) mod 10, give no gradient to a model that recognises neither digit: knowing
+one digit says nothing about the label. ``--init-from`` starts from a one-digit checkpoint of the
+same architecture (its head re-initialised) and ``--aux-weight`` adds a training-only loss: a linear
+probe on the mean token of the middle block predicts which digits are present (binary cross-entropy
+on the multi-hot set {a, b}). The probe is dropped after training; the checkpoint is the model alone.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -44,20 +52,60 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+class DigitSetProbe(nn.Module):
+    """Training-only: predicts the multi-hot set of pasted digits from the mean token after a block."""
+
+    def __init__(self, block: nn.Module, dim: int, classes: int = 10):
+        super().__init__()
+        self.norm, self.linear = nn.LayerNorm(dim), nn.Linear(dim, classes)
+        self.tokens = None
+        block.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        # ViM blocks return (hidden, residual): the stream is their sum.
+        self.tokens = sum(output) if isinstance(output, tuple) else output
+
+    def loss(self, digits: torch.Tensor) -> torch.Tensor:
+        target = torch.zeros(len(digits), self.linear.out_features, device=digits.device).scatter_(1, digits, 1.0)
+        logits = self.linear(self.norm(self.tokens.mean(dim=1)))
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def initial_model(name: str, resume: bool, init_from: str | None) -> nn.Module:
+    """The shipped ``name`` (resume), a one-digit checkpoint with a fresh head (init_from), or a new model."""
+    factory, overrides, _ = REFERENCE_CONFIGS[name]
+    if resume:
+        return load_pretrained(name)
+    model = create_model(factory, **overrides)
+    if init_from is not None:
+        source_factory, source_overrides, _ = REFERENCE_CONFIGS[init_from]
+        if (source_factory, source_overrides) != (factory, overrides):
+            raise SystemExit(f"--init-from {init_from}: its architecture ({source_factory}, {source_overrides}) "
+                             f"differs from {name}'s ({factory}, {overrides})")
+        weights = {k: v for k, v in load_pretrained(init_from).state_dict().items() if not k.startswith("head.")}
+        model.load_state_dict(weights, strict=False)
+    return model
+
+
 def train(name: str, steps: int, batch_size: int, lr: float, seed: int, threads: int, evals: int, device: str,
-          resume: bool = False) -> dict:
+          resume: bool = False, init_from: str | None = None, aux_weight: float = 0.0) -> dict:
     factory, overrides, variant = REFERENCE_CONFIGS[name]
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
-    model = (load_pretrained(name) if resume else create_model(factory, **overrides)).to(device).train()
+    model = initial_model(name, resume, init_from).to(device).train()
     img_size = overrides["img_size"]
     val = make_cluttered_digits("val", 500, variant, img_size, seed=seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    probe = DigitSetProbe(model.layers[len(model.layers) // 2], overrides["embed_dim"]).to(device) if aux_weight else None
+    parameters = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
     log = {"name": name, "factory": factory, "overrides": overrides, "variant": variant, "steps": steps,
-           "batch_size": batch_size, "lr": lr, "seed": seed, "device": device, "history": []}
+           "batch_size": batch_size, "lr": lr, "seed": seed, "device": device, "init_from": init_from,
+           "aux_weight": aux_weight, "history": []}
     if resume:  # a second run continuing the shipped checkpoint: keep the first run's log
         log["resumed_from"] = json.loads((RESULTS / f"{name}.json").read_text())
+    if init_from is not None:  # the checkpoint it started from may be replaced later: keep its log
+        log["init_from_log"] = json.loads((RESULTS / f"{init_from}.json").read_text())
     start, running = time.perf_counter(), None
     bar = tqdm(range(steps), desc=name, mininterval=10)
     stop = _stop_requested()
@@ -71,9 +119,10 @@ def train(name: str, steps: int, batch_size: int, lr: float, seed: int, threads:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
         loss = F.cross_entropy(model(batch.inputs.to(device)), batch.labels.to(device))
+        total = loss + aux_weight * probe.loss(batch.digits.to(device)) if probe else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}")
@@ -127,9 +176,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the shipped checkpoint <name> (new warm-up and cosine schedule, new batches)")
+    parser.add_argument("--init-from", choices=sorted(REFERENCE_CONFIGS),
+                        help="start from this shipped checkpoint of the same architecture, head re-initialised")
+    parser.add_argument("--aux-weight", type=float, default=0.0,
+                        help="weight of the training-only digit-set loss on the middle block (0: off)")
     args = parser.parse_args()
+    if args.resume and args.init_from:
+        parser.error("--resume and --init-from exclude each other")
     log = train(args.name, args.steps, args.batch_size, args.lr, args.seed, args.threads, args.evals, args.device,
-                args.resume)
+                args.resume, args.init_from, args.aux_weight)
     print(json.dumps({k: log[k] for k in ("name", "test_accuracy", "test_accuracy_fp16_weights", "train_minutes")}))
 
 

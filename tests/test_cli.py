@@ -49,3 +49,14 @@ def test_every_command_has_help(command, capsys):
         main(command + ["--help"])
     assert exit_info.value.code == 0
     assert "usage: mambaprune" in capsys.readouterr().out
+
+
+def test_demo_chooses_its_alignment_on_validation_images_and_checks_its_onnx_export(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("onnxruntime")
+    assert main(["demo", "--images", "40", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # the ViM checkpoint is best served by "none" (README, Fidelity); the demo must find that itself
+    assert "alignment='auto' chose none" in out and "alignment=none" in out
+    assert "test accuracy on 40 cluttered-digit images" in out and "onnxruntime matches PyTorch" in out
+    assert (tmp_path / "kept_tokens.png").stat().st_size > 0

@@ -10,7 +10,8 @@ from ..errors import UnsupportedModelError
 from ..passes.annotate_flops import annotate_flops, total_flops
 from ..passes.prune_tokens import SiteSpec, prune_tokens
 from .analysis import analyse
-from .auto_schedule import ScheduleSearch, calibration_inputs, search_schedule
+from .auto_alignment import AlignmentSearch, search_alignment
+from .auto_schedule import Calibration, ScheduleSearch, calibration_inputs, search_schedule
 from .capture import Capture, capture, flat_inputs, infer_example_inputs, run_graph
 from .plan import make_plan, node_flops
 from .pruned_model import PrunedModel
@@ -36,7 +37,9 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
             keep rate solved for `ratio`), "uniform" (a site after every block, one keep rate),
             "auto" (searched on `calibration`, see below), "top" (ToP's: keep 0.8 at its sites,
             ignores `ratio`) or {k: keep_rate} (a site after the first k blocks).
-        alignment: "hold" (default), "decay", "none" or "none-unsorted" (DESIGN.md).
+        alignment: "hold" (default), "decay", "none" or "none-unsorted" (DESIGN.md), or "auto":
+            the one of hold / none / decay whose outputs stay closest to the dense model's on
+            `calibration` (which alignment is best depends on the model: README, "Fidelity").
         metric: token importance at each site: "novelty" (default: the distance of a token of the
             stream crossing the site from the sample's mean token), or read from the SSM output y
             of the block before the site: "novelty-y" (the same distance on y), "clip" (ToP's),
@@ -47,9 +50,10 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
             (torch-tensorrt, our custom ops kept in PyTorch; needs a model compiled on CUDA).
         verify: check on the example inputs that the rewritten graph with every token kept
             reproduces the model (guards against silently wrong rewrites of unfamiliar models).
-        calibration: with schedule="auto", a few batches of model inputs (each a tensor or a tuple
-            of positional inputs); the schedule whose outputs stay closest to the dense model's on
-            them wins (a greedy per-block sensitivity search, ToP's sites and uniform sites).
+        calibration: with schedule="auto" and/or alignment="auto" (and only then), a few batches
+            of model inputs (each a tensor or a tuple of positional inputs); the schedule (a greedy
+            per-block sensitivity search, ToP's sites and uniform sites) and alignment whose outputs
+            stay closest to the dense model's on them win.
         stage_fill: hierarchical models (stages with downsampling between them): what the pruned
             cells of a stage's grid hold when the grid is restored before the downsampling:
             "carry" (default: the value at the site where the cell was pruned) or "zeros".
@@ -64,9 +68,9 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
                              verify=verify, stage_fill=stage_fill)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_pruned expects a torch.nn.Module; got {type(model).__name__}")
-    if (settings.schedule == "auto") != (calibration is not None):
-        raise ValueError("schedule='auto' and calibration= go together: pass calibration=[a few input batches] "
-                         "with schedule='auto' (and only then)")
+    if settings.needs_calibration != (calibration is not None):
+        raise ValueError("schedule='auto' / alignment='auto' and calibration= go together: pass "
+                         "calibration=[a few input batches] with schedule='auto' or alignment='auto' (and only then)")
     require_backend(settings.backend)
     prepared = prepare(model, example_inputs)
     return build(prepared, settings, calibration)
@@ -98,14 +102,17 @@ def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> P
 def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Iterable] = None) -> PrunedModel:
     """Plan, rewrite, verify and wrap a prepared model (see ``compile_pruned``)."""
     captured, analysis = prepared.captured, prepared.analysis
-    search = None
-    if settings.schedule == "auto":
-        search = _search(prepared, settings, calibration)
+    search, alignment_search, alignment = None, None, settings.alignment
+    if settings.alignment == "auto":
+        alignment_search = _search_alignment(prepared, settings, calibration)
+        plan, search, alignment = alignment_search.plan, alignment_search.schedule_search, alignment_search.chosen
+    elif settings.schedule == "auto":
+        search = _search_schedule(prepared, settings, calibration)
         plan = search.plans[search.chosen]
     else:
         plan = make_plan(analysis, prepared.flops, settings.ratio, settings.schedule)
     sites = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
-    pruned = prune_tokens(captured.gm, analysis, sites, settings.alignment, settings.metric,
+    pruned = prune_tokens(captured.gm, analysis, sites, alignment, settings.metric,
                           settings.stage_fill).graph_module
     if settings.verify and sites:
         verify_rewrite(captured, analysis, sites, prepared.flat, settings.stage_fill)
@@ -114,19 +121,30 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         sites=dict(plan.kept), keep_rates=dict(plan.keeps), token_length=analysis.token_length,
         protected=sorted(analysis.protected), dense_flops=plan.dense_flops,
         pruned_flops=total_flops(annotate_flops(pruned, prepared.flat).graph_module) if sites else plan.dense_flops,
-        estimated_flops=plan.estimated_flops, target_ratio=settings.ratio, alignment=settings.alignment,
+        estimated_flops=plan.estimated_flops, target_ratio=settings.ratio, alignment=alignment,
         metric=settings.metric, backend=settings.backend,
         not_understood=[(n.name, n.reason) for n in analysis.not_understood],
         unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed),
         schedule_search=None if search is None else (search.chosen, dict(search.scores)),
+        alignment_search=None if alignment_search is None else (alignment_search.chosen, dict(alignment_search.scores)),
         site_lengths={key: analysis.site_length(key) for key in plan.kept})
     return PrunedModel(pruned, report, prepared.example_inputs, settings.backend)
 
 
-def _search(prepared: Prepared, settings: PruneSettings, calibration: Iterable) -> ScheduleSearch:
-    batches = calibration_inputs(calibration, expected=len(prepared.flat))
-    return search_schedule(prepared.captured.gm, prepared.analysis, prepared.flops, settings.ratio, batches,
-                           settings.alignment, settings.metric, stage_fill=settings.stage_fill)
+def _calibration(prepared: Prepared, calibration: Iterable) -> Calibration:
+    return Calibration.of(prepared.captured.gm, calibration_inputs(calibration, expected=len(prepared.flat)))
+
+
+def _search_schedule(prepared: Prepared, settings: PruneSettings, calibration: Iterable) -> ScheduleSearch:
+    return search_schedule(prepared.captured.gm, prepared.analysis, prepared.flops, settings.ratio,
+                           _calibration(prepared, calibration), settings.alignment, settings.metric,
+                           stage_fill=settings.stage_fill)
+
+
+def _search_alignment(prepared: Prepared, settings: PruneSettings, calibration: Iterable) -> AlignmentSearch:
+    return search_alignment(prepared.captured.gm, prepared.analysis, prepared.flops, settings.ratio,
+                            settings.schedule, _calibration(prepared, calibration), settings.metric,
+                            stage_fill=settings.stage_fill)
 
 
 def require_backend(backend: str) -> None:

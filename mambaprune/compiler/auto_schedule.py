@@ -56,22 +56,38 @@ def output_discrepancy(dense: List[torch.Tensor], pruned: List[torch.Tensor]) ->
     return total
 
 
-def search_schedule(gm: fx.GraphModule, analysis, flops: dict, ratio: float, batches: List[list],
-                    alignment: str, metric, steps: int = 3, max_sites: int = 6, progress: bool = True,
-                    stage_fill: str = "carry") -> ScheduleSearch:
-    """The best schedule for ``ratio`` on ``batches`` (flat graph inputs), see the module docstring."""
-    with torch.no_grad():
-        dense = [run_graph(gm, flat) for flat in batches]
+@dataclass
+class Calibration:
+    """The calibration batches (flat graph inputs) and the dense model's outputs on them."""
 
-    def score(plan: Plan) -> float:
+    batches: List[list]
+    dense: List[list]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, batches: List[list]) -> "Calibration":
+        with torch.no_grad():
+            return cls(batches, [run_graph(gm, flat) for flat in batches])
+
+    def discrepancy(self, gm: fx.GraphModule, analysis, plan: Plan, alignment: str, metric, stage_fill: str) -> float:
+        """Mean ``output_discrepancy`` of ``plan`` rewritten with ``alignment`` over the batches."""
         specs = [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
         pruned = prune_tokens(gm, analysis, specs, alignment, metric, stage_fill).graph_module
         with torch.no_grad():
-            return sum(output_discrepancy(d, run_graph(pruned, flat)) for d, flat in zip(dense, batches)) / len(batches)
+            return sum(output_discrepancy(d, run_graph(pruned, flat))
+                       for d, flat in zip(self.dense, self.batches)) / len(self.batches)
+
+
+def search_schedule(gm: fx.GraphModule, analysis, flops: dict, ratio: float, calibration: Calibration,
+                    alignment: str, metric, steps: int = 3, max_sites: int = 6, progress: bool = True,
+                    stage_fill: str = "carry") -> ScheduleSearch:
+    """The best schedule for ``ratio`` on the calibration batches, see the module docstring."""
+
+    def score(plan: Plan) -> float:
+        return calibration.discrepancy(gm, analysis, plan, alignment, metric, stage_fill)
 
     search = ScheduleSearch(chosen="")
     sites = _spread(analysis.valid_sites, max_sites)
-    bar = tqdm(total=steps * len(sites) + 2, desc="schedule='auto'", leave=False, disable=not progress)
+    bar = tqdm(total=steps * len(sites) + 2, desc=f"schedule='auto' ({alignment})", leave=False, disable=not progress)
     for name in ("paper", "uniform"):
         try:
             plan = make_plan(analysis, flops, ratio, name)

@@ -31,6 +31,7 @@ class PruneReport:
     routed_scans: list = field(default_factory=list)
     schedule_search: tuple | None = None  # schedule="auto": (chosen, {candidate: calibration discrepancy})
     site_lengths: dict = field(default_factory=dict)  # site key -> tokens of its stage (hierarchical models)
+    alignment_search: tuple | None = None  # alignment="auto": (chosen, {candidate: calibration discrepancy})
 
     @property
     def achieved_ratio(self) -> float:
@@ -52,10 +53,11 @@ class PruneReport:
         lines.append(f"FLOPs per image (MACs): dense {self.dense_flops / 1e9:.4f} G, pruned "
                      f"{self.pruned_flops / 1e9:.4f} G, reduction {self.achieved_ratio:.3f} "
                      f"(target {self.target_ratio:.3f}, planned {1 - self.estimated_flops / self.dense_flops:.3f})")
-        if self.schedule_search is not None:
-            chosen, scores = self.schedule_search
-            scored = ", ".join(f"{name} {value:.4g}" for name, value in sorted(scores.items(), key=lambda kv: kv[1]))
-            lines.append(f"schedule='auto' chose {chosen} (calibration output discrepancy: {scored})")
+        for option, search in (("alignment", self.alignment_search), ("schedule", self.schedule_search)):
+            if search is not None:
+                chosen, scores = search
+                scored = ", ".join(f"{name} {value:.4g}" for name, value in sorted(scores.items(), key=lambda kv: kv[1]))
+                lines.append(f"{option}='auto' chose {chosen} (calibration output discrepancy: {scored})")
         if self.routed_scans:
             lines.append("scans routed to mambaprune::selective_scan: " + _count_origins(self.routed_scans))
         for module, reason in self.not_understood:

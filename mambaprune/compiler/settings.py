@@ -11,6 +11,8 @@ from ..runtime.token_index import METRICS
 DEFAULT_METRIC = "novelty"
 
 ALIGNMENTS = ("none", "none-unsorted", "hold", "decay")
+# what compile_pruned accepts: a concrete alignment, or "auto" (chosen on calibration batches)
+ALIGNMENT_CHOICES = ALIGNMENTS + ("auto",)
 # how a hierarchical model's pruned grid is filled before the downsampling that ends the stage
 STAGE_FILLS = ("carry", "zeros")
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
@@ -31,8 +33,8 @@ class PruneSettings:
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be a number in [0, 1) (the fraction of FLOPs to remove); got {self.ratio!r}")
-        if self.alignment not in ALIGNMENTS:
-            raise ValueError(f"alignment must be one of {ALIGNMENTS}; got {self.alignment!r}")
+        if self.alignment not in ALIGNMENT_CHOICES:
+            raise ValueError(f"alignment must be one of {ALIGNMENT_CHOICES}; got {self.alignment!r}")
         if not callable(self.metric) and self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS} or a callable (y, token_dim) -> scores (B, L); "
                              f"got {self.metric!r}")
@@ -41,6 +43,11 @@ class PruneSettings:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}")
         validate_schedule(self.schedule)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """schedule="auto" and alignment="auto" are chosen on calibration batches."""
+        return self.schedule == "auto" or self.alignment == "auto"
 
 
 def validate_schedule(schedule) -> None:
