@@ -1,6 +1,8 @@
-"""The tiny ViM and random calibration batches that the schedule='auto' / alignment='auto' tests share."""
+"""The tiny ViM, random calibration batches and the discrepancy measure that the schedule='auto' /
+alignment='auto' tests share."""
 import torch
 
+from mambaprune.compiler.auto_schedule import output_discrepancy
 from mambaprune.models import create_model
 
 
@@ -12,3 +14,9 @@ def tiny_vim():
 def random_batches(count=2, size=4, seed=5):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(size, 3, 32, 32, generator=g) for _ in range(count)]
+
+
+def mean_discrepancy(model, pruned, batches) -> float:
+    """What the searches minimise, measured on the modules themselves: mean output_discrepancy."""
+    with torch.no_grad():
+        return sum(output_discrepancy([model(x)], [pruned(x)]) for x in batches) / len(batches)

@@ -3,19 +3,12 @@ import os
 import sys
 
 import pytest
-import torch
 
 import mambaprune
 from mambaprune.compiler.auto_alignment import AUTO_ALIGNMENT_CANDIDATES
-from mambaprune.compiler.auto_schedule import output_discrepancy
 
 sys.path.insert(0, os.path.dirname(__file__))
-from calibration_inputs import random_batches, tiny_vim  # noqa: E402
-
-
-def measured(model, pruned, calibration) -> float:
-    with torch.no_grad():
-        return sum(output_discrepancy([model(x)], [pruned(x)]) for x in calibration) / len(calibration)
+from calibration_inputs import mean_discrepancy, random_batches, tiny_vim  # noqa: E402
 
 
 def test_auto_alignment_scores_each_candidate_as_compiled_and_keeps_the_closest():
@@ -26,10 +19,10 @@ def test_auto_alignment_scores_each_candidate_as_compiled_and_keeps_the_closest(
     for alignment in AUTO_ALIGNMENT_CANDIDATES:
         fixed = mambaprune.compile_pruned(model, 0.3, alignment=alignment)
         assert fixed.report.sites == auto.report.sites
-        assert scores[alignment] == pytest.approx(measured(model, fixed, calibration), rel=1e-4, abs=1e-7)
+        assert scores[alignment] == pytest.approx(mean_discrepancy(model, fixed, calibration), rel=1e-4, abs=1e-7)
     assert scores[chosen] == min(scores.values())
     assert auto.report.alignment == chosen
-    assert measured(model, auto, calibration) == pytest.approx(scores[chosen], rel=1e-4, abs=1e-7)
+    assert mean_discrepancy(model, auto, calibration) == pytest.approx(scores[chosen], rel=1e-4, abs=1e-7)
     assert f"alignment='auto' chose {chosen}" in str(auto.report)
 
 
@@ -43,7 +36,7 @@ def test_auto_alignment_with_auto_schedule_searches_a_schedule_per_alignment():
     assert abs(auto.report.achieved_ratio - 0.3) <= 0.03
     for alignment in AUTO_ALIGNMENT_CANDIDATES:
         one = mambaprune.compile_pruned(model, 0.3, alignment=alignment, schedule="auto", calibration=calibration)
-        assert measured(model, auto, calibration) <= measured(model, one, calibration) + 1e-9
+        assert mean_discrepancy(model, auto, calibration) <= mean_discrepancy(model, one, calibration) + 1e-9
 
 
 def test_a_calibration_generator_is_read_once():
@@ -54,7 +47,7 @@ def test_a_calibration_generator_is_read_once():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(alignment="auto"), "alignment='auto' and calibration= go together"),
+    (dict(alignment="auto"), "schedule='auto' / alignment='auto' and calibration= go together"),
     (dict(alignment="auto", calibration=[]), "calibration is empty"),
     (dict(alignment="automatic"), "alignment must be one of"),
 ])

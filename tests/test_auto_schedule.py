@@ -9,7 +9,7 @@ import mambaprune
 from mambaprune.compiler.auto_schedule import _choose, output_discrepancy
 
 sys.path.insert(0, os.path.dirname(__file__))
-from calibration_inputs import random_batches, tiny_vim  # noqa: E402
+from calibration_inputs import mean_discrepancy, random_batches, tiny_vim  # noqa: E402
 
 
 def test_auto_is_no_worse_than_paper_and_uniform_on_calibration_and_reaches_the_ratio():
@@ -19,13 +19,11 @@ def test_auto_is_no_worse_than_paper_and_uniform_on_calibration_and_reaches_the_
     chosen, scores = auto.report.schedule_search
     assert set(scores) >= {"paper", "uniform"} and scores[chosen] <= min(scores["paper"], scores["uniform"])
     assert abs(auto.report.achieved_ratio - 0.3) <= 0.03
-    with torch.no_grad():
-        measured = sum(output_discrepancy([model(x)], [auto(x)]) for x in calibration) / len(calibration)
+    measured = mean_discrepancy(model, auto, calibration)
     assert measured == pytest.approx(scores[chosen], rel=1e-4, abs=1e-7)
     for name in ("paper", "uniform"):
         other = mambaprune.compile_pruned(model, 0.3, schedule=name)
-        with torch.no_grad():
-            theirs = sum(output_discrepancy([model(x)], [other(x)]) for x in calibration) / len(calibration)
+        theirs = mean_discrepancy(model, other, calibration)
         assert measured <= theirs + 1e-9
     assert "schedule='auto' chose" in str(auto.report)
 
@@ -58,8 +56,8 @@ def test_output_discrepancy_is_kl_for_logits_and_relative_mse_otherwise():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(schedule="auto"), "calibration= go together"),
-    (dict(calibration=[torch.randn(2, 3, 32, 32)]), "calibration= go together"),
+    (dict(schedule="auto"), "schedule='auto' / alignment='auto' and calibration= go together"),
+    (dict(calibration=[torch.randn(2, 3, 32, 32)]), "schedule='auto' / alignment='auto' and calibration= go together"),
     (dict(schedule="auto", calibration=[]), "calibration is empty"),
     (dict(schedule="auto", calibration=[(torch.randn(2, 3, 32, 32), torch.zeros(2))]),
      "calibration batch 0 does not match"),
