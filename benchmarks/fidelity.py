@@ -3,11 +3,14 @@
     python benchmarks/fidelity.py                          # every shipped checkpoint, 500 test images
     python benchmarks/fidelity.py --models vim_digits      # one checkpoint
     python benchmarks/fidelity.py --quick                  # 100 test images, ratios 0.3 and 0.5
+    python benchmarks/fidelity.py --calibration-images 64  # a smaller calibration set (default 256)
 
 For FLOPs reductions 0.1-0.6: every alignment and alignment="auto" (default metric), every metric
 (alignment auto), and the schedules paper / uniform / auto, the last also with alignment="auto"
-(calibration: 2 batches of 32 validation images), each against the dense model:
-top-1 test accuracy, agreement with the dense predictions and mean KL(dense || pruned). Writes, per
+(calibration: 256 validation images in batches of 32), each against the dense model:
+top-1 test accuracy, agreement with the dense predictions and mean KL(dense || pruned). The automatic
+schedule is compared with each baseline image by image: on how many test images only one of the two
+is right, and the exact two-sided McNemar p-value of that split. Writes, per
 checkpoint NAME, benchmarks/results/fidelity_NAME.{json,md}, fidelity_NAME_alignment.png,
 fidelity_NAME_schedule.png and fidelity_kept_tokens_NAME.png. Each model is captured once
 (``prepare``) and rebuilt per setting. Ratios a model cannot reach are recorded as unreachable.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -48,6 +52,24 @@ def compare(dense: torch.Tensor, pruned: torch.Tensor, labels: torch.Tensor) -> 
             "kl": kl.item()}
 
 
+def paired_comparison(name: str, baseline: str, ratio: float, ours: torch.Tensor, theirs: torch.Tensor,
+                      labels: torch.Tensor) -> dict:
+    """Images only ``ours`` gets right (wins) and only ``theirs`` gets right (losses), with McNemar's exact p."""
+    right, their_right = ours == labels, theirs == labels
+    wins, losses = int((right & ~their_right).sum()), int((~right & their_right).sum())
+    return {"schedule": name, "baseline": baseline, "ratio": ratio, "wins": wins, "losses": losses,
+            "p_value": round(mcnemar_exact(wins, losses), 4)}
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test: P(a split at least this uneven | each discordant image is a coin flip)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def settings_grid(ratios) -> list:
     """(group, settings) pairs: alignments x ratios, metrics x ratios, schedules x ratios."""
     grid = [("alignment", PruneSettings(r, None, a, DEFAULT_METRIC)) for a in ALIGNMENT_CHOICES for r in ratios]
@@ -63,17 +85,18 @@ def schedule_label(settings: PruneSettings) -> str:
     return f"{name}, alignment auto" if settings.alignment == "auto" and name == "auto" else name
 
 
-def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
+def run_model(name: str, ratios, test_size: int, folder: Path, calibration_images: int = 256) -> dict:
     info = checkpoint_info(name)
     model = load_pretrained(name)
     img_size = info.overrides["img_size"]
     test = make_cluttered_digits("test", test_size, info.variant, img_size, seed=0)
-    calibration_data = make_cluttered_digits("val", 64, info.variant, img_size, seed=1)
+    calibration_data = make_cluttered_digits("val", calibration_images, info.variant, img_size, seed=1)
     calibration = [x for x, _ in calibration_data.batches(32)]
     dense = logits_of(model, test)
     rows = [{"group": "dense", "ratio": 0.0, "achieved": 0.0, "alignment": "-", "metric": "-", "schedule": "-",
              **compare(dense, dense, test.labels)}]
     prepared = prepare(model, (test.inputs[:2],))
+    predictions = {}  # (schedule label, ratio) -> test predictions, for the paired comparisons
     for group, settings in tqdm(settings_grid(ratios), desc=name):
         start = time.perf_counter()
         row = {"group": group, "ratio": settings.ratio, "alignment": settings.alignment, "metric": settings.metric,
@@ -83,8 +106,11 @@ def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
         except UnreachableRatioError as err:
             rows.append({**row, "unreachable": str(err)})
             continue
-        row.update(achieved=round(pruned.report.achieved_ratio, 4), **compare(dense, logits_of(pruned, test), test.labels),
+        logits = logits_of(pruned, test)
+        row.update(achieved=round(pruned.report.achieved_ratio, 4), **compare(dense, logits, test.labels),
                    seconds=round(time.perf_counter() - start, 1))
+        if group == "schedule" or (group == "alignment" and settings.alignment == "hold"):
+            predictions[(row["schedule"], settings.ratio)] = logits.argmax(-1)
         if pruned.report.schedule_search:
             row["auto_chose"] = pruned.report.schedule_search[0]
         if pruned.report.alignment_search:
@@ -95,7 +121,11 @@ def run_model(name: str, ratios, test_size: int, folder: Path) -> dict:
     plot_kept_tokens(pictures.pictures(), shown.kept_positions(pictures.inputs), shown.report,
                      folder / f"fidelity_kept_tokens_{name}.png",
                      titles=[f"label {int(v)}" for v in pictures.labels])
-    return {"name": name, "variant": info.variant, "test_size": test_size, "rows": rows}
+    comparisons = [paired_comparison(ours, base, ratio, predictions[(ours, ratio)], predictions[(base, ratio)], test.labels)
+                   for ours in ("auto", "auto, alignment auto") for base in ("paper", "uniform") for ratio in ratios
+                   if (ours, ratio) in predictions and (base, ratio) in predictions]
+    return {"name": name, "variant": info.variant, "test_size": test_size, "calibration_images": calibration_images,
+            "rows": rows, "schedule_comparisons": comparisons}
 
 
 def paper_rows(result: dict, alignment: str = "hold") -> list:
@@ -128,7 +158,28 @@ def markdown(results: list) -> str:
                     cells.append(_cell(row))
                 lines.append(f"| {n} | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += comparison_table(result)
     return "\n".join(lines)
+
+
+def comparison_table(result: dict) -> list:
+    """schedule="auto" against each baseline, image by image: wins-losses (McNemar p)."""
+    comparisons = result.get("schedule_comparisons", [])
+    if not comparisons:
+        return []
+    ratios = sorted({c["ratio"] for c in comparisons})
+    lines = ["schedule auto against each baseline on the same test images: images only auto gets right - "
+             "images only the baseline gets right (exact McNemar p; alignment hold unless named):\n",
+             "| auto vs | " + " | ".join(f"-{r:.0%} FLOPs" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for pair in dict.fromkeys((c["schedule"], c["baseline"]) for c in comparisons):
+        cells = []
+        for ratio in ratios:
+            c = next((c for c in comparisons if (c["schedule"], c["baseline"], c["ratio"]) == (*pair, ratio)), None)
+            cells.append("-" if c is None else f"+{c['wins']} -{c['losses']} (p {c['p_value']:.2f})")
+        label = pair[1] if pair[0] == "auto" else f"{pair[1]} (auto with alignment auto)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def _condition(group: str) -> str:
@@ -176,6 +227,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None, help="checkpoint names (default: all shipped)")
     parser.add_argument("--test-size", type=int, default=None, help="test images (default 500, 100 with --quick)")
     parser.add_argument("--quick", action="store_true", help="100 test images, ratios 0.3 and 0.5")
+    parser.add_argument("--calibration-images", type=int, default=256,
+                        help="validation images the automatic choices are made on (batches of 32; default 256)")
     parser.add_argument("--out", default=str(RESULTS / "fidelity"), help="output prefix: _NAME.json, _NAME.md, ... are appended")
     args = parser.parse_args()
     ratios = (0.3, 0.5) if args.quick else RATIOS
@@ -183,7 +236,7 @@ def main() -> None:
     for name in args.models or list_pretrained():
         out = Path(f"{args.out}_{name}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        result = run_model(name, ratios, test_size, out.parent)
+        result = run_model(name, ratios, test_size, out.parent, args.calibration_images)
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         out.with_suffix(".md").write_text(markdown([result]))
         plot([result], "alignment", "alignment", out.with_name(out.name + "_alignment.png"))
