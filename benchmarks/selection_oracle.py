@@ -21,37 +21,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from mambaprune import compile_pruned
-from mambaprune.data import make_cluttered_digits
-from mambaprune.models.pretrained import checkpoint_info, load_pretrained
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fidelity import compare, logits_of  # noqa: E402
+
+from mambaprune import compile_pruned  # noqa: E402
+from mambaprune.data import make_cluttered_digits  # noqa: E402
+from mambaprune.models.pretrained import checkpoint_info, load_pretrained  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SCORES = ("novelty", "random", "saliency", "digit box")
 
 
-def embed(model, images: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
-    """Patch tokens (or the given ``patches``) with the middle class token and the position embedding."""
-    x = model.patch_embed(images) if patches is None else patches
-    middle = model.token_position
-    cls = model.cls_token.expand(x.shape[0], -1, -1)
-    return torch.cat((x[:, :middle], cls, x[:, middle:]), dim=1) + model.pos_embed
-
-
 def saliency(model, images: torch.Tensor) -> torch.Tensor:
     """|gradient x input| of the predicted logit at every token (0 for the class token), (B, L)."""
-    patches = model.patch_embed(images).detach().requires_grad_(True)
-    hidden, residual = embed(model, images, patches), None
-    for layer in model.layers:
-        hidden, residual = layer(hidden, residual)
-    logits = model.head(model.norm_f(residual + hidden)[:, model.token_position])
+    patches = {}
+
+    def keep_gradient(module, inputs, output):
+        output.retain_grad()
+        patches["tokens"] = output
+
+    hook = model.patch_embed.register_forward_hook(keep_gradient)
+    try:
+        logits = model(images)
+    finally:
+        hook.remove()
     logits.gather(1, logits.argmax(-1, keepdim=True)).sum().backward()
-    per_patch = (patches.grad * patches).sum(-1).abs()
-    return _insert_class_slot(model, per_patch)
+    tokens = patches["tokens"]
+    return _insert_class_slot(model, (tokens.grad * tokens).sum(-1).abs().detach())
 
 
 def digit_cover(model, boxes: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -76,7 +78,7 @@ def _insert_class_slot(model, per_patch: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def pruned_forward(model, images: torch.Tensor, sites: dict, score: str, oracle: torch.Tensor | None) -> torch.Tensor:
     """The model with the kept tokens gathered after each site (alignment "none"), ranked by ``score``."""
-    hidden, residual = embed(model, images), None
+    hidden, residual = model.embed_tokens(images), None
     cls_slot = torch.full((images.shape[0],), model.token_position)
     positions = torch.arange(hidden.shape[1]).expand(images.shape[0], -1)
     for done, layer in enumerate(model.layers, start=1):
@@ -102,11 +104,10 @@ def pruned_forward(model, images: torch.Tensor, sites: dict, score: str, oracle:
 
 
 def evaluate(model, test, img_size: int, ratios, batch_size: int = 100) -> list:
-    with torch.no_grad():
-        dense = torch.cat([model(x) for x, _ in test.batches(batch_size)])
+    dense = logits_of(model, test, batch_size)
     oracles = {"saliency": torch.cat([saliency(model, x) for x, _ in test.batches(batch_size)]),
                "digit box": digit_cover(model, test.boxes, img_size)}
-    rows = [{"ratio": 0.0, "score": "dense", **_compare(dense, dense, test.labels)}]
+    rows = [{"ratio": 0.0, "score": "dense", **compare(dense, dense, test.labels)}]
     for ratio in ratios:
         compiled = compile_pruned(model, ratio, (test.inputs[:2],), alignment="none")
         sites = dict(compiled.report.sites)
@@ -116,17 +117,10 @@ def evaluate(model, test, img_size: int, ratios, batch_size: int = 100) -> list:
                                                None if oracle is None else oracle[i:i + batch_size])
                                 for i in range(0, len(test), batch_size)])
             if score == "novelty":
-                with torch.no_grad():
-                    reference = torch.cat([compiled(x) for x, _ in test.batches(batch_size)])
+                reference = logits_of(compiled, test, batch_size)
                 assert torch.equal(reference.argmax(-1), logits.argmax(-1)), "eager pruning differs from compile_pruned"
-            rows.append({"ratio": ratio, "score": score, "sites": sites, **_compare(dense, logits, test.labels)})
+            rows.append({"ratio": ratio, "score": score, "sites": sites, **compare(dense, logits, test.labels)})
     return rows
-
-
-def _compare(dense, pruned, labels) -> dict:
-    kl = F.kl_div(pruned.log_softmax(-1), dense.log_softmax(-1), log_target=True, reduction="batchmean")
-    return {"accuracy": (pruned.argmax(-1) == labels).float().mean().item(),
-            "agreement": (pruned.argmax(-1) == dense.argmax(-1)).float().mean().item(), "kl": kl.item()}
 
 
 def markdown(name: str, rows: list) -> str:

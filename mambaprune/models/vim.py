@@ -114,12 +114,16 @@ class VisionMamba(nn.Module):
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with the class token inserted at ``token_position``, plus the position embedding."""
         x = self.patch_embed(x)
         M = self.token_position
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat((x[:, :M], cls, x[:, M:]), dim=1) + self.pos_embed
-        hidden, residual = x, None
+        return torch.cat((x[:, :M], cls, x[:, M:]), dim=1) + self.pos_embed
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        M = self.token_position
+        hidden, residual = self.embed_tokens(x), None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual)
         hidden = self.norm_f(residual + hidden)
