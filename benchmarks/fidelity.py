@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mambaprune.compiler.api import build, prepare
-from mambaprune.compiler.settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, PruneSettings
+from mambaprune.api import build, prepare
+from mambaprune.settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, PruneSettings
 from mambaprune.data import make_cluttered_digits
 from mambaprune.errors import UnreachableRatioError
 from mambaprune.models.pretrained import checkpoint_info, list_pretrained, load_pretrained

@@ -1,7 +1,8 @@
 """Dense and ToP-schedule FLOPs of the six models at 224x224, ours vs published.
 
 Writes benchmarks/results/flops_table.json and flops_table.md. Run: python benchmarks/flops_table.py
-Models are built on the meta device (shapes only); FLOPs are MACs (see mambaprune/compiler/flops.py).
+Models are built on the meta device (shapes only); FLOPs are MACs, the compiler's own count and
+its planner's estimate under ToP's schedule (mambaprune/api/flops.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import pathlib
 
 import torch
 
-from mambaprune.compiler.flops import count_flops, flops_under_schedule, schedule_tokens
+from mambaprune.api import prepare
+from mambaprune.api.flops import flops_report, flops_under_schedule
+from mambaprune.planning import make_plan
 from mambaprune.models import create_model
 
 # Published numbers (GFLOPs as the papers print them; params in M).
@@ -32,11 +35,6 @@ PUBLISHED = {
 }
 
 
-def top_schedule(depth: int) -> dict:
-    """ToP's ViM-S sites (after blocks 5, 10, 15 of 24, keep 0.8), scaled to the model's depth."""
-    return {int(depth * k / 24): 0.8 for k in (5, 10, 15)}
-
-
 def main(out_dir: pathlib.Path = pathlib.Path(__file__).parent / "results") -> list:
     rows = []
     for name, pub in PUBLISHED.items():
@@ -44,15 +42,15 @@ def main(out_dir: pathlib.Path = pathlib.Path(__file__).parent / "results") -> l
             model = create_model(name).eval()
         params = sum(p.numel() for p in model.parameters())
         backbone = params - sum(p.numel() for p in model.head.parameters())
-        rep = count_flops(model)  # batch 1 at 224: per image
-        depth = len(rep.per_block)
-        sched = top_schedule(depth)
-        tokens = schedule_tokens(rep.block_tokens[0], depth, sched, model.num_prefix_tokens)
-        pruned = flops_under_schedule(model, tokens, report=rep)
-        pruned_lc = flops_under_schedule(model, tokens, report=rep, include_scan=False)
+        prepared = prepare(model)  # batch 1 at 224: per image
+        rep = flops_report(prepared)
+        plan = make_plan(prepared.analysis, prepared.flops, 0.0, "top")
+        pruned = plan.estimated_flops
+        pruned_lc = flops_under_schedule(model, "top", include_scan=False, prepared=prepared)
         rows.append(dict(
             model=name, params_m=params / 1e6, backbone_params_m=backbone / 1e6, published_params_m=pub["params_m"],
-            tokens=rep.block_tokens[0], schedule={str(k): v for k, v in sched.items()}, tokens_per_block=tokens,
+            tokens=rep.block_tokens[0], schedule={str(k): v for k, v in plan.keeps.items()},
+            tokens_per_block=plan.tokens_per_block,
             gflops_linear_conv=rep.linear_conv / 1e9, gflops_scan=rep.scan / 1e9, gflops_total=rep.total / 1e9,
             published_gflops=pub["gflops"],
             top_gflops_total=pruned / 1e9, top_gflops_linear_conv=pruned_lc / 1e9,
@@ -75,8 +73,9 @@ def markdown(rows) -> str:
         "# FLOPs at 224x224 (MACs, per image)",
         "",
         "Ours: torch FlopCounterMode / 2 (linear + conv MACs) plus the selective scan at 9*L*D*N (+D, +z).",
-        "ToP schedule: keep 0.8 of the non-class tokens after blocks 5, 10, 15 (of 24; depth-36 L3:",
-        "after 7, 15, 22), class token protected; FLOPs from `flops_under_schedule` (blocks scaled by tokens).",
+        "ToP schedule (`schedule=\"top\"`): keep 0.8 of the non-class tokens after blocks 5, 10, 15 (of 24;",
+        "depth-36 L3: after 8, 15, 22), class token protected; FLOPs: the planner's estimate (every node after a",
+        "site scaled by its tokens, except a conv2d that looks at neighbours: it runs on the restored grid).",
         "",
         "| model | params M (backbone) | published M | GFLOPs lin+conv | scan | total | published | ToP ours lin+conv / total | ToP published |",
         "|---|---|---|---|---|---|---|---|---|",

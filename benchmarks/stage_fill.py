@@ -30,9 +30,9 @@ import architectures  # noqa: E402
 from fidelity import compare, logits_of  # noqa: E402
 from train_reference import accuracy, learning_rate  # noqa: E402
 
-from mambaprune.compiler.api import build, prepare  # noqa: E402
-from mambaprune.compiler.plan import solve_site_keep  # noqa: E402
-from mambaprune.compiler.settings import DEFAULT_METRIC, STAGE_FILLS, PruneSettings  # noqa: E402
+from mambaprune.api import build, prepare  # noqa: E402
+from mambaprune.planning import solve_site_keep  # noqa: E402
+from mambaprune.settings import DEFAULT_METRIC, STAGE_FILLS, PruneSettings  # noqa: E402
 from mambaprune.data import make_cluttered_digits  # noqa: E402
 from mambaprune.errors import UnreachableRatioError  # noqa: E402
 

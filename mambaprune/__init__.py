@@ -2,11 +2,14 @@
 
     >>> from mambaprune import compile_pruned, create_model
     >>> fast = compile_pruned(create_model("vim_t"), ratio=0.3)
+
+The pipeline, one folder per stage: capture/ -> analysis/ -> planning/ -> rewrite/ -> search/ ->
+api/, with runtime/ (ops, kernels, backends) as the leaf and models/, data/ beside.
 """
-from .compiler.api import compile_pruned
-from .compiler.pruned_model import PrunedModel
-from .compiler.scan_registry import register_scan, unregister_scan
-from .errors import MambapruneError, MissingDependencyError, UnreachableRatioError, UnsupportedModelError
+from .api import PrunedModel, compile_pruned
+from .capture import register_scan, unregister_scan
+from .errors import (MambapruneError, MissingDependencyError, TokenRuleError, UnreachableRatioError,
+                     UnsupportedModelError)
 from .runtime import selective_scan
 
 __version__ = "0.1.0"
@@ -19,5 +22,5 @@ def create_model(name: str, **overrides):
 
 
 __all__ = ["compile_pruned", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
-           "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError",
+           "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError", "TokenRuleError",
            "__version__"]

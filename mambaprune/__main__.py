@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .compiler.settings import ALIGNMENT_CHOICES, ALIGNMENTS, DEFAULT_METRIC, METRICS, STAGE_FILLS
+from .settings import ALIGNMENT_CHOICES, ALIGNMENTS, DEFAULT_METRIC, METRICS, STAGE_FILLS
 from .errors import MambapruneError
 
 DEMO_CHECKPOINT = "vim_digits"

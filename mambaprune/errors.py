@@ -20,6 +20,11 @@ class UnreachableRatioError(MambapruneError, ValueError):
     """
 
 
+class TokenRuleError(MambapruneError, RuntimeError):
+    """A token rule of the analysis failed on a node instead of returning a fact or refusing it on
+    purpose: a bug in mambaprune (the message names the rule and the node; please report it)."""
+
+
 class MissingDependencyError(MambapruneError, ImportError):
     """An optional dependency (onnx, onnxruntime, triton, torch-tensorrt, mamba-ssm) is not installed."""
 

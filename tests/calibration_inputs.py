@@ -2,7 +2,7 @@
 alignment='auto' tests share."""
 import torch
 
-from mambaprune.compiler.auto_schedule import output_discrepancy
+from mambaprune.search import output_discrepancy
 from mambaprune.models import create_model
 
 

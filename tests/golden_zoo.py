@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import architectures as arch  # noqa: E402
+from loop_scans import loop_scan, loop_scan_adapter  # noqa: E402
 
 import mambaprune  # noqa: E402
 from mambaprune.models import create_model  # noqa: E402
@@ -70,22 +71,6 @@ class LoopMixer(nn.Module):
 
     def forward(self, h):
         return self.out_proj(self.direction(h) + self.direction(h.flip(1)).flip(1))
-
-
-def loop_scan(u, delta, A, B, C, D):
-    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
-    ys = []
-    for t in range(u.shape[1]):
-        dt = delta[:, t, :, None]
-        h = torch.exp(dt * A) * h + dt * B[:, t, None, :] * u[:, t, :, None]
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    return torch.stack(ys, dim=1) + D * u
-
-
-def loop_scan_adapter(u, delta, A, B, C, D):
-    y = mambaprune.selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                                  C.transpose(1, 2), D)
-    return y.transpose(1, 2)
 
 
 class LoopVim(nn.Module):
@@ -187,9 +172,10 @@ def describe_analysis(analysis) -> dict:
         "barriers": names(analysis.barriers),
         "valid_sites": list(analysis.valid_sites),
         "invalid_sites": {str(k): v for k, v in sorted(analysis.invalid_sites.items())},
-        "stage_ends": {str(k): {"downsampling": s.downsampling.name, "restore": s.restore.name,
-                                "chain": names(s.chain)} for k, s in sorted(analysis.stage_ends.items())},
-        "cuts": {str(k): len(v) for k, v in sorted(analysis.cuts.items())},
+        "stage_ends": {str(k): {"downsampling": s.stage_end.downsampling.name, "restore": s.stage_end.restore.name,
+                                "chain": names(s.stage_end.chain)}
+                       for k, s in sorted(analysis.sites.items()) if s.stage_end is not None},
+        "cuts": {str(k): len(s.cut) for k, s in sorted(analysis.sites.items())},
         "not_understood": [[n.name, n.reason] for n in analysis.not_understood],
     }
 
@@ -216,18 +202,18 @@ def _plain(value):
 
 # ------------------------------------------------------------------------------------------ record
 def prepare(model, x):
-    from mambaprune.compiler.api import prepare as _prepare
+    from mambaprune.api import prepare as _prepare
     return _prepare(model, (x[:1],))
 
 
 def build(prepared, settings: dict):
-    from mambaprune.compiler.api import build as _build
-    from mambaprune.compiler.settings import PruneSettings
+    from mambaprune.api import build as _build
+    from mambaprune.settings import PruneSettings
     return _build(prepared, PruneSettings(**settings))
 
 
-def record_case(case: str):
-    """(facts, tensors) of one case."""
+def record_case(case: str, inspect=None):
+    """(facts, tensors) of one case; `inspect(pruned)` is called on every pruned model built."""
     model = build_model(case)
     x = images_for(model)
     registered = case.startswith("register_scan/")
@@ -247,6 +233,8 @@ def record_case(case: str):
             except mambaprune.MambapruneError as err:
                 facts["builds"][name] = {"error": f"{type(err).__name__}: {err}"}
                 continue
+            if inspect is not None:
+                inspect(pruned)
             with torch.no_grad():
                 tensors[f"{case}/{name}/out"] = pruned(x).contiguous()
                 for site, positions in pruned.kept_positions(x).items():

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import mambaprune
-from mambaprune.compiler.auto_alignment import AUTO_ALIGNMENT_CANDIDATES
+from mambaprune.search import AUTO_ALIGNMENT_CANDIDATES
 
 sys.path.insert(0, os.path.dirname(__file__))
 from calibration_inputs import mean_discrepancy, random_batches, tiny_vim  # noqa: E402

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mambaprune
-from mambaprune.compiler.auto_schedule import _choose, output_discrepancy
+from mambaprune.search import output_discrepancy
+from mambaprune.search.schedule import _choose
 
 sys.path.insert(0, os.path.dirname(__file__))
 from calibration_inputs import mean_discrepancy, random_batches, tiny_vim  # noqa: E402

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import mambaprune
 from mambaprune import UnsupportedModelError
-from mambaprune.compiler import scan_adapters
+from mambaprune.capture import scan_adapters
 from mambaprune.models import create_model
 
 THIS = sys.modules[__name__]
@@ -542,21 +542,8 @@ def test_selective_scan_fn_adapter_refuses_the_final_state():
 # ---------------------------------------------------------------------------------------------------
 # 3. register_scan: hand-written scans (a Python loop, a function or a method)
 # ---------------------------------------------------------------------------------------------------
-def loop_scan(u, delta, A, B, C, D):
-    """(batch, L, D) layout, one token at a time, like hand-written research code."""
-    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
-    ys = []
-    for t in range(u.shape[1]):
-        dt = delta[:, t, :, None]
-        h = torch.exp(dt * A) * h + dt * B[:, t, None, :] * u[:, t, :, None]
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    return torch.stack(ys, dim=1) + D * u
-
-
-def loop_scan_adapter(u, delta, A, B, C, D):
-    y = mambaprune.selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                                  C.transpose(1, 2), D)
-    return y.transpose(1, 2)
+# loop_scan is a global of this module (imported): the routing replaces it where the mixers look it up
+from loop_scans import loop_scan, loop_scan_adapter  # noqa: E402
 
 
 class LoopMixer(SSMParams):
@@ -681,7 +668,7 @@ def test_registered_staticmethod_scan_is_routed(registered):
 
 
 def test_unregister_scan_removes_the_entry():
-    from mambaprune.compiler.scan_registry import known_entries
+    from mambaprune.capture import known_entries
     mambaprune.register_scan(loop_scan, loop_scan_adapter)
     try:
         mambaprune.register_scan(loop_scan, method_adapter)        # registering again replaces the adapter

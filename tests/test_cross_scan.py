@@ -25,10 +25,8 @@ import architectures as arch  # noqa: E402
 
 import mambaprune  # noqa: E402
 from mambaprune import UnsupportedModelError, selective_scan  # noqa: E402
-from mambaprune.compiler.analysis import analyse  # noqa: E402
-from mambaprune.compiler.capture import capture  # noqa: E402
-from mambaprune.compiler.layout import Layout  # noqa: E402
-from mambaprune.compiler.token_flow import MultiTok, Tok, Unknown, info_of  # noqa: E402
+from mambaprune.analysis import Layout, MultiTok, Tok, Unknown, analyse, fact_of  # noqa: E402
+from mambaprune.capture import capture  # noqa: E402
 
 SITE = 3          # after stages.1.blocks.0: the last stage (4 x 4 = 16 tokens)
 TOL = 1e-5
@@ -299,10 +297,10 @@ def test_cross_scan_is_the_four_orders_and_the_block_output_is_the_full_merge(vm
     block = analysis.blocks[3]
     identity = Layout.identity(16)
     column = Layout(np.arange(16).reshape(4, 4).T.reshape(-1))
-    assert info_of(block.scans[0]) == MultiTok(2, 1, (identity, column, identity.reversed(), column.reversed()))
+    assert fact_of(block.scans[0]) == MultiTok(2, 1, (identity, column, identity.reversed(), column.reversed()))
     # ys[:, 0] + ys[:, 2].flip() is a Tok in identity order too, but only the sum with the
     # un-transposed column-major part has every direction in it
-    assert info_of(block.y) == Tok(2, identity)
+    assert fact_of(block.y) == Tok(2, identity)
     assert block.y.target == torch.ops.aten.add.Tensor
     assert {a.target for a in block.y.args} == {torch.ops.aten.select.int, torch.ops.aten.view.default}
 
@@ -330,7 +328,7 @@ class _EinsumOverTokens(nn.Module):
 def test_an_einsum_that_mixes_the_tokens_is_refused():
     gm = capture(_EinsumOverTokens().eval(), (torch.randn(2, 16, 8),)).gm
     analyse(gm)
-    reasons = [info_of(n).reason for n in gm.graph.nodes if isinstance(info_of(n), Unknown)]
+    reasons = [fact_of(n).reason for n in gm.graph.nodes if isinstance(fact_of(n), Unknown)]
     assert reasons and "einsum of two token tensors" in reasons[0], reasons
 
 

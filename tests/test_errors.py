@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import mambaprune
 from mambaprune import MambapruneError, UnreachableRatioError, UnsupportedModelError
-from mambaprune.compiler.settings import ALIGNMENTS, BACKENDS, METRICS, STAGE_FILLS
+from mambaprune.settings import ALIGNMENTS, BACKENDS, METRICS, STAGE_FILLS
 from mambaprune.models import create_model
 
 

@@ -12,7 +12,7 @@ import torch
 
 import mambaprune
 from mambaprune import compile_pruned
-from mambaprune.compiler.pruned_model import PrunedModel
+from mambaprune.api import PrunedModel
 from mambaprune.errors import MissingDependencyError
 from mambaprune.models import create_model
 from mambaprune.runtime.backends import export as export_module

@@ -1,6 +1,6 @@
 import torch
 
-from mambaprune.compiler.flops import count_flops, find_ssm_blocks, flops_under_schedule, schedule_tokens
+from mambaprune.api.flops import count_flops, find_ssm_blocks, flops_under_schedule
 from mambaprune.models import create_model
 
 # Published dense FLOPs (as "FLOPs" = MACs) and ToP's pruned ViM-S number (ToP, NeurIPS 2024).
@@ -31,6 +31,7 @@ def test_vim_tiny_per_layer_flops_exact():
     assert rep.per_module["head"] == head
     assert rep.total == depth * block + patch_embed + head
     assert rep.scan == Bsz * depth * 2 * scan
+    assert rep.per_block_scan == [Bsz * 2 * scan] * depth
     assert "selective_scan" in str(rep)
 
 
@@ -47,31 +48,23 @@ def test_plainmamba_tiny_per_layer_flops_exact():
     assert rep.total == depth * block + stem + D * 10
 
 
-def test_schedule_tokens_vim_s():
-    tokens = schedule_tokens(197, 24, {5: 0.8, 10: 0.8, 15: 0.8}, num_protected=1)
-    assert tokens == [197] * 5 + [158] * 5 + [127] * 5 + [102] * 9
-
-
 def test_vim_s_top_schedule_ratio():
     with torch.device("meta"):
         model = create_model("vim_s")
     name, blocks = find_ssm_blocks(model)
     assert name == "layers" and len(blocks) == 24
     rep = count_flops(model)  # batch 1 at 224 on the meta device
-    tokens = schedule_tokens(rep.block_tokens[0], 24, {5: 0.8, 10: 0.8, 15: 0.8}, num_protected=1)
-    pruned = flops_under_schedule(model, tokens, report=rep)
+    pruned = flops_under_schedule(model, {5: 0.8, 10: 0.8, 15: 0.8})
     ratio = pruned / rep.total
     print(f"ViM-S dense {rep.total / 1e9:.3f}G pruned {pruned / 1e9:.3f}G ratio {ratio:.4f}")
     assert abs(ratio - VIM_S_TOP_PUBLISHED / VIM_S_DENSE_PUBLISHED) <= 0.01
-    assert flops_under_schedule(model, rep.block_tokens, report=rep) == rep.total
 
 
-def test_linear_conv_only_schedule():
+def test_schedule_flops_scale_every_block_after_a_site_by_its_tokens():
+    """A site after block 1 of 3 keeping 9 of 17 tokens (1 protected + 8 of 16): blocks 1 and 2
+    cost 9/17 of their dense FLOPs, block 0 and the stem / head are unchanged."""
     model = create_model("vim_t", img_size=32, patch_size=8, depth=3, embed_dim=32, d_state=8, num_classes=10)
     rep = count_flops(model, torch.randn(1, 3, 32, 32))
-    assert sum(rep.per_block_scan) == rep.scan
-    dense_lc = flops_under_schedule(model, rep.block_tokens, report=rep, include_scan=False)
-    assert dense_lc == rep.linear_conv
-    half = flops_under_schedule(model, [17, 9, 9], report=rep, include_scan=False)
-    per_block_lc = rep.per_block[0] - rep.per_block_scan[0]
-    assert abs(half - (rep.non_block - 0 + per_block_lc * (1 + 2 * 9 / 17))) < 1e-6 * half
+    pruned = flops_under_schedule(model, {1: 0.5}, torch.randn(1, 3, 32, 32))
+    expected = rep.total - 2 * rep.per_block[1] * (1 - 9 / 17)   # the head reads the class token: unchanged
+    assert abs(pruned - expected) <= 1e-6 * expected

@@ -30,10 +30,17 @@ def test_the_golden_zoo_covers_every_case(golden):
     assert sorted(golden[0]) == sorted(golden_zoo.CASES)
 
 
+def every_node_has_a_value(pruned):
+    nodes = [n.name for n in pruned.graph_module.graph.nodes
+             if n.op in ("placeholder", "call_function") and "val" not in n.meta]
+    assert not nodes, f"pruned-graph nodes without meta['val']: {nodes[:5]}"
+
+
 @pytest.mark.parametrize("case", sorted(golden_zoo.CASES))
 def test_case_is_unchanged(golden, case):
+    """Also: every node of every pruned graph carries meta["val"]."""
     facts, tensors = golden
-    got_facts, got_tensors = golden_zoo.record_case(case)
+    got_facts, got_tensors = golden_zoo.record_case(case, inspect=every_node_has_a_value)
     expected = facts[case]
     for key in sorted(set(expected) | set(got_facts)):
         assert got_facts.get(key) == expected.get(key), f"{case}: {key} differs from the golden record"

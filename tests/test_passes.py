@@ -1,12 +1,21 @@
-"""Passes on hand-built graphs: FLOPs annotation, and the prune rewrite's invariants."""
+"""The pipeline's passes under torch.fx's pass infrastructure: each on a hand-built or tiny captured
+graph, its invariant, idempotence, numerics, and errors that name the pass."""
+import pytest
 import torch
 import torch.fx as fx
 
-from mambaprune.compiler.analysis import analyse
-from mambaprune.compiler.capture import capture
+from mambaprune.analysis import AnalyseGraph, analyse
+from mambaprune.capture import capture, run_graph
+from mambaprune.errors import UnsupportedModelError
+from mambaprune.meta_keys import FLOPS as FLOPS_KEY
+from mambaprune.meta_keys import TOKENS
 from mambaprune.models import create_model
-from mambaprune.passes.annotate_flops import FLOPS_KEY, annotate_flops, total_flops
-from mambaprune.passes.prune_tokens import SiteSpec, prune_tokens
+from mambaprune.pass_infra import GraphPass, InvariantError, PassResult, run_passes
+from mambaprune.planning import AnnotateFlops, annotate_flops, total_flops
+from mambaprune.rewrite import PropagateMeta, PruneTokens, SiteSpec, prune_tokens
+from mambaprune.settings import PruneSettings
+
+HOLD_CLIP = PruneSettings(alignment="hold", metric="clip")
 
 
 class TwoLinears(torch.nn.Module):
@@ -18,6 +27,17 @@ class TwoLinears(torch.nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+def tiny_vim():
+    torch.manual_seed(0)
+    return create_model("vim_t", img_size=32, patch_size=8, depth=3, embed_dim=32, d_state=4).eval()
+
+
+@pytest.fixture(scope="module")
+def captured():
+    return capture(tiny_vim(), (torch.randn(1, 3, 32, 32),))
+
+
+# ----------------------------------------------------------------------------------- AnnotateFlops
 def test_annotate_flops_counts_macs_per_node_exactly_and_changes_nothing():
     gm = fx.symbolic_trace(TwoLinears())
     code = gm.code
@@ -30,24 +50,31 @@ def test_annotate_flops_counts_macs_per_node_exactly_and_changes_nothing():
     assert total_flops(gm) == 2 * 5 * (4 * 3 + 3 * 2)      # idempotent
 
 
-def tiny_vim():
-    torch.manual_seed(0)
-    return create_model("vim_t", img_size=32, patch_size=8, depth=3, embed_dim=32, d_state=4).eval()
+# ------------------------------------------------------------------------------------ AnalyseGraph
+def test_analyse_graph_puts_a_fact_on_every_node_and_is_idempotent(captured):
+    analysed = AnalyseGraph()
+    result = run_passes([analysed], captured.gm)
+    assert result.modified is False and result.graph_module is captured.gm
+    assert all(TOKENS in n.meta for n in captured.gm.graph.nodes)
+    facts = {n.name: n.meta[TOKENS] for n in captured.gm.graph.nodes}
+    assert len(analysed.result.blocks) == 3 and analysed.result.valid_sites == [1, 2]
+    run_passes([AnalyseGraph()], captured.gm)
+    assert {n.name: n.meta[TOKENS] for n in captured.gm.graph.nodes} == facts
 
 
-def test_prune_tokens_without_sites_returns_the_graph_unchanged():
-    captured = capture(tiny_vim(), (torch.randn(1, 3, 32, 32),))
-    result = prune_tokens(captured.gm, analyse(captured.gm), [], "hold", "clip")
+# ------------------------------------------------------------------------------------- PruneTokens
+def test_prune_tokens_without_sites_returns_the_graph_unchanged(captured):
+    result = prune_tokens(captured.gm, analyse(captured.gm), [], HOLD_CLIP)
     assert result.modified is False and result.graph_module is captured.gm
 
 
-def test_prune_tokens_keeps_k_tokens_after_the_site_and_leaves_the_input_graph_alone():
+def test_prune_tokens_keeps_k_tokens_after_the_site_and_leaves_the_input_graph_alone(captured):
     model = tiny_vim()
-    captured = capture(model, (torch.randn(1, 3, 32, 32),))
     analysis = analyse(captured.gm)
-    before = captured.gm.code
-    result = prune_tokens(captured.gm, analysis, [SiteSpec(2, 9)], "hold", "clip")
-    assert result.modified and captured.gm.code == before
+    before = captured.gm.code, dict(captured.gm.named_buffers()).keys()
+    result = prune_tokens(captured.gm, analysis, [SiteSpec(2, 9)], HOLD_CLIP)
+    assert result.modified and result.graph_module is not captured.gm
+    assert (captured.gm.code, dict(captured.gm.named_buffers()).keys()) == before
     scans = [n for n in result.graph_module.graph.nodes if "selective_scan" in str(n.target)]
     lengths = []
 
@@ -62,3 +89,65 @@ def test_prune_tokens_keeps_k_tokens_after_the_site_and_leaves_the_input_graph_a
     out = Shapes(result.graph_module).run(x)
     assert lengths == [17, 17, 17, 17, 9, 9]          # blocks 0-1 dense (2 scans each), block 2 pruned
     assert out.shape == model(x).shape
+
+
+def test_prune_tokens_is_deterministic_and_keep_all_reproduces_the_dense_graph(captured):
+    analysis = analyse(captured.gm)
+    first = prune_tokens(captured.gm, analysis, [SiteSpec(1, 17)], HOLD_CLIP).graph_module
+    second = prune_tokens(captured.gm, analysis, [SiteSpec(1, 17)], HOLD_CLIP).graph_module
+    assert first.code == second.code
+    x = [torch.randn(3, 3, 32, 32)]
+    torch.testing.assert_close(run_graph(first, x)[0], run_graph(captured.gm, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_prune_tokens_requires_a_concrete_alignment_and_names_itself(captured):
+    analysis = analyse(captured.gm)
+    with pytest.raises(Exception, match="'PruneTokens' pass") as raised:
+        run_passes([PruneTokens(analysis, [SiteSpec(1, 9)], PruneSettings(alignment="auto"))], captured.gm)
+    assert isinstance(raised.value.__cause__, InvariantError)
+
+
+# ----------------------------------------------------------------------------------- PropagateMeta
+def test_propagate_meta_gives_every_node_a_value_with_a_symbolic_batch(captured):
+    analysis = analyse(captured.gm)
+    flat = [torch.randn(1, 3, 32, 32)]
+    result = run_passes([PruneTokens(analysis, [SiteSpec(1, 9)], HOLD_CLIP), PropagateMeta(flat)], captured.gm)
+    gm = result.graph_module
+    values = {n: n.meta["val"] for n in gm.graph.nodes if n.op == "call_function"}
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op in ("placeholder", "call_function"))
+    real = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            real[node] = out
+            return out
+
+    Record(gm).run(torch.randn(3, 3, 32, 32))
+    tensors = {n: v for n, v in values.items() if isinstance(v, torch.Tensor) and v.dim()}
+    for node, fake in tensors.items():      # the shapes of a run with batch 3, the batch symbolic
+        assert tuple(fake.shape[1:]) == tuple(real[node].shape[1:]), node.name
+        assert isinstance(fake.shape[0], torch.SymInt) or fake.shape[0] == real[node].shape[0], node.name
+    assert sum(isinstance(v.shape[0], torch.SymInt) for v in tensors.values()) > len(tensors) // 2
+
+
+# ---------------------------------------------------------------------------------- infrastructure
+class Breaks(GraphPass):
+    def call(self, gm):
+        return PassResult(gm, False)
+
+    def ensures(self, gm):
+        raise InvariantError("broken on purpose")
+
+
+class Refuses(GraphPass):
+    def call(self, gm):
+        raise UnsupportedModelError("the user must read this")
+
+
+def test_a_broken_invariant_names_its_pass_and_a_refusal_reaches_the_user_unwrapped():
+    gm = fx.symbolic_trace(TwoLinears())
+    with pytest.raises(Exception, match="'Breaks' pass after the following passes: \\['AnnotateFlops'\\]"):
+        run_passes([AnnotateFlops([torch.randn(1, 4)]), Breaks()], gm)
+    with pytest.raises(UnsupportedModelError, match="the user must read this"):
+        run_passes([Refuses()], gm)

@@ -1,6 +1,6 @@
 """Run-time index arithmetic emitted by the pruning passes (plain torch: exportable, ONNX-friendly).
 
-Vocabulary (see compiler/layout.py): at a pruning site every sample keeps K tokens.
+Vocabulary (see analysis/layout.py): at a pruning site every sample keeps K tokens.
 - `idx` (B, K): original positions of the kept tokens, in the slot order of the identity layout.
 - `vpos` (B, K): the positions the kept tokens *claim* for token mixing: `idx` under the `hold` and
   `decay` alignments, 0..K-1 (a compacted sequence) under `none` / `none-unsorted`.

@@ -1,0 +1,116 @@
+"""The analysis of a captured graph: token facts on every node, SSM blocks, and possible sites.
+
+`analyse(gm)` (or the `AnalyseGraph` pass) propagates token facts (tokens/), groups the scans into
+blocks (blocks.py) and decides after which blocks pruning is possible (sites.py). The result is a
+`GraphAnalysis` (`AnalyseGraph.result`); the planner, the rewrite and the report read it and
+nothing else about the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from ..meta_keys import TOKENS
+from ..pass_infra import GraphPass, InvariantError, PassResult
+from .blocks import Block, describe_block, group_blocks, to_networkx
+from .facts import Grid, Tok, fact_of
+from .ops import is_assert, is_scan, shape_of
+from .sites import NotUnderstoodNode, Site, StageEnd, collect_not_understood, find_sites
+from .tokens import propagate_tokens
+
+__all__ = ["AnalyseGraph", "GraphAnalysis", "Block", "Site", "StageEnd", "NotUnderstoodNode", "analyse"]
+
+
+@dataclass
+class GraphAnalysis:
+    gm: fx.GraphModule
+    blocks: list                    # Block, in graph order
+    token_length: int
+    protected: set                  # original positions never pruned (class tokens, constant-index reads)
+    class_tokens: set
+    not_understood: list            # NotUnderstoodNode: the first node of each thing not understood
+    barriers: list = field(default_factory=list)       # downsamplings between stages (token grid changes)
+    sites: dict = field(default_factory=dict)          # site key -> Site (possible sites, in block order)
+    invalid_sites: dict = field(default_factory=dict)  # site key -> why not
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def valid_sites(self) -> list:
+        return list(self.sites)
+
+    def site_length(self, key: int) -> int:
+        """Tokens flowing at a site (the stage of the block it follows)."""
+        return self.blocks[key - 1].token_length
+
+    def stage_end(self, key: int) -> Optional[StageEnd]:
+        return self.sites[key].stage_end
+
+    def after_stage(self, key: int) -> set:
+        """Nodes after the downsampling that ends site `key`'s stage (empty for an isotropic model)."""
+        return self.sites[key].after_stage
+
+    def protected_below(self, length: int) -> int:
+        return sum(1 for p in self.protected if p < length)
+
+    def region(self, node: fx.Node, keys: list) -> int:
+        """How many of the sites `keys` lie upstream of `node` (0: the dense part). Placeholders and
+        constants belong to the dense part."""
+        if node.op in ("placeholder", "get_attr"):
+            return 0
+        return sum(1 for key in keys if node not in self.sites[key].cut)
+
+    def crossing_tokens(self, key: int) -> list:
+        """The token tensors computed before site `key` and used after it, in graph order: the token
+        stream the next block receives (one tensor, or a hidden and a residual part as in ViM)."""
+        cut, length = self.sites[key].cut, self.site_length(key)
+        return [n for n in self.gm.graph.nodes
+                if n in cut and n.op == "call_function" and isinstance(fact_of(n), (Tok, Grid))
+                and fact_of(n).layout.length == length
+                and any(u not in cut and not is_assert(u) for u in n.users)]
+
+    def stream_parts(self, key: int) -> list:
+        """crossing_tokens(key) when they are parts of one stream (same token axis, order and shape:
+        their sum is what the next block reads); [] otherwise."""
+        parts = self.crossing_tokens(key)
+        kinds = {(fact_of(n), tuple(shape_of(n)[1:])) for n in parts}
+        return parts if len(kinds) == 1 else []
+
+
+def analyse(gm: fx.GraphModule) -> GraphAnalysis:
+    """Find the SSM blocks of `gm` and the sites after which tokens may be pruned."""
+    scans = [n for n in gm.graph.nodes if is_scan(n)]
+    if not scans:
+        return GraphAnalysis(gm, [], 0, set(), set(), [])
+    lengths = {shape_of(s.args[0])[-1] for s in scans}
+    flow = propagate_tokens(gm, lengths)
+    graph = to_networkx(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    blocks = [describe_block(i, members, graph, order) for i, members in enumerate(group_blocks(scans, graph, order))]
+    sites, invalid = find_sites(gm, blocks, flow.barriers, graph, order)
+    return GraphAnalysis(gm, blocks, max(lengths), set(flow.protected), set(flow.class_tokens),
+                         collect_not_understood(gm), list(flow.barriers), sites, invalid)
+
+
+class AnalyseGraph(GraphPass):
+    """Analyse: token facts on every node; blocks and sites in `self.result`.
+
+    Invariant: the graph is not changed (modified is False); afterwards every node carries a token
+    fact (possibly None) under meta_keys.TOKENS.
+    """
+
+    result: Optional[GraphAnalysis] = None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.result = analyse(gm)
+        return PassResult(gm, False)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        if self.result.blocks:
+            missing = [n.name for n in gm.graph.nodes if TOKENS not in n.meta]
+            if missing:
+                raise InvariantError(f"nodes without a token fact after the analysis: {missing[:5]}")

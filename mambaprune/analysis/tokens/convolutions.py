@@ -1,0 +1,52 @@
+"""Rules for convolutions over the tokens: a depthwise conv1d along the token axis, and a conv2d
+on the token grid (a strided one that changes the grid ends a stage: a barrier for the sites)."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ...meta_keys import CONV_LEFT
+from ..facts import Fact, Grid, MultiTok, NotUnderstood, PaddedTok, Tok
+from ..ops import aten, argument
+from .context import RuleContext
+from .registry import token_rule
+
+
+@token_rule(aten.conv1d)
+def conv1d(node: fx.Node, ctx: RuleContext) -> Fact:
+    """A depthwise, stride-1 conv1d along the last (token) axis; padded beyond L tokens until a
+    slice brings it back (indexing.slice)."""
+    x = ctx.fact(node.args[0])
+    if isinstance(x, MultiTok):
+        raise NotUnderstood("conv1d along directions folded into one tensor (parts in different orders)")
+    if not isinstance(x, Tok) or x.dim != len(ctx.shape(node.args[0])) - 1:
+        raise NotUnderstood("conv1d over a non-token axis of a token tensor")
+    stride, padding, dilation = (argument(node, name, default) for name, default in
+                                 (("stride", [1]), ("padding", [0]), ("dilation", [1])))
+    weight = argument(node, "weight")
+    if padding == "same":
+        padding = [(ctx.shape(weight)[-1] - 1) // 2]   # PyTorch's left pad for 'same'
+    if isinstance(padding, str) or list(stride) != [1] or list(dilation) != [1]:
+        raise NotUnderstood("conv1d along the tokens with stride/dilation/'valid' padding")
+    channels = ctx.shape(node.args[0])[-2]
+    if argument(node, "groups", 1) != channels or ctx.shape(weight)[0] != channels:
+        raise NotUnderstood("conv1d along the tokens that is not depthwise")
+    pad = padding[0]
+    if ctx.shape(node)[-1] == x.layout.length:
+        ctx.annotate(node, CONV_LEFT, pad)
+        return Tok(x.dim, x.layout)
+    return PaddedTok(x.dim, x.layout, pad, node.name)
+
+
+@token_rule(aten.conv2d)
+def conv2d(node: fx.Node, ctx: RuleContext) -> Fact:
+    x = ctx.fact(node.args[0])
+    if not isinstance(x, Grid) or (x.hdim, x.wdim) != (2, 3):
+        raise NotUnderstood("conv2d over something other than the (B, C, H, W) token grid")
+    out = ctx.shape(node)
+    if (out[2], out[3]) != (x.height, x.width):
+        # a new stage: its tokens start afresh; no site may lie before this node (analysis/sites.py)
+        ctx.barrier(node)
+        return None
+    if list(argument(node, "stride", [1, 1])) not in ([1], [1, 1]):
+        raise NotUnderstood("strided conv2d on the token grid")
+    return x

@@ -1,0 +1,86 @@
+"""Seeds: the first tensors (in topological order) that carry tokens.
+
+A node whose inputs carry no tokens becomes a token tensor when it depends on the model's input,
+has a dynamic batch first, and has exactly one dimension whose size is the token count of a
+selective scan (or, for a 4-D map, exactly one pair of adjacent dims whose product is: a
+(B, C, H, W) or (B, H, W, C) grid). When a width equals the token count, the token axis is the
+one a flatten of a grid produced. A concatenation that creates the token axis marks the slots that
+come from parameters as class tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+
+from ..facts import Fact, Grid, Tok, Unknown
+from ..layout import Layout
+from ..ops import IDENTITY_OPS, aten, is_static, op_name, shape_of
+from ..shapes import view_groups
+from .context import RuleContext
+from .views import VIEW_OPS, dim_permutation
+
+
+def seed(node: fx.Node, ctx: RuleContext) -> Fact:
+    shape = shape_of(node)
+    if shape is None or len(shape) < 2 or is_static(shape[0]) or not ctx.is_input_dependent(node):
+        return None
+    dims = flattened_grid_dims(node, shape, ctx)
+    if dims and flattens_transposed_grid(node, shape, ctx):
+        return Unknown("a flatten of a transposed (B, C, H, W)-like map whose token order could not be traced")
+    if not dims and len(shape) == 4:
+        return grid_seed(shape, ctx)
+    if not dims and len(shape) == 3:  # (B, L, D) or (B, D, L)
+        dims = [d for d in (1, 2) if is_static(shape[d]) and shape[d] in ctx.token_lengths]
+    if len(dims) != 1:
+        return None
+    if node.target == aten.cat.default:
+        note_class_tokens(node, dims[0], ctx)
+    return Tok(dims[0], Layout.identity(shape[dims[0]]))
+
+
+def grid_seed(shape, ctx: RuleContext) -> Optional[Grid]:
+    """A (B, C, H, W) or (B, H, W, C) map: exactly one pair of adjacent dims multiplies to a token count."""
+    pairs = [(d, d + 1) for d in (1, 2) if is_static(shape[d]) and is_static(shape[d + 1])
+             and shape[d] * shape[d + 1] in ctx.token_lengths]
+    if len(pairs) != 1:
+        return None
+    h, w = pairs[0]
+    return Grid(h, w, Layout.identity(shape[h] * shape[w]), shape[h], shape[w])
+
+
+def _flattened_groups(node: fx.Node, shape, ctx: RuleContext) -> list:
+    if op_name(node) not in VIEW_OPS or not isinstance(node.args[0], fx.Node):
+        return []
+    groups = view_groups(ctx.shape(node.args[0]), shape) or []
+    return [(gi, go) for gi, go in groups if len(gi) == 2 and len(go) == 1 and shape[go[0]] in ctx.token_lengths]
+
+
+def flattened_grid_dims(node: fx.Node, shape, ctx: RuleContext) -> list:
+    """When a width equals the token count, the token axis is the one a flatten of the grid made."""
+    return [go[0] for _, go in _flattened_groups(node, shape, ctx)]
+
+
+def flattens_transposed_grid(node: fx.Node, shape, ctx: RuleContext) -> bool:
+    """An untracked map whose two flattened dims were swapped by a permute/transpose before the flatten.
+
+    Seeding it as row-major would be wrong (it is the column-major order of the map it came from).
+    """
+    flattened = _flattened_groups(node, shape, ctx)[0][0]
+    source = node.args[0]
+    while isinstance(source, fx.Node) and op_name(source) in IDENTITY_OPS:
+        source = source.args[0]
+    if not isinstance(source, fx.Node) or op_name(source) not in ("aten::permute", "aten::transpose"):
+        return False
+    perm = dim_permutation(source, len(ctx.shape(source)))
+    return perm[flattened[0]] > perm[flattened[1]]
+
+
+def note_class_tokens(cat: fx.Node, dim: int, ctx: RuleContext) -> None:
+    """Slots of a concatenation that come from parameters, not from the image, are class tokens."""
+    offset = 0
+    for part in cat.args[0]:
+        size = ctx.shape(part)[dim]
+        if not ctx.is_input_dependent(part):
+            ctx.mark_class_tokens(range(offset, offset + size))
+        offset += size

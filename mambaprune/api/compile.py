@@ -1,0 +1,158 @@
+"""`compile_pruned`: capture -> analyse -> plan -> rewrite -> verify -> lower.
+
+`prepare` captures and analyses a model once (everything that does not depend on the settings);
+`build` makes a pruned model from a prepared one for any settings, without touching it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from ..analysis import AnalyseGraph, GraphAnalysis
+from ..capture import Capture, as_tuple, capture, first_sample, flat_inputs, infer_example_inputs
+from ..capture.diagnosis import no_scan_message
+from ..errors import UnsupportedModelError
+from ..pass_infra import generated_code_released, run_passes
+from ..planning import AnnotateFlops, make_plan, node_flops, total_flops
+from ..rewrite import PropagateMeta, PruneTokens, verify_rewrite
+from ..search import Calibration, calibration_inputs, plan_sites, search_alignment, search_schedule
+from ..settings import DEFAULT_METRIC, Alignment, Backend, PruneSettings
+from .pruned_model import PrunedModel
+from .report import BlockReport, PruneReport
+
+
+def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: Optional[tuple] = None, *,
+                   schedule=None, alignment: str = "hold", metric: str = DEFAULT_METRIC, backend: str = "eager",
+                   verify: bool = True, calibration: Optional[Iterable] = None,
+                   stage_fill: str = "carry") -> PrunedModel:
+    """Prune tokens of a vision state-space model; returns a module with the model's call signature.
+
+    Args:
+        model: any nn.Module whose selective scans mambaprune can see (mambaprune.selective_scan,
+            mamba_ssm / mambapy entry points, or functions declared with `register_scan`).
+        ratio: fraction of the model's FLOPs to remove, in [0, 1).
+        example_inputs: a tuple of inputs; inferred from `patch_embed.img_size`, `img_size` or
+            `default_cfg["input_size"]` when omitted.
+        schedule: None or "paper" (ToP's sites after blocks 5, 10, 15 of 24, scaled to the depth, one
+            keep rate solved for `ratio`), "uniform" (a site after every block, one keep rate),
+            "auto" (searched on `calibration`, see below), "top" (ToP's: keep 0.8 at its sites,
+            ignores `ratio`) or {k: keep_rate} (a site after the first k blocks).
+        alignment: "hold" (default), "decay", "none" or "none-unsorted" (DESIGN.md), or "auto":
+            the one of hold / none / decay whose outputs stay closest to the dense model's on
+            `calibration` (which alignment is best depends on the model: README, "Fidelity").
+        metric: token importance at each site: "novelty" (default: the distance of a token of the
+            stream crossing the site from the sample's mean token), or read from the SSM output y
+            of the block before the site: "novelty-y" (the same distance on y), "clip" (ToP's),
+            "l1", "l2", "raw", "random", "delta" (the scans' step sizes) or a callable
+            (y, token_dim) -> scores (B, L).
+        backend: "eager", "inductor" (torch.compile), "onnxruntime" (the ONNX export run by an
+            onnxruntime InferenceSession, CUDA provider first when available) or "tensorrt"
+            (torch-tensorrt, our custom ops kept in PyTorch; needs a model compiled on CUDA).
+        verify: check on the example inputs that the rewritten graph with every token kept
+            reproduces the model (guards against silently wrong rewrites of unfamiliar models).
+        calibration: with schedule="auto" and/or alignment="auto" (and only then), a few batches
+            of model inputs (each a tensor or a tuple of positional inputs); the schedule (a greedy
+            per-block sensitivity search, ToP's sites and uniform sites) and alignment whose outputs
+            stay closest to the dense model's on them win.
+        stage_fill: hierarchical models (stages with downsampling between them): what the pruned
+            cells of a stage's grid hold when the grid is restored before the downsampling:
+            "carry" (default: the value at the site where the cell was pruned) or "zeros".
+
+    Example::
+
+        >>> from mambaprune import compile_pruned, create_model
+        >>> fast = compile_pruned(create_model("vim_t"), ratio=0.3)
+        >>> print(fast.report)
+    """
+    settings = PruneSettings(ratio=ratio, schedule=schedule, alignment=alignment, metric=metric, backend=backend,
+                             verify=verify, stage_fill=stage_fill)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compile_pruned expects a torch.nn.Module; got {type(model).__name__}")
+    if settings.needs_calibration != (calibration is not None):
+        raise ValueError("schedule='auto' / alignment='auto' and calibration= go together: pass "
+                         "calibration=[a few input batches] with schedule='auto' or alignment='auto' (and only then)")
+    require_backend(settings.backend)
+    prepared = prepare(model, example_inputs)
+    return build(prepared, settings, calibration)
+
+
+@dataclass
+class Prepared:
+    """A captured and analysed model: everything that does not depend on the prune settings."""
+
+    captured: Capture
+    analysis: GraphAnalysis
+    flops: dict             # node -> MACs per image, dense
+    flat: list              # the flat graph inputs of one example image
+    example_inputs: tuple
+
+
+def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> Prepared:
+    """Capture and analyse ``model`` once; ``build`` then makes pruned models from it for any settings."""
+    example_inputs = as_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
+    with generated_code_released() as keep:
+        captured = capture(model, example_inputs)
+        analysed = AnalyseGraph()
+        gm = keep(run_passes([analysed], captured.gm).graph_module)
+        if not analysed.result.blocks:
+            raise UnsupportedModelError(no_scan_message(model))
+        flat = flat_inputs(first_sample(example_inputs))
+        run_passes([AnnotateFlops(flat)], gm)
+    return Prepared(captured, analysed.result, node_flops(gm), flat, example_inputs)
+
+
+def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Iterable] = None) -> PrunedModel:
+    """Plan, rewrite, verify and wrap a prepared model (see ``compile_pruned``); ``prepared`` is not changed."""
+    captured, analysis = prepared.captured, prepared.analysis
+    with generated_code_released() as keep:
+        plan, settings, schedule_search, alignment_search = choose_plan(prepared, settings, calibration)
+        sites = plan_sites(plan)
+        pruned = captured.gm
+        if sites:
+            passes = [PruneTokens(analysis, sites, settings), PropagateMeta(prepared.flat),
+                      AnnotateFlops(prepared.flat)]
+            pruned = keep(run_passes(passes, captured.gm).graph_module)
+        if settings.verify and sites:
+            verify_rewrite(captured.gm, analysis, sites, prepared.flat, settings)
+    report = PruneReport(
+        blocks=[BlockReport(b.index, b.name, b.mixing, t) for b, t in zip(analysis.blocks, plan.tokens_per_block)],
+        sites=dict(plan.kept), keep_rates=dict(plan.keeps), token_length=analysis.token_length,
+        protected=sorted(analysis.protected), dense_flops=plan.dense_flops,
+        pruned_flops=total_flops(pruned) if sites else plan.dense_flops,
+        estimated_flops=plan.estimated_flops, target_ratio=settings.ratio, alignment=settings.alignment,
+        metric=settings.metric, backend=settings.backend,
+        not_understood=[(n.name, n.reason) for n in analysis.not_understood],
+        unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed),
+        schedule_search=None if schedule_search is None else (schedule_search.chosen, dict(schedule_search.scores)),
+        alignment_search=None if alignment_search is None else (alignment_search.chosen, dict(alignment_search.scores)),
+        site_lengths={key: analysis.site_length(key) for key in plan.kept})
+    return PrunedModel(pruned, report, prepared.example_inputs, settings.backend)
+
+
+def choose_plan(prepared: Prepared, settings: PruneSettings, calibration: Optional[Iterable]) -> tuple:
+    """(plan, settings with the alignment chosen, schedule search or None, alignment search or None)."""
+    gm, analysis, flops = prepared.captured.gm, prepared.analysis, prepared.flops
+    if settings.alignment is Alignment.AUTO:
+        found = search_alignment(gm, analysis, flops, settings, _calibration(prepared, calibration))
+        return found.plan, settings.with_(alignment=found.chosen), found.schedule_search, found
+    if settings.schedule == "auto":
+        found = search_schedule(gm, analysis, flops, settings, _calibration(prepared, calibration))
+        return found.plans[found.chosen], settings, found, None
+    return make_plan(analysis, flops, settings.ratio, settings.schedule), settings, None, None
+
+
+def _calibration(prepared: Prepared, calibration: Iterable) -> Calibration:
+    return Calibration.of(prepared.captured.gm, calibration_inputs(calibration, expected=len(prepared.flat)))
+
+
+def require_backend(backend: Backend) -> None:
+    """Fail before the slow work when the backend's optional package is missing."""
+    if backend is Backend.ONNXRUNTIME:
+        from ..runtime.backends.onnxruntime_backend import require_package
+        for package, module in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
+            require_package(package, module, 'compile_pruned(backend="onnxruntime")')
+    elif backend is Backend.TENSORRT:
+        from ..runtime.backends.tensorrt_backend import import_torch_tensorrt
+        import_torch_tensorrt()

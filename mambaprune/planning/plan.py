@@ -1,0 +1,186 @@
+"""Plan: ratio (or schedule) -> pruning sites and a static kept-token count K per site.
+
+The FLOPs model is the dense graph's own per-node FLOPs (torch.utils.flop_counter, our op formulas,
+MACs as DESIGN.md says) with every token-carrying node downstream of a site scaled by K/L: exact for
+token-wise layers (a per-token op on a pruned grid included), the scan and the token conv1d; a
+conv2d that looks at neighbours runs densely on the scattered grid and is not scaled, nor is anything
+after the downsampling that ends a pruned stage (the grid is restored there). Default sites
+are evenly spaced like ToP's (after blocks 5, 10, 15 of 24); one keep rate for all sites is solved
+so that the reduction is closest to `ratio`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from ..analysis import GraphAnalysis, Grid, fact_of, is_token_fact
+from ..analysis.ops import looks_at_neighbours, op_name
+from ..errors import UnreachableRatioError
+
+TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
+TOP_KEEP = 0.8
+
+
+@dataclass
+class Plan:
+    keeps: dict              # site key -> keep rate
+    kept: dict               # site key -> K
+    tokens_per_block: list
+    dense_flops: float
+    estimated_flops: float
+
+    @property
+    def estimated_ratio(self) -> float:
+        return 1 - self.estimated_flops / self.dense_flops if self.dense_flops else 0.0
+
+
+def estimate(analysis: GraphAnalysis, flops: dict, kept: dict) -> float:
+    """Estimated MACs when site k keeps kept[k] tokens: each node downstream of a site (and not after
+    the downsampling that ends its stage) scaled by K/L when its cost scales with the tokens."""
+    keys = sorted(kept)
+    total = 0.0
+    for node, f in flops.items():
+        if not f:
+            continue
+        region = analysis.region(node, keys)
+        key = keys[region - 1] if region else None
+        if key and node not in analysis.after_stage(key) and scales_with_tokens(node):
+            f *= kept[key] / analysis.site_length(key)
+        total += f
+    return total
+
+
+def scales_with_tokens(node: fx.Node) -> bool:
+    """A token-carrying node's cost is per token, except a conv2d that looks at neighbours: on a
+    pruned grid it runs densely on the scattered cells (rewrite/rules/conv2d.py)."""
+    fact = fact_of(node)
+    if isinstance(fact, Grid) and op_name(node) == "aten::conv2d":
+        return not looks_at_neighbours(node)
+    return is_token_fact(fact)
+
+
+def kept_counts(analysis: GraphAnalysis, keeps: dict) -> dict:
+    """K at every site: protected tokens plus the keep rate of the free ones (at least one)."""
+    kept, previous = {}, None
+    for key in sorted(keeps):
+        length = analysis.site_length(key)
+        same_stage = previous is not None and analysis.site_length(previous) == length
+        current = kept[previous] if same_stage else length
+        protected = analysis.protected_below(length)
+        free = current - protected
+        k = protected + max(1, min(free, int(round(keeps[key] * free))))
+        kept[key] = k
+        previous = key
+    return kept
+
+
+def tokens_per_block(analysis: GraphAnalysis, kept: dict) -> list:
+    tokens, current = [], None
+    for index, block in enumerate(analysis.blocks):
+        if current is None or (index not in kept and block.token_length != analysis.blocks[index - 1].token_length):
+            current = block.token_length
+        current = kept.get(index, current)
+        tokens.append(current)
+    return tokens
+
+
+def top_sites(depth: int) -> list:
+    """ToP's ViM-S sites (after blocks 5, 10, 15 of 24), scaled to `depth` blocks."""
+    return sorted({max(1, min(depth - 1, round(f * depth))) for f in TOP_FRACTIONS})
+
+
+def default_sites(analysis: GraphAnalysis) -> list:
+    """ToP's sites (after blocks 5, 10, 15 of 24) scaled to the depth, snapped to possible sites."""
+    wanted = top_sites(analysis.depth)
+    valid = analysis.valid_sites
+    if not valid:
+        return []
+    snapped = sorted({min(valid, key=lambda v: (abs(v - w), v)) for w in wanted})
+    return snapped
+
+
+def make_plan(analysis: GraphAnalysis, flops: dict, ratio: float, schedule) -> Plan:
+    """The plan for a ratio and a schedule: None / "paper" (ToP's sites, one keep rate solved for
+    ratio), "uniform" (a site after every block that allows one, one keep rate), "top" or a dict.
+    ("auto" is searched by ``search.schedule.search_schedule``, which calls back into this.)"""
+    dense = sum(flops.values())
+    if ratio == 0 and schedule in (None, "paper", "uniform"):
+        return _plan(analysis, flops, {}, dense)
+    if schedule not in (None, "paper", "uniform"):
+        keeps = _schedule_keeps(analysis, schedule)
+        return _plan(analysis, flops, keeps, dense)
+    sites = analysis.valid_sites if schedule == "uniform" else default_sites(analysis)
+    return plan_for_sites(analysis, flops, sites, ratio)
+
+
+def plan_for_sites(analysis: GraphAnalysis, flops: dict, sites: list, ratio: float) -> Plan:
+    """One keep rate at every site in ``sites``, solved so the estimated reduction is closest to
+    ``ratio``; UnreachableRatioError when it falls short by more than 0.03."""
+    dense = sum(flops.values())
+    if not sites:
+        raise UnreachableRatioError(f"ratio {ratio} cannot be reached: the maximum is 0.0 ({_why_no_sites(analysis)})")
+    best = _solve_uniform_keep(analysis, flops, sites, ratio, dense)
+    achieved = best.estimated_ratio
+    if ratio - achieved > 0.03:
+        raise UnreachableRatioError(
+            f"ratio {ratio} cannot be reached for this model: the maximum FLOPs reduction with pruning after "
+            f"blocks {sites} is {achieved:.3f} (too few blocks after the first site or too few tokens). "
+            "Use a smaller ratio or an explicit schedule with earlier sites.")
+    return best
+
+
+def solve_site_keep(analysis: GraphAnalysis, flops: dict, keeps: dict, site: int, ratio: float):
+    """``keeps`` with the keep rate at ``site`` lowered (bisection) until the estimated reduction is
+    closest to ``ratio`` (the caller checks how close that is)."""
+    dense = sum(flops.values())
+    return _bisect(lambda rate: _plan(analysis, flops, {**keeps, site: rate}, dense), ratio, keeps.get(site, 1.0))
+
+
+def _bisect(plan_for_rate, ratio: float, highest: float, steps: int = 40) -> Plan:
+    """The plan closest to ``ratio`` among plan_for_rate(rate), rate in [0, highest] (the reduction
+    falls as the rate grows)."""
+    lo, hi = 0.0, highest
+    best = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        plan = plan_for_rate(mid)
+        if best is None or abs(plan.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
+            best = plan
+        if plan.estimated_ratio > ratio:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def _plan(analysis, flops, keeps, dense) -> Plan:
+    kept = kept_counts(analysis, keeps)
+    return Plan(dict(keeps), kept, tokens_per_block(analysis, kept), dense, estimate(analysis, flops, kept))
+
+
+def _solve_uniform_keep(analysis, flops, sites, ratio, dense) -> Plan:
+    best = _bisect(lambda rate: _plan(analysis, flops, {s: rate for s in sites}, dense), ratio, 1.0)
+    smallest = _plan(analysis, flops, {s: 0.0 for s in sites}, dense)  # one free token per site
+    if smallest.estimated_ratio < ratio and abs(smallest.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
+        best = smallest
+    return best
+
+
+def _schedule_keeps(analysis, schedule) -> dict:
+    if schedule == "top":
+        schedule = {k: TOP_KEEP for k in top_sites(analysis.depth)}
+    bad = [k for k in schedule if k not in analysis.valid_sites]
+    if bad:
+        reasons = "; ".join(f"after block {k}: {analysis.invalid_sites.get(k, 'no such site (the model has ' + str(analysis.depth) + ' SSM blocks)')}"
+                            for k in bad)
+        raise ValueError(f"schedule names sites where pruning is not possible: {reasons}. "
+                         f"Possible sites: {analysis.valid_sites}")
+    return dict(schedule)
+
+
+def _why_no_sites(analysis) -> str:
+    if analysis.depth < 2:
+        return f"the model has {analysis.depth} SSM block(s); pruning needs a block after the site"
+    reasons = "; ".join(f"after block {k}: {r}" for k, r in sorted(analysis.invalid_sites.items())[:3])
+    return f"no site can be pruned: {reasons}"

@@ -1,0 +1,100 @@
+"""Score: the importance of every token at a pruning site, in identity slot order.
+
+Invariant: emits nodes only; the graph computes the same outputs as before. The score (B, L_site)
+reads the block's SSM output `y` (after the gate, every direction merged back to token order) with
+the chosen metric (DESIGN.md, runtime/token_index.py): clip, l1, l2, raw, random, novelty-y
+(distance from the sample's mean token), or `delta` (mean of the softplus'd step size over channels,
+over every scan of the block), or a user callable (y, token_dim) -> (B, L). `novelty` reads the
+token stream crossing the site instead (the sum of its parts: ViM's hidden + residual, PlainMamba's
+x; `y` when the crossing tensors are not one stream). Scores of a tensor in another layout are
+moved back to identity slots; a scan that folds several directions into one call (MultiTok) is
+scored per direction, each moved back from its own order.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..analysis import Block, Grid, MultiTok, fact_of
+from ..analysis.ops import argument
+from ..runtime import token_index as ti
+from .context import SiteContext
+from .gather import add, summed_stream
+
+
+def emit_scores(ctx: SiteContext, block: Block, stream: list) -> fx.Node:
+    metric = ctx.settings.metric
+    if metric == "delta":
+        return _delta_scores(ctx, block)
+    if metric == "novelty" and stream:
+        return _stream_scores(ctx, stream, metric)
+    y = ctx.env[block.y]
+    fact = fact_of(block.y)
+    dim = current_dim(ctx, y, fact)
+    scores = ctx.call(_named(metric), y, dim) if callable(metric) else ctx.call(ti.token_scores, y, dim, metric)
+    return _to_identity(ctx, scores, y, fact.layout)
+
+
+def _stream_scores(ctx: SiteContext, parts: list, metric: str) -> fx.Node:
+    """The metric on the token stream crossing the site (the sum of its parts)."""
+    stream = summed_stream(ctx, parts, ctx.tables.latest_site())
+    fact = fact_of(parts[0])
+    if isinstance(fact, Grid):
+        scores = ctx.call(ti.grid_token_scores, stream, fact.hdim, fact.wdim, metric)
+    else:
+        scores = ctx.call(ti.token_scores, stream, current_dim(ctx, stream, fact), metric)
+    return _to_identity(ctx, scores, stream, fact.layout)
+
+
+def _delta_scores(ctx: SiteContext, block: Block) -> fx.Node:
+    total = None
+    for scan in block.scans:
+        delta_node = argument(scan, "delta")
+        delta = ctx.env[delta_node]
+        bias = argument(scan, "delta_bias")
+        if bias is not None:
+            delta = ctx.call(_add_channel_bias, delta, ctx.env[bias])
+        if argument(scan, "delta_softplus", False):
+            delta = ctx.call(F.softplus, delta)
+        fact = fact_of(delta_node)
+        layouts = fact.layouts if isinstance(fact, MultiTok) else (fact.layout,)
+        for g, layout in enumerate(layouts):
+            part = delta if len(layouts) == 1 else ctx.call(_channel_part, delta, g, len(layouts))
+            scores = _to_identity(ctx, ctx.call(ti.token_scores, part, 2, "delta"), ctx.env[delta_node], layout)
+            total = scores if total is None else ctx.call(add, total, scores)
+    return total
+
+
+def _to_identity(ctx: SiteContext, scores: fx.Node, value: fx.Node, layout) -> fx.Node:
+    if layout == ctx.tables.identity:
+        return scores
+    state = ctx.state.of(value)
+    if state is not None:
+        return ctx.call(ti.scores_to_identity, scores, ctx.tables.order(state.site, layout))
+    return ctx.call(_columns, scores, ctx.tables.rank_table(layout))
+
+
+def current_dim(ctx: SiteContext, value: fx.Node, fact) -> int:
+    """The token dim of `value` in the rewritten graph (a pruned tensor's own fact wins)."""
+    state = ctx.state.of(value)
+    return state.fact.dim if state is not None else fact.dim
+
+
+def _named(metric):
+    """fx names call targets after their __name__: give partials and callable objects one."""
+    def user_metric(y, token_dim):
+        return metric(y, token_dim)
+    return user_metric
+
+
+def _add_channel_bias(delta, bias):
+    return delta + bias.reshape(1, -1, 1)
+
+
+def _channel_part(delta, index, parts):
+    """Channels of direction `index` of a (B, parts * D, L) tensor."""
+    return delta.chunk(parts, dim=1)[index]
+
+
+def _columns(scores, rank):
+    return scores[:, rank.to(scores.device)]

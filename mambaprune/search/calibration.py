@@ -1,0 +1,72 @@
+"""Calibration: the user's batches, the dense model's outputs on them, and how far a pruned
+model's outputs move from those (what schedule="auto" and alignment="auto" minimise)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..analysis import GraphAnalysis
+from ..capture import flat_inputs, run_graph
+from ..pass_infra import run_passes
+from ..planning import Plan
+from ..rewrite import PruneTokens, SiteSpec
+from ..settings import PruneSettings
+
+
+def output_discrepancy(dense: List[torch.Tensor], pruned: List[torch.Tensor]) -> float:
+    """KL(dense || pruned) of softmax outputs for (batch, classes) tensors, else relative MSE."""
+    total = 0.0
+    for d, p in zip(dense, pruned):
+        d, p = d.float(), p.float()
+        if d.dim() == 2 and d.shape[1] > 1:
+            total += F.kl_div(p.log_softmax(-1), d.log_softmax(-1), log_target=True, reduction="batchmean").item()
+        else:
+            total += ((d - p).square().mean() / d.square().mean().clamp_min(1e-12)).item()
+    return total
+
+
+def plan_sites(plan: Plan) -> list:
+    """The SiteSpecs of a plan, in site order."""
+    return [SiteSpec(key, k) for key, k in sorted(plan.kept.items())]
+
+
+@dataclass
+class Calibration:
+    """The calibration batches (flat graph inputs) and the dense model's outputs on them."""
+
+    batches: List[list]
+    dense: List[list]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, batches: List[list]) -> "Calibration":
+        with torch.no_grad():
+            return cls(batches, [run_graph(gm, flat) for flat in batches])
+
+    def discrepancy(self, gm: fx.GraphModule, analysis: GraphAnalysis, plan: Plan, settings: PruneSettings) -> float:
+        """Mean ``output_discrepancy`` of ``plan`` rewritten with ``settings`` over the batches."""
+        pruned = run_passes([PruneTokens(analysis, plan_sites(plan), settings)], gm).graph_module
+        with torch.no_grad():
+            return sum(output_discrepancy(d, run_graph(pruned, flat))
+                       for d, flat in zip(self.dense, self.batches)) / len(self.batches)
+
+
+def calibration_inputs(calibration: Iterable, expected: int) -> List[list]:
+    """Flat graph inputs of every calibration batch (a tensor or a tuple of the model's positional
+    inputs); ValueError when there is none or one does not fit the model's ``expected`` inputs."""
+    batches = []
+    for index, batch in enumerate(calibration):
+        inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        flat = flat_inputs(inputs)
+        if len(flat) != expected or not all(isinstance(t, torch.Tensor) for t in flat):
+            raise ValueError(
+                f"calibration batch {index} does not match the model's inputs: expected {expected} tensor(s) "
+                f"(what you would pass as model(*batch)), got {len(flat)} value(s). For a loader of "
+                "(images, labels) pairs pass `(images for images, _ in loader)`.")
+        batches.append(flat)
+    if not batches:
+        raise ValueError("calibration is empty: schedule='auto' needs at least one batch of model inputs")
+    return batches
