@@ -171,12 +171,13 @@ def test_refusal_names_what_was_not_understood(name):
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_refused_model_with_a_ratio_raises_the_maximum(name):
+def test_refused_model_with_a_ratio_is_unsupported(name):
     _, result = compiled(name, RATIO)
     if isinstance(result, Exception):
-        assert isinstance(result, ValueError)
+        assert isinstance(result, UnsupportedModelError)
         message = str(result)
-        assert "maximum is 0.0" in message and REFUSED[name][1] in message, message
+        assert "nothing in this model can be pruned" in message and REFUSED[name][1] in message, message
+        assert "the first possible site, after block 1" in message, message
     else:  # pruned only the understood part: it must then be a correct model
         assert abs(result.report.achieved_ratio - RATIO) <= 0.03
         assert max_diff(result(images()), result(images())) == 0
