@@ -64,11 +64,7 @@ void store_strided(const Vectorized<T>& v, T* p, int64_t step, int64_t lanes) {
 // of a contiguous (rows, length) array: each channel's row is written contiguously.
 template <typename T>
 void write_rows(T* out, int64_t first_row, int64_t length, int64_t lanes, const std::vector<T>& buffer) {
-  const int64_t width = Vectorized<T>::size();
-  for (int64_t i = 0; i < lanes; ++i) {
-    T* row = out + (first_row + i) * length;
-    for (int64_t t = 0; t < length; ++t) row[t] = buffer[t * width + i];
-  }
+  at::vec::transpose_mxn<T>(buffer.data(), Vectorized<T>::size(), out + first_row * length, length, length, lanes);
 }
 
 template <typename T>

@@ -4,8 +4,9 @@
 // cpu_kernels.cpp; schemas and fake kernels in token_ops_cpp.py). Both ops are one "gathered"
 // depthwise conv: under tap j, kept token k of sample b reads the kept token in slot nb[b, k, j], or
 // nothing when that neighbour was pruned (it contributes zero). The neighbour table is built from
-// pos once per call; the conv is then vectorised over channels, one task per (sample, block of
-// channels), with no (batch, C, H * W) grid and no per-tap torch ops. Forward and backward share it.
+// pos once per call; the conv is then vectorised over channels, one task per (sample, tile of kept
+// tokens), with no (batch, C, H * W) grid and no per-tap torch ops. Forward and backward share it
+// (the backward's gradient of x is a gather through the transposed table: no scatter, no races).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -22,6 +23,21 @@ struct Neighbours {
   std::vector<int64_t> table;
 
   const int64_t* row(int64_t b, int64_t k) const { return table.data() + (b * tokens + k) * taps; }
+
+  // The readers of each slot: transposed[b, s, j] = the kept token k with table[b, k, j] == s, or -1
+  // (unique: token k reads under tap j the one original position pos[k] + j - left, resp. its cell).
+  Neighbours transposed() const {
+    Neighbours out{batch, tokens, taps, std::vector<int64_t>(table.size(), -1)};
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t k = 0; k < tokens; ++k) {
+        for (int64_t j = 0; j < taps; ++j) {
+          const int64_t s = row(b, k)[j];
+          if (s >= 0) out.table[(b * tokens + s) * taps + j] = k;
+        }
+      }
+    }
+    return out;
+  }
 };
 
 // pos_conv1d: tap j of token k reads original position pos[k] + j - left. Positions strictly
@@ -81,79 +97,129 @@ inline Neighbours conv2d_neighbours(const at::Tensor& pos, int64_t height, int64
   return nb;
 }
 
-// x: (batch, C, K) view (any strides); weight: (C, taps) view. One channel block's tap weights.
+// Kept tokens per task. Every array is tokens-last (rows of C contiguous channels): a kept token's
+// neighbours are whole rows, read with plain vector loads and no per-lane strides.
+constexpr int64_t kTokensPerTask = 32;
+
+// A (batch, C, K) or (batch, K, C) tensor as a contiguous tokens-last (batch, K, C) one (no copy when
+// it already is: a transposed view of a (batch, K, C) tensor, as the models pass it).
+inline at::Tensor tokens_last_rows(const at::Tensor& t, bool channels_first) {
+  return channels_first ? t.transpose(1, 2).contiguous() : t.contiguous();
+}
+
+// weight (C, taps) view -> (taps, C) contiguous: tap j's weights are one row.
 template <typename T>
-std::vector<Vectorized<T>> tap_weights(const View<T>& w, int64_t c0, int64_t lanes, int64_t taps) {
-  std::vector<Vectorized<T>> out(taps);
-  for (int64_t j = 0; j < taps; ++j) out[j] = load_strided(w.data + c0 * w.strides[0] + j * w.strides[1], w.strides[0], lanes);
+std::vector<T> taps_major(const at::Tensor& weight) {
+  const View<T> w(weight);
+  const int64_t C = weight.size(0), taps = weight.size(1);
+  std::vector<T> out(taps * C);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t j = 0; j < taps; ++j) out[j * C + c] = w.data[c * w.strides[0] + j * w.strides[1]];
+  }
   return out;
 }
 
-// out[b, c, k] = bias[c] + sum_j weight[c, j] * x[b, c, nb[b, k, j]]; out is (batch, C, K) contiguous,
-// or (batch, K, C) contiguous when tokens_last (then returned in that shape).
+// out[c] = init[c] (or 0) + sum over taps j with a kept neighbour of w[j, c] * rows[slot[j], c].
+template <typename T>
+void gather_taps(const T* rows, int64_t C, const int64_t* slot, int64_t taps, const T* w, const T* init, T* out) {
+  using Vec = Vectorized<T>;
+  if (init) std::copy(init, init + C, out);
+  else std::fill(out, out + C, T(0));
+  for (int64_t j = 0; j < taps; ++j) {
+    if (slot[j] < 0) continue;
+    const T *src = rows + slot[j] * C, *w_j = w + j * C;
+    for (int64_t c = 0; c < C; c += Vec::size()) {
+      const int64_t lanes = std::min<int64_t>(Vec::size(), C - c);
+      at::vec::fmadd(Vec::loadu(w_j + c, lanes), Vec::loadu(src + c, lanes), Vec::loadu(out + c, lanes))
+          .store(out + c, lanes);
+    }
+  }
+}
+
+// acc[c] += a[c] * b[c] (or += a[c] when b is null).
+template <typename T>
+void accumulate(T* acc, const T* a, const T* b, int64_t C) {
+  using Vec = Vectorized<T>;
+  for (int64_t c = 0; c < C; c += Vec::size()) {
+    const int64_t lanes = std::min<int64_t>(Vec::size(), C - c);
+    const Vec sum = b ? at::vec::fmadd(Vec::loadu(a + c, lanes), Vec::loadu(b + c, lanes), Vec::loadu(acc + c, lanes))
+                      : Vec::loadu(acc + c, lanes) + Vec::loadu(a + c, lanes);
+    sum.store(acc + c, lanes);
+  }
+}
+
+// A tile of rows [k0, k1) x C -> out (batch, K, C) when tokens_last, else columns of (batch, C, K).
+template <typename T>
+void write_tile(T* out, int64_t b, int64_t k0, int64_t k1, int64_t C, int64_t K, bool tokens_last, const T* tile) {
+  if (tokens_last) {
+    std::copy(tile, tile + (k1 - k0) * C, out + (b * K + k0) * C);
+  } else {
+    at::vec::transpose_mxn<T>(tile, C, out + b * C * K + k0, K, k1 - k0, C);
+  }
+}
+
+// For every task (sample b, kept tokens [k0, k1)): f(b, k0, k1, task), with a (kTokensPerTask, C) tile.
+template <typename T, typename F>
+void for_each_tile(int64_t batch, int64_t K, int64_t C, F&& f) {
+  const int64_t per_sample = (K + kTokensPerTask - 1) / kTokensPerTask;
+  at::parallel_for(0, batch * per_sample, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tile(kTokensPerTask * C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / per_sample, k0 = (task % per_sample) * kTokensPerTask;
+      f(b, k0, std::min(K, k0 + kTokensPerTask), task, tile.data());
+    }
+  });
+}
+
+// out[b, k, c] = bias[c] + sum_j weight[c, j] * x[b, nb[b, k, j], c]; x: contiguous (batch, K, C).
+// The result is (batch, K, C) when tokens_last, else (batch, C, K), contiguous either way.
 template <typename T>
 at::Tensor gathered_conv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const Neighbours& nb, bool tokens_last) {
-  const int64_t batch = x.size(0), C = x.size(1), K = x.size(2), taps = nb.taps;
+  const int64_t batch = x.size(0), K = x.size(1), C = x.size(2);
   at::Tensor out = tokens_last ? at::empty({batch, K, C}, x.options()) : at::empty({batch, C, K}, x.options());
-  const int64_t o_c = tokens_last ? 1 : K, o_k = tokens_last ? C : 1;
-  const View<T> xv(x), wv(weight), bv(bias);
+  const std::vector<T> w = taps_major<T>(weight);
+  const at::Tensor b_row = bias ? bias->contiguous() : at::Tensor();
+  const T *rows = x.data_ptr<T>(), *init = bias ? b_row.data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
-  const int64_t blocks = channel_blocks<T>(C);
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, c0 = (task % blocks) * Vectorized<T>::size();
-      const int64_t lanes = block_lanes<T>(C, task % blocks);
-      const auto w = tap_weights(wv, c0, lanes, taps);
-      const Vectorized<T> b_v = bv.present() ? load_strided(bv.data + c0 * bv.strides[0], bv.strides[0], lanes)
-                                             : Vectorized<T>(T(0));
-      for (int64_t k = 0; k < K; ++k) {
-        Vectorized<T> acc = b_v;
-        const int64_t* row = nb.row(b, k);
-        for (int64_t j = 0; j < taps; ++j) {
-          if (row[j] >= 0) acc = at::vec::fmadd(w[j], load_channels(xv, b, c0, row[j], lanes), acc);
-        }
-        store_strided(acc, o + b * C * K + c0 * o_c + k * o_k, o_c, lanes);
-      }
+  for_each_tile<T>(batch, K, C, [&](int64_t b, int64_t k0, int64_t k1, int64_t, T* tile) {
+    for (int64_t k = k0; k < k1; ++k) {
+      gather_taps(rows + b * K * C, C, nb.row(b, k), nb.taps, w.data(), init, tile + (k - k0) * C);
     }
+    write_tile(o, b, k0, k1, C, K, tokens_last, tile);
   });
   return out;
 }
 
-// Gradients of sum(grad_out * out): {x (shaped like out), weight (C, taps), bias (C,)}.
+// Gradients of sum(grad_out * out) for contiguous (batch, K, C) x and grad_out: {x (shaped like out),
+// weight (C, taps), bias (C,)}. The gradient of x is a gather too: the readers of a slot under each
+// tap form the transposed table, so tiles never write each other's rows.
 template <typename T>
 std::vector<at::Tensor> gathered_conv_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                const at::Tensor& weight, const Neighbours& nb, bool tokens_last) {
-  using Vec = Vectorized<T>;
-  const int64_t batch = x.size(0), C = x.size(1), K = x.size(2), taps = nb.taps;
+  const int64_t batch = x.size(0), K = x.size(1), C = x.size(2), taps = nb.taps;
+  const int64_t tasks = batch * ((K + kTokensPerTask - 1) / kTokensPerTask);
   at::Tensor gx = tokens_last ? at::empty({batch, K, C}, x.options()) : at::empty({batch, C, K}, x.options());
-  at::Tensor gw = at::empty({batch, C, taps}, x.options()), gb = at::empty({batch, C}, x.options());
-  const int64_t o_c = tokens_last ? 1 : K, o_k = tokens_last ? C : 1;
-  const View<T> gv(grad_out), xv(x), wv(weight);
+  at::Tensor gw = at::zeros({tasks, taps, C}, x.options()), gb = at::zeros({tasks, C}, x.options());
+  const std::vector<T> w = taps_major<T>(weight);
+  const Neighbours readers = nb.transposed();
+  const T *rows = x.data_ptr<T>(), *grad_rows = grad_out.data_ptr<T>();
   T *gx_p = gx.data_ptr<T>(), *gw_p = gw.data_ptr<T>(), *gb_p = gb.data_ptr<T>();
-  const int64_t blocks = channel_blocks<T>(C);
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, c0 = (task % blocks) * Vec::size(), lanes = block_lanes<T>(C, task % blocks);
-      const auto w = tap_weights(wv, c0, lanes, taps);
-      std::vector<Vec> grad_x(K, Vec(T(0))), grad_w(taps, Vec(T(0)));
-      Vec grad_b(T(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const Vec gy = load_channels(gv, b, c0, k, lanes);
-        grad_b = grad_b + gy;
-        const int64_t* row = nb.row(b, k);
-        for (int64_t j = 0; j < taps; ++j) {
-          if (row[j] < 0) continue;
-          grad_x[row[j]] = at::vec::fmadd(w[j], gy, grad_x[row[j]]);
-          grad_w[j] = at::vec::fmadd(gy, load_channels(xv, b, c0, row[j], lanes), grad_w[j]);
-        }
+  for_each_tile<T>(batch, K, C, [&](int64_t b, int64_t k0, int64_t k1, int64_t task, T* tile) {
+    const T *x_b = rows + b * K * C, *g_b = grad_rows + b * K * C;
+    T *gw_task = gw_p + task * taps * C, *gb_task = gb_p + task * C;
+    for (int64_t k = k0; k < k1; ++k) {
+      gather_taps(g_b, C, readers.row(b, k), taps, w.data(), static_cast<const T*>(nullptr), tile + (k - k0) * C);
+      const int64_t* slot = nb.row(b, k);
+      accumulate(gb_task, g_b + k * C, static_cast<const T*>(nullptr), C);
+      for (int64_t j = 0; j < taps; ++j) {
+        if (slot[j] >= 0) accumulate(gw_task + j * C, g_b + k * C, x_b + slot[j] * C, C);
       }
-      for (int64_t k = 0; k < K; ++k) store_strided(grad_x[k], gx_p + b * C * K + c0 * o_c + k * o_k, o_c, lanes);
-      for (int64_t j = 0; j < taps; ++j) store_strided(grad_w[j], gw_p + (b * C + c0) * taps + j, taps, lanes);
-      store_strided(grad_b, gb_p + b * C + c0, int64_t(1), lanes);
     }
+    write_tile(gx_p, b, k0, k1, C, K, tokens_last, tile);
   });
-  return {gx, gw.sum(0), gb.sum(0)};  // weight and bias: partial sums per sample, added up
+  // per-task partial sums of weight (taps, C) and bias, added up
+  return {gx, gw.sum(0).t().contiguous(), gb.sum(0)};
 }
 
 inline void check_conv_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
@@ -176,7 +242,8 @@ inline at::Tensor pos_conv1d_forward(const at::Tensor& x, const at::Tensor& weig
   check_conv_inputs("pos_conv1d", x, weight, bias);
   const auto nb = conv1d_neighbours(pos, weight.size(-1), left);
   const at::Tensor w = weight.reshape({weight.size(0), -1});
-  return by_dtype(x, [&](auto t) { return gathered_conv_forward<decltype(t)>(x, w, bias, nb, false); });
+  const at::Tensor rows = tokens_last_rows(x, true);
+  return by_dtype(x, [&](auto t) { return gathered_conv_forward<decltype(t)>(rows, w, bias, nb, false); });
 }
 
 inline std::vector<at::Tensor> pos_conv1d_backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -184,7 +251,8 @@ inline std::vector<at::Tensor> pos_conv1d_backward(const at::Tensor& grad_out, c
   check_conv_inputs("pos_conv1d", x, weight, std::nullopt);
   const auto nb = conv1d_neighbours(pos, weight.size(-1), left);
   const at::Tensor w = weight.reshape({weight.size(0), -1});
-  auto grads = by_dtype(x, [&](auto t) { return gathered_conv_backward<decltype(t)>(grad_out, x, w, nb, false); });
+  const at::Tensor rows = tokens_last_rows(x, true), grad_rows = tokens_last_rows(grad_out, true);
+  auto grads = by_dtype(x, [&](auto t) { return gathered_conv_backward<decltype(t)>(grad_rows, rows, w, nb, false); });
   grads[1] = grads[1].reshape(weight.sizes());
   return grads;
 }
@@ -195,8 +263,8 @@ inline at::Tensor pos_conv2d_forward(const at::Tensor& x, const at::Tensor& weig
                                      int64_t width, int64_t padding) {
   check_conv_inputs("pos_conv2d", x, weight, bias);
   const auto nb = conv2d_neighbours(pos, height, width, weight.size(-2), weight.size(-1), padding);
-  const at::Tensor w = weight.reshape({weight.size(0), -1}), xt = x.transpose(1, 2);
-  return by_dtype(x, [&](auto t) { return gathered_conv_forward<decltype(t)>(xt, w, bias, nb, true); });
+  const at::Tensor w = weight.reshape({weight.size(0), -1}), rows = tokens_last_rows(x, false);
+  return by_dtype(x, [&](auto t) { return gathered_conv_forward<decltype(t)>(rows, w, bias, nb, true); });
 }
 
 inline std::vector<at::Tensor> pos_conv2d_backward(const at::Tensor& grad_out, const at::Tensor& x,
@@ -206,7 +274,8 @@ inline std::vector<at::Tensor> pos_conv2d_backward(const at::Tensor& grad_out, c
   const auto nb = conv2d_neighbours(pos, height, width, weight.size(-2), weight.size(-1), padding);
   const at::Tensor w = weight.reshape({weight.size(0), -1});
   auto grads = by_dtype(x, [&](auto t) {
-    return gathered_conv_backward<decltype(t)>(grad_out.transpose(1, 2), x.transpose(1, 2), w, nb, true);
+    return gathered_conv_backward<decltype(t)>(tokens_last_rows(grad_out, false), tokens_last_rows(x, false), w, nb,
+                                               true);
   });
   grads[1] = grads[1].reshape(weight.sizes());
   return grads;
