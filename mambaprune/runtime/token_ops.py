@@ -287,7 +287,8 @@ def path_order_composite(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("mambaprune::path_order", mutates_args=())
 def _path_order_op(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return path_order_composite(path, pos)
+    # The inverse permutation as one argsort instead of arange + index_put: 3 ops instead of 5.
+    return path.argsort()[pos].argsort(dim=1)
 
 
 @_path_order_op.register_fake
