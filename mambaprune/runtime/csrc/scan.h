@@ -49,11 +49,14 @@ struct Scan {
   // Block j of a group: its first channel and how many lanes it fills.
   int64_t first_channel(int64_t group, int64_t j) const { return group * per_group + j * Vectorized<T>::size(); }
   int64_t lanes(int64_t j) const { return block_lanes<T>(per_group, j); }
-  T b_at(int64_t b, int64_t g, int64_t n, int64_t t) const {
-    return B.data[b * B.strides[0] + g * B.strides[1] + n * B.strides[2] + t * B.strides[3]];
-  }
-  T c_at(int64_t b, int64_t g, int64_t n, int64_t t) const {
-    return C.data[b * C.strides[0] + g * C.strides[1] + n * C.strides[2] + t * C.strides[3]];
+  // B or C of one sample and group, as a pointer and (state, token) strides: at(n, t).
+  struct Projection {
+    const T* data;
+    int64_t n_step, t_step;
+    T at(int64_t n, int64_t t) const { return data[n * n_step + t * t_step]; }
+  };
+  Projection projection(const View<T>& P, int64_t b, int64_t g) const {
+    return {P.data + b * P.strides[0] + g * P.strides[1], P.strides[2], P.strides[3]};
   }
   T gap_at(int64_t b, int64_t t) const { return gap.present() ? gap.data[b * gap.strides[0] + t * gap.strides[1]] : T(1); }
   Vectorized<T> A_column(int64_t d0, int64_t n, int64_t lanes) const {
@@ -77,16 +80,17 @@ void forward_block(const Scan<T>& s, T* y, int64_t b, int64_t g, int64_t j) {
   for (int64_t n = 0; n < N; ++n) A_v[n] = s.A_column(d0, n, lanes);
   const Vec D_v = s.per_channel(s.D, d0, lanes), bias_v = s.per_channel(s.bias, d0, lanes);
   std::vector<T> out(s.length * Vec::size());
+  const auto B = s.projection(s.B, b, g), C = s.projection(s.C, b, g);
   for (int64_t t = 0; t < s.length; ++t) {
     const Vec dt = s.dt_of(s.pre_softplus(b, d0, t, lanes, bias_v));
     const Vec u = load_channels(s.u, b, d0, t, lanes);
     const Vec decay_dt = s.gap.present() ? dt * Vec(s.gap_at(b, t)) : dt;
     const Vec dt_u = dt * u;
-    Vec acc0(T(0)), acc1(T(0));
+    Vec acc0(T(0)), acc1(T(0));  // two chains of the sum over n
     for (int64_t n = 0; n < N; ++n) {
-      h[n] = at::vec::fmadd((decay_dt * A_v[n]).exp(), h[n], dt_u * Vec(s.b_at(b, g, n, t)));
-      if (n % 2 == 0) acc0 = at::vec::fmadd(h[n], Vec(s.c_at(b, g, n, t)), acc0);
-      else acc1 = at::vec::fmadd(h[n], Vec(s.c_at(b, g, n, t)), acc1);
+      h[n] = at::vec::fmadd((decay_dt * A_v[n]).exp(), h[n], dt_u * Vec(B.at(n, t)));
+      if (n % 2 == 0) acc0 = at::vec::fmadd(h[n], Vec(C.at(n, t)), acc0);
+      else acc1 = at::vec::fmadd(h[n], Vec(C.at(n, t)), acc1);
     }
     Vec out_t = at::vec::fmadd(D_v, u, acc0 + acc1);
     if (s.z.present()) {
@@ -137,6 +141,7 @@ void record_forward(const Scan<T>& s, BlockTape<T>& tape, int64_t b, int64_t g, 
   using Vec = Vectorized<T>;
   const int64_t N = s.dstate;
   std::vector<Vec> h(N, Vec(T(0)));
+  const auto B = s.projection(s.B, b, g), C = s.projection(s.C, b, g);
   for (int64_t t = 0; t < s.length; ++t) {
     const Vec dt = s.dt_of(s.pre_softplus(b, d0, t, lanes, bias_v));
     const Vec u = load_channels(s.u, b, d0, t, lanes);
@@ -145,8 +150,8 @@ void record_forward(const Scan<T>& s, BlockTape<T>& tape, int64_t b, int64_t g, 
     Vec acc(T(0));
     for (int64_t n = 0; n < N; ++n) {
       const Vec a = (decay_dt * A_v[n]).exp();
-      h[n] = at::vec::fmadd(a, h[n], dt_u * Vec(s.b_at(b, g, n, t)));
-      acc = at::vec::fmadd(h[n], Vec(s.c_at(b, g, n, t)), acc);
+      h[n] = at::vec::fmadd(a, h[n], dt_u * Vec(B.at(n, t)));
+      acc = at::vec::fmadd(h[n], Vec(C.at(n, t)), acc);
       tape.states[t * N + n] = h[n];
       tape.decays[t * N + n] = a;
     }
@@ -168,6 +173,7 @@ void backward_block(const Scan<T>& s, const View<T>& grad_out, const Grads<T>& o
   record_forward(s, tape, b, g, d0, lanes, A_v, D_v, bias_v);
   Vec grad_D(T(0)), grad_bias(T(0));
   const Vec one(T(1));
+  const auto B = s.projection(s.B, b, g), C = s.projection(s.C, b, g);
   for (int64_t t = s.length - 1; t >= 0; --t) {
     Vec gy = load_channels(grad_out, b, d0, t, lanes);
     const Vec u = load_channels(s.u, b, d0, t, lanes), dt = tape.dts[t];
@@ -182,10 +188,10 @@ void backward_block(const Scan<T>& s, const View<T>& grad_out, const Grads<T>& o
     Vec q(T(0)), grad_exponent_A(T(0));
     for (int64_t n = 0; n < N; ++n) {
       const int64_t at_tn = t * N + n;
-      grad_h[n] = at::vec::fmadd(gy, Vec(s.c_at(b, g, n, t)), grad_h[n]);  // now d loss / d h_t
+      grad_h[n] = at::vec::fmadd(gy, Vec(C.at(n, t)), grad_h[n]);  // now d loss / d h_t
       grad_C_lanes[at_tn] = at::vec::fmadd(gy, tape.states[at_tn], grad_C_lanes[at_tn]);
       grad_B_lanes[at_tn] = at::vec::fmadd(grad_h[n], dt_u, grad_B_lanes[at_tn]);
-      q = at::vec::fmadd(grad_h[n], Vec(s.b_at(b, g, n, t)), q);
+      q = at::vec::fmadd(grad_h[n], Vec(B.at(n, t)), q);
       if (t > 0) {
         const Vec grad_exponent = grad_h[n] * tape.states[at_tn - N] * tape.decays[at_tn];
         grad_exponent_A = at::vec::fmadd(grad_exponent, A_v[n], grad_exponent_A);
