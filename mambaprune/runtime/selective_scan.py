@@ -10,7 +10,7 @@ first use: see cpu_kernels) with its analytic C++ backward, measured faster than
 at every shape (benchmarks/results/scan_cpu.md). Without a compiler (or when its build fails) the
 CPU falls back, with one warning, to the pure-PyTorch scans: the chunked token loop with its
 analytic backward (``scan_sequential``) once a token's state (batch * D * N) is big enough to
-amortise the per-token dispatch, else the log-depth doubling reference.
+amortise the per-token dispatch (from 128 state elements), else the log-depth doubling reference.
 ``MAMBAPRUNE_SCAN_IMPL=reference|sequential|cpp|triton`` forces one (``cpp`` still falls back when
 the kernel cannot be built); ``chosen_scan_impl`` says which one runs. The backward is the C++ one
 with ``cpp``, the sequential scan's analytic one on the CPU otherwise, and the differentiated
@@ -34,9 +34,10 @@ from .validation import check_selective_scan_args
 
 IMPL_ENV_VAR = "MAMBAPRUNE_SCAN_IMPL"
 _IMPLS = ("reference", "sequential", "cpp", "triton")
-# Without the C++ kernel: the token loop wins over the doubling reference from this many state
-# elements per token (batch * D * N); benchmarks/scan_cpu.py measures the crossover.
-_SEQUENTIAL_MIN_STATE = 4096
+# Without the C++ kernel: the chunked token loop beats the doubling reference at every state size
+# benchmarks/scan_cpu.py measured (results/scan_cpu.md: 0.23 vs 0.25 ms at batch*D*N = 128, L = 16;
+# 3.2 vs 39 ms at ViM-T's 6144, L = 197); below 128 elements per token the reference keeps them.
+_SEQUENTIAL_MIN_STATE = 128
 _IMPLEMENTATIONS = {
     "reference": selective_scan_reference,
     "sequential": selective_scan_sequential,
@@ -54,7 +55,7 @@ def _forced_impl() -> Optional[str]:
 def chosen_scan_impl(u: torch.Tensor, dstate: int = 16) -> str:
     """The implementation that runs for u: 'triton' for CUDA inputs when triton imports (fp64 stays on
     the reference); on the CPU 'cpp' when the C++ kernel builds (the first call may build it), else
-    'sequential' when batch * D * dstate exceeds a few thousand, else 'reference'.
+    'sequential' when batch * D * dstate exceeds 128, else 'reference'.
     MAMBAPRUNE_SCAN_IMPL forces one; a forced 'cpp' that cannot be built falls back like the default."""
     forced = _forced_impl()
     if forced and not (forced == "cpp" and not u.is_cuda and load_cpu_kernels() is None):
