@@ -96,3 +96,9 @@ def test_the_kernels_load_again_after_a_reset():
     if not status.available:
         pytest.skip(f"the C++ CPU kernels are unavailable here: {status.detail}")
     assert chosen_scan_impl(torch.randn(1, 2, 3)) == "cpp"
+
+
+def test_the_kernel_wrapper_on_other_devices_names_the_alternatives():
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs().items()}
+    with pytest.raises(ValueError, match=r"needs CPU tensors; got u on meta\. Use MAMBAPRUNE_SCAN_IMPL=triton or reference"):
+        selective_scan_cpp(**meta)

@@ -86,9 +86,8 @@ def selective_scan_cpp(
     gap: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mamba-1 selective scan (see ``selective_scan``) by the C++ kernel; contiguous (batch, D, L) in u's dtype."""
-    kernels = _kernels()
     _, (u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, gap_c) = _kernel_args(u, delta, A, B, C, D, z, delta_bias, gap)
-    y = kernels.scan_forward(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus), gap_c)
+    y = _kernels().scan_forward(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus), gap_c)
     return y.to(u.dtype)
 
 
@@ -109,9 +108,8 @@ def selective_scan_cpp_backward(
 
     Each gradient has its input's shape and dtype.
     """
-    kernels = _kernels()
     dtype, args = _kernel_args(u, delta, A, B, C, D, z, delta_bias, gap)
-    gu, gdelta, gz, gA, gD, gbias, gB, gC = kernels.scan_backward(
+    gu, gdelta, gz, gA, gD, gbias, gB, gC = _kernels().scan_backward(
         grad_out.to(dtype), *args[:7], args[7], bool(delta_softplus), args[8])
     grads = dict(u=gu, delta=gdelta, A=gA, B=gB, C=gC, D=gD, z=gz, delta_bias=gbias)
     inputs = dict(zip(_GRAD_NAMES, (u, delta, A, B, C, D, z, delta_bias)))
