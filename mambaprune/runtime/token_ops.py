@@ -285,10 +285,14 @@ def path_order_composite(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return rank[pos].argsort(dim=1)
 
 
+def path_order_by_argsort(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``path_order_composite`` with the inverse permutation as one argsort: 3 ops instead of 5."""
+    return path.argsort()[pos].argsort(dim=1)
+
+
 @torch.library.custom_op("mambaprune::path_order", mutates_args=())
 def _path_order_op(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    # The inverse permutation as one argsort instead of arange + index_put: 3 ops instead of 5.
-    return path.argsort()[pos].argsort(dim=1)
+    return path_order_by_argsort(path, pos)
 
 
 @_path_order_op.register_fake
