@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 from mambaprune.runtime import cpu_kernels_status, path_order, pos_conv1d, pos_conv2d, selective_scan  # noqa: E402
 from mambaprune.runtime.scan_reference import selective_scan_reference  # noqa: E402
+from mambaprune.runtime import timing  # noqa: E402
 from mambaprune.runtime.cpu_kernels import load_cpu_kernels  # noqa: E402
 from mambaprune.runtime.token_ops import (  # noqa: E402
     path_order_by_argsort,
@@ -74,51 +74,14 @@ def scan_args(batch: int, dim: int, length: int = LENGTH, dstate: int = DSTATE, 
                 delta_bias=torch.randn(dim, generator=g) * 0.3, delta_softplus=True)
 
 
-def _busy_seconds() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy, CPU seconds of this process), from /proc/stat."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    with open("/proc/stat") as stat:
-        values = [int(v) for v in stat.readline().split()[1:9]]
-    own = os.times()
-    return (sum(values) - values[3] - values[4]) / ticks, own.user + own.system
-
-
-def _burst(call) -> float:
-    """Best ms of back-to-back calls filling BURST_MS (one call when it alone takes longer)."""
-    best, spent = float("inf"), 0.0
-    while spent < BURST_MS:
-        start = time.perf_counter()
-        call()
-        elapsed = (time.perf_counter() - start) * 1e3
-        best, spent = min(best, elapsed), spent + elapsed
-    return best
-
-
-def _rounds(calls: dict, rounds: int) -> dict:
-    best = {name: float("inf") for name in calls}
-    for round_ in range(rounds + 1):  # round 0 warms up
-        for name, call in calls.items():
-            elapsed = _burst(call)
-            if round_:
-                best[name] = min(best[name], elapsed)
-    return {name: round(ms, 4) for name, ms in best.items()}
-
-
 def interleaved(calls: dict, rounds: int) -> dict:
-    """Best wall time in ms of each call, one burst of each per round, after one warm-up round.
-
-    A block during which other processes took more than OTHERS_MAX of the machine's CPU time is
-    measured again (up to ATTEMPTS times, CONTENTION_WAIT_S apart): on a shared 2-core machine one
-    neighbour slows a 2-thread op several-fold. The share others took is kept with the times.
-    """
-    for attempt in range(ATTEMPTS):
-        wall, (busy, own) = time.perf_counter(), _busy_seconds()
-        times = _rounds(calls, rounds)
-        busy_after, own_after = _busy_seconds()
-        others = max(0.0, (busy_after - busy) - (own_after - own)) / ((time.perf_counter() - wall) * os.cpu_count())
-        if others <= OTHERS_MAX or attempt == ATTEMPTS - 1:
-            return dict(times, others_cpu_share=round(others, 3))
-        time.sleep(CONTENTION_WAIT_S)
+    """Best wall time in ms of each call (runtime.timing.interleaved: one ~BURST_MS burst of each per
+    round after a warm-up round; a block during which other processes took more than OTHERS_MAX of
+    the CPU is measured again, up to ATTEMPTS times): on a shared 2-core machine one neighbour slows
+    a 2-thread op several-fold. The share others took is kept with the times."""
+    timings = timing.interleaved(calls, rounds, fill_ms=BURST_MS, attempts=ATTEMPTS, others_max=OTHERS_MAX,
+                                 wait_s=CONTENTION_WAIT_S)
+    return dict(timings.ms, others_cpu_share=timings.others_cpu_share)
 
 
 def scan_impls() -> list:
@@ -264,13 +227,6 @@ def fresh_build_seconds() -> dict:
                 available=status.get("available", False), detail=status.get("detail", result.stderr[-300:]))
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
-
-
 def _cell(times: dict, impl: str) -> str:
     return f"{times[impl]:.3f}" if impl in times else "-"
 
@@ -331,7 +287,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "scan_cpu")
     args = parser.parse_args()
     rounds, batches = (2, (1,)) if args.quick else (args.rounds, (1, 8))
-    result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
+    result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=timing.cpu_description(),
                   command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                   kernels=cpu_kernels_status().__dict__, build=fresh_build_seconds())
     print(json.dumps(result), flush=True)
