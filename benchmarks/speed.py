@@ -129,9 +129,12 @@ def timed_block(runners: dict, x, args, device: str) -> timing.Timings:
 
 
 def runners_for(model, compiled_model, variants: dict, compiled: dict) -> dict:
-    runners = {"a": model, "b": compiled_model}
+    """(a) dense eager, (c) each pruned graph eager, and (b)/(d) their torch.compile wrappers where built."""
+    runners = {"a": model, **({"b": compiled_model} if compiled_model is not None else {})}
     for key, pruned in variants.items():
-        runners[f"c/{key}"], runners[f"d/{key}"] = pruned.graph_module, compiled[key]
+        runners[f"c/{key}"] = pruned.graph_module
+        if key in compiled:
+            runners[f"d/{key}"] = compiled[key]
     return runners
 
 
@@ -139,7 +142,7 @@ def variant_rows(name, dtype, batch, device, variants: dict, times: timing.Timin
     rows = []
     for key, pruned in variants.items():
         ratio, _, alignment = key.partition("/")
-        ms = times.ms
+        ms = {"b": math.nan, f"d/{key}": math.nan, **times.ms}  # NaN: not compiled (--no-compile)
         row = {"model": name, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
                "ratio": ratio, "alignment": alignment or "-",
                "flops_reduction": round(pruned.report.achieved_ratio, 4),
@@ -164,7 +167,7 @@ def control_verdict(rows: list) -> list:
     for r in rows:
         if r["ratio"] != "0":
             continue
-        worst = max(abs(r["speedup_c_over_a"] - 1), abs(r["speedup_d_over_b"] - 1))
+        worst = max(abs(r[key] - 1) for key in ("speedup_c_over_a", "speedup_d_over_b") if not math.isnan(r[key]))
         verdict = {"model": r["model"], "dtype": r["dtype"], "batch": r["batch"], "c_over_a": r["speedup_c_over_a"],
                    "d_over_b": r["speedup_d_over_b"], "reliable": worst <= CONTROL_TOLERANCE}
         if not verdict["reliable"]:
@@ -184,9 +187,10 @@ def prepare(name: str, args, size: int, device, dtype) -> dict:
     model = make_model(name, args, size, device, dtype)
     example = torch.randn(1, 3, size, size, device=device, dtype=dtype)
     variants = pruned_variants(model, example, args.ratios, args.alignments)
+    compiled = not args.no_compile
     return {"name": name, "dtype": dtype, "device": device, "size": size, "model": model, "variants": variants,
-            "compiled_model": torch.compile(model),
-            "compiled": {key: torch.compile(pruned.graph_module) for key, pruned in variants.items()}}
+            "compiled_model": torch.compile(model) if compiled else None,
+            "compiled": {key: torch.compile(pruned.graph_module) for key, pruned in variants.items()} if compiled else {}}
 
 
 def fill_compile_cache(prep: dict, batches) -> None:
@@ -440,6 +444,7 @@ def parse_args(argv=None):
     parser.add_argument("--others-max", type=float, default=0.1)
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--profile", action="store_true", help="torch.profiler top ops (CPU) at the first batch")
+    parser.add_argument("--no-compile", action="store_true", help="eager (a)/(c) and ONNX Runtime only: no torch.compile")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile every variant into the inductor cache and time nothing (run it under a shared "
                              "lock before a timed run: a cold compile of ViM-T takes minutes per variant and batch)")
