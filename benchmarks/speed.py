@@ -1,24 +1,39 @@
-"""Speed of dense vs pruned models, eager and torch.compile, side by side in one run.
+"""Speed of dense vs pruned models, eager and torch.compile, every variant interleaved in one run.
 
-For each model and ratio: (a) original eager, (b) original torch.compile, (c) pruned eager,
-(d) pruned torch.compile; speedup (d)/(b) next to the ideal dense/pruned FLOPs; on a GPU also bf16,
-CUDA graphs at batch 1 and the scan kernel's bandwidth; the share of the pruned model's time spent in
-score/select/gather (per-node timing of the eager graph). Optional ONNX Runtime dense vs pruned.
+For each model, batch and variant (ratio x alignment): (a) original eager, (b) original
+torch.compile, (c) pruned eager, (d) pruned torch.compile; (d)/(b) next to the ideal dense/pruned
+FLOPs. Every variant of one (model, dtype, batch) is timed round robin in one block
+(mambaprune.runtime.timing, the demo's helper too), after a compile-and-warm call each.
+
+Honest accounting:
+- the ratio-0 row runs the dense graph through the pruned path: it is the control, and when its
+  (c)/(a) or (d)/(b) is not within CONTROL_TOLERANCE of 1.0 the run says the block is unreliable;
+- the token-op share counts score, select and gather (runtime/token_index.py) and every alignment op
+  (every mambaprune:: custom op but the scan: pos_conv1d, pos_conv2d, path_order, ...), timed per
+  node on the eager pruned graph;
+- the GEMM floor: the model's linear and conv MACs at the rate a model-sized matmul reaches in the
+  same run, and the dense model's time as a multiple of it;
+- ONNX Runtime (CPU) dense vs pruned in the same run: the ratio-0 export and each pruned export,
+  interleaved;
+- --profile: torch.profiler's top ops of the dense and the most pruned model at the first batch.
 
     python benchmarks/speed.py                   # GPU when available, else the CPU set
     python benchmarks/speed.py --quick           # tiny models, seconds: checks the script end to end
-    python benchmarks/speed.py --device cpu --models vim_t --batches 8
+    python benchmarks/speed.py --device cpu --models vim_t --batches 1 8 --profile
 
-Writes benchmarks/results/speed_<device>.json, .md and .png (measured vs ideal speedup).
+Writes benchmarks/results/speed_<device>.json, .md and .png (measured vs ideal speedup); --out
+changes the stem.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import platform
-import statistics
+import math
 import sys
+import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,211 +44,363 @@ sys.path.insert(0, str(ROOT.parent))
 
 from mambaprune import compile_pruned  # noqa: E402
 from mambaprune.models import create_model  # noqa: E402
-from mambaprune.runtime import token_index  # noqa: E402
+from mambaprune.runtime import timing, token_index, token_ops  # noqa: E402
 
-TOKEN_OPS = {getattr(token_index, name) for name in (
-    "token_scores", "select_tokens", "take", "lookup", "layout_order", "inverse_order", "gather_tokens",
-    "initial_positions", "compacted_positions", "scores_to_identity", "slot_of_position", "read_slot",
-    "align_constant", "path_gaps")}
 RATIOS = ("0", "top", "0.3", "0.5")
+CONTROL_TOLERANCE = 0.05
+TOKEN_OP_MODULES = {token_index.__name__, token_ops.__name__}
+SCAN_OPS = ("selective_scan",)
+QUICK_OVERRIDES = {"depth": 4, "embed_dim": 64}
+GEMM_OPS = ("mm", "addmm", "bmm", "convolution", "_convolution", "linear")
 
 
-def timed(fn, *args, warmup: int, repeat: int, device: str) -> float:
-    """Median wall time of fn(*args) in milliseconds."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(*args)
-        sync()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn(*args)
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+# ----------------------------------------------------------------------------- what counts as a token op
+
+def op_name(target) -> str:
+    """'mambaprune::pos_conv1d', 'aten::mm', or the function's name for a Python call_function target."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return target.name() if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
+    return getattr(target, "__name__", str(target))
 
 
-def token_op_share(pruned, x) -> float:
-    """Fraction of the eager pruned graph's time spent in score/select/gather nodes."""
-    spent = {"token": 0.0, "all": 0.0}
+def is_token_op(target) -> bool:
+    """Score, select, gather, or an alignment op: what pruning adds to the model besides smaller tensors."""
+    if getattr(target, "__module__", None) in TOKEN_OP_MODULES:
+        return True
+    name = op_name(target)
+    return name.startswith("mambaprune::") and not any(scan in name for scan in SCAN_OPS)
+
+
+def token_op_share(graph_module: fx.GraphModule, x, sync) -> dict:
+    """Share of the eager graph's node time spent in token ops, and the ms of each token op (second run)."""
+    spent = {}
 
     class Timing(fx.Interpreter):
         def run_node(self, node):
             start = time.perf_counter()
             out = super().run_node(node)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            spent["all"] += elapsed
-            if node.target in TOKEN_OPS:
-                spent["token"] += elapsed
+            sync()
+            key = op_name(node.target) if node.op == "call_function" and is_token_op(node.target) else None
+            spent[key] = spent.get(key, 0.0) + (time.perf_counter() - start) * 1e3
             return out
 
     with torch.no_grad():
-        Timing(pruned.graph_module).run(x)
-        spent["token"] = spent["all"] = 0.0
-        Timing(pruned.graph_module).run(x)
-    return spent["token"] / spent["all"] if spent["all"] else 0.0
+        Timing(graph_module).run(x)
+        spent.clear()
+        Timing(graph_module).run(x)
+    total = sum(spent.values())
+    ops = {k: round(v, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if k is not None}
+    return {"share": round(sum(ops.values()) / total, 4) if total else 0.0, "ms": ops}
 
 
-def compile_for(ratio: str, model, example, dtype):
+# ----------------------------------------------------------------------------- variants
+
+def variant_key(ratio: str, alignment: str) -> str:
+    return "0" if ratio == "0" else f"{ratio}/{alignment}"
+
+
+def compile_variant(ratio: str, alignment: str, model, example):
     kwargs = {"schedule": "top"} if ratio == "top" else {"ratio": float(ratio)}
-    return compile_pruned(model, example_inputs=(example,), verify=False, **kwargs)
+    return compile_pruned(model, example_inputs=(example,), verify=False, alignment=alignment, **kwargs)
 
 
-def interleaved(runners: dict, x, warmup: int, repeat: int, device: str) -> dict:
-    """Best-of-`repeat` milliseconds per runner, the runners timed round-robin.
+def pruned_variants(model, example, ratios, alignments) -> dict:
+    """{variant key: PrunedModel}; ratio 0 once (no site: alignment does not apply)."""
+    variants = {}
+    for ratio in ratios:
+        for alignment in ((alignments[0],) if ratio == "0" else alignments):
+            variants[variant_key(ratio, alignment)] = compile_variant(ratio, alignment, model, example)
+    return variants
 
-    Interleaving spreads a noisy neighbour's slowdown over every variant instead of one, and the
-    minimum is the estimate least affected by it (a shared 2-core VM varies by +-40% run to run).
-    """
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best = {name: float("inf") for name in runners}
+
+def sync_for(device: str):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def timed_block(runners: dict, x, args, device: str) -> timing.Timings:
+    """Every runner called once (compiles, warms), then all of them interleaved round robin."""
     with torch.no_grad():
         for fn in runners.values():
-            for _ in range(warmup):
-                fn(x)
-        sync()
-        for _ in range(repeat):
-            for name, fn in runners.items():
-                start = time.perf_counter()
-                fn(x)
-                sync()
-                best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-    return best
+            fn(x)
+        sync_for(device)()
+        return timing.interleaved({name: (lambda fn=fn: fn(x)) for name, fn in runners.items()}, args.repeat,
+                                  warmup=args.warmup, sync=sync_for(device), attempts=args.attempts,
+                                  others_max=args.others_max, wait_s=5.0)
 
 
-def bench_model(name, args, device, dtype, batch, size):
-    model = create_model(name, img_size=size, **(QUICK_OVERRIDES if args.quick else {})).eval().to(device, dtype)
-    example = torch.randn(1, 3, size, size, device=device, dtype=dtype)
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    runners = {"a_dense_eager_ms": model, "b_dense_compiled_ms": torch.compile(model)}
-    pruned_models = {}
-    for ratio in args.ratios:
-        pruned = compile_for(ratio, model, example, dtype)
-        pruned_models[ratio] = pruned
-        runners[f"c_pruned_eager_ms/{ratio}"] = pruned
-        runners[f"d_pruned_compiled_ms/{ratio}"] = torch.compile(pruned.graph_module)
-    times = interleaved(runners, x, args.warmup, args.repeat, device)
+def runners_for(model, compiled_model, variants: dict, compiled: dict) -> dict:
+    """(a) dense eager, (c) each pruned graph eager, and (b)/(d) their torch.compile wrappers where built."""
+    runners = {"a": model, **({"b": compiled_model} if compiled_model is not None else {})}
+    for key, pruned in variants.items():
+        runners[f"c/{key}"] = pruned.graph_module
+        if key in compiled:
+            runners[f"d/{key}"] = compiled[key]
+    return runners
+
+
+def variant_rows(name, dtype, batch, device, variants: dict, times: timing.Timings, x) -> list:
     rows = []
-    for ratio, pruned in pruned_models.items():
-        row = {
-            "model": name, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
-            "ratio": ratio, "flops_reduction": round(pruned.report.achieved_ratio, 4),
-            "ideal_speedup": round(pruned.report.dense_flops / pruned.report.pruned_flops, 3),
-            "a_dense_eager_ms": times["a_dense_eager_ms"], "b_dense_compiled_ms": times["b_dense_compiled_ms"],
-            "c_pruned_eager_ms": times[f"c_pruned_eager_ms/{ratio}"],
-            "d_pruned_compiled_ms": times[f"d_pruned_compiled_ms/{ratio}"],
-            "token_op_share": round(token_op_share(pruned, x), 4) if ratio != "0" else 0.0,
-        }
-        row["speedup_d_over_b"] = round(row["b_dense_compiled_ms"] / row["d_pruned_compiled_ms"], 3)
+    for key, pruned in variants.items():
+        ratio, _, alignment = key.partition("/")
+        ms = {"b": math.nan, f"d/{key}": math.nan, **times.ms}  # NaN: not compiled (--no-compile)
+        row = {"model": name, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+               "ratio": ratio, "alignment": alignment or "-",
+               "flops_reduction": round(pruned.report.achieved_ratio, 4),
+               "ideal_speedup": round(pruned.report.dense_flops / pruned.report.pruned_flops, 3),
+               "a_dense_eager_ms": ms["a"], "b_dense_compiled_ms": ms["b"],
+               "c_pruned_eager_ms": ms[f"c/{key}"], "d_pruned_compiled_ms": ms[f"d/{key}"],
+               "others_cpu_share": times.others_cpu_share}
         row["speedup_c_over_a"] = round(row["a_dense_eager_ms"] / row["c_pruned_eager_ms"], 3)
+        row["speedup_d_over_b"] = round(row["b_dense_compiled_ms"] / row["d_pruned_compiled_ms"], 3)
+        row["d_over_b_of_ideal"] = round(row["speedup_d_over_b"] / row["ideal_speedup"], 3)
         row["throughput_d_img_s"] = round(batch / row["d_pruned_compiled_ms"] * 1e3, 1)
-        if device == "cuda" and batch == 1:
-            graphs = {"pruned": torch.compile(pruned.graph_module, mode="reduce-overhead"),
-                      "dense": torch.compile(model, mode="reduce-overhead")}
-            cuda_graph_times = interleaved(graphs, x, args.warmup, args.repeat, device)
-            row["cudagraph_pruned_ms"], row["cudagraph_dense_ms"] = cuda_graph_times["pruned"], cuda_graph_times["dense"]
+        share = token_op_share(pruned.graph_module, x, sync_for(device)) if ratio != "0" else {"share": 0.0, "ms": {}}
+        row["token_op_share"], row["token_op_ms"] = share["share"], share["ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def onnxruntime_rows(args, size) -> list:
-    """ONNX Runtime on the CPU, dense vs pruned (needs the onnx extra)."""
+def control_verdict(rows: list) -> list:
+    """One entry per (model, dtype, batch): the ratio-0 row's speed-ups and whether they are within tolerance."""
+    verdicts = []
+    for r in rows:
+        if r["ratio"] != "0":
+            continue
+        worst = max(abs(r[key] - 1) for key in ("speedup_c_over_a", "speedup_d_over_b") if not math.isnan(r[key]))
+        verdict = {"model": r["model"], "dtype": r["dtype"], "batch": r["batch"], "c_over_a": r["speedup_c_over_a"],
+                   "d_over_b": r["speedup_d_over_b"], "reliable": worst <= CONTROL_TOLERANCE}
+        if not verdict["reliable"]:
+            print(f"UNRELIABLE: {r['model']} {r['dtype']} batch {r['batch']}: the ratio-0 control gives (c)/(a) "
+                  f"{r['speedup_c_over_a']:.2f}x and (d)/(b) {r['speedup_d_over_b']:.2f}x, not within "
+                  f"{CONTROL_TOLERANCE:.0%} of 1.0 (others took {r['others_cpu_share']:.0%} of the CPU)", flush=True)
+        verdicts.append(verdict)
+    return verdicts
+
+
+def make_model(name: str, args, size: int, device, dtype):
+    return create_model(name, img_size=size, **(QUICK_OVERRIDES if args.quick else {})).eval().to(device, dtype)
+
+
+def prepare(name: str, args, size: int, device, dtype) -> dict:
+    """The model, its pruned variants and their torch.compile wrappers: built once for every batch."""
+    model = make_model(name, args, size, device, dtype)
+    example = torch.randn(1, 3, size, size, device=device, dtype=dtype)
+    variants = pruned_variants(model, example, args.ratios, args.alignments)
+    compiled = not args.no_compile
+    return {"name": name, "dtype": dtype, "device": device, "size": size, "model": model, "variants": variants,
+            "compiled_model": torch.compile(model) if compiled else None,
+            "compiled": {key: torch.compile(pruned.graph_module) for key, pruned in variants.items()} if compiled else {}}
+
+
+def fill_compile_cache(prep: dict, batches) -> None:
+    """Call every compiled runner once per batch: compiles into the inductor cache, times nothing."""
+    for batch in batches:
+        x = torch.randn(batch, 3, prep["size"], prep["size"], device=prep["device"], dtype=prep["dtype"])
+        with torch.no_grad():
+            prep["compiled_model"](x)
+            for fn in prep["compiled"].values():
+                fn(x)
+
+
+def bench_rows(prep: dict, args, batches) -> list:
+    """Rows for every batch and variant of one prepared model."""
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, prep["size"], prep["size"], device=prep["device"], dtype=prep["dtype"])
+        runners = runners_for(prep["model"], prep["compiled_model"], prep["variants"], prep["compiled"])
+        times = timed_block(runners, x, args, prep["device"])
+        rows += variant_rows(prep["name"], prep["dtype"], batch, prep["device"], prep["variants"], times, x)
+    return rows
+
+
+# ----------------------------------------------------------------------------- GEMM floor and profile
+
+def gemm_macs(model, x) -> float:
+    """Linear and conv MACs of one forward of `model` on x (FlopCounterMode counts 2 FLOPs per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    counts = counter.get_flop_counts().get("Global", {})
+    return sum(v for op, v in counts.items() if str(op).split(".")[-1] in GEMM_OPS) / 2
+
+
+def gemm_floor(prep: dict, args, batch: int) -> dict:
+    """The dense model's GEMM floor: its linear+conv MACs at the rate of a model-sized matmul (in_proj)."""
+    model, size, device, dtype = prep["model"], prep["size"], prep["device"], prep["dtype"]
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    dim = getattr(model, "embed_dim", 192)
+    tokens = prep["variants"]["0"].report.token_length
+    a = torch.randn(batch * tokens, dim, device=device, dtype=dtype)
+    w = torch.randn(dim, 4 * dim, device=device, dtype=dtype)
+    times = timing.interleaved({"matmul": lambda: a @ w}, args.repeat, fill_ms=25.0, sync=sync_for(device))
+    rate = a.shape[0] * dim * 4 * dim / times.ms["matmul"] / 1e6  # MAC per ms -> GMAC/s
+    macs = gemm_macs(model, x)
+    return {"model": prep["name"], "batch": batch, "gemm_gmacs": round(macs / 1e9, 3),
+            "matmul_shape": [a.shape[0], dim, 4 * dim], "matmul_gmac_per_s": round(rate, 1),
+            "floor_ms": round(macs / 1e9 / rate * 1e3, 2)}
+
+
+def profile_top(fn, x, top: int = 12) -> list:
+    """torch.profiler's top ops by self CPU time for one call of fn(x) (after one warm call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(x)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 3),
+             "share": round(e.self_cpu_time_total / total, 4)} for e in events[:top]]
+
+
+def profiles(prep: dict, batch: int) -> dict:
+    """Top ops of the dense model and of each pruned variant (eager)."""
+    x = torch.randn(batch, 3, prep["size"], prep["size"], device=prep["device"], dtype=prep["dtype"])
+    result = {"dense": profile_top(prep["model"], x)}
+    result.update({key: profile_top(pruned.graph_module, x) for key, pruned in prep["variants"].items() if key != "0"})
+    return {"model": prep["name"], "batch": batch, "top_ops": result}
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+def onnxruntime_sessions(variants: dict, ort) -> dict:
+    """{variant key: CPU InferenceSession of its ONNX export}."""
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, pruned in variants.items():
+            path = pruned.export(Path(tmp) / f"{key.replace('/', '_')}.onnx")
+            sessions[key] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def onnxruntime_rows(prep: dict, args, batches) -> list:
+    """ONNX Runtime on the CPU: the ratio-0 export (dense) and each pruned export, interleaved."""
     try:
-        import onnxruntime as ort  # noqa: F401
+        import onnxruntime as ort
     except ImportError:
         print("onnxruntime not installed: skipping the ONNX Runtime rows", flush=True)
         return []
-    import tempfile
-    rows = []
-    for name in args.models:
-        model = create_model(name, img_size=size, **(QUICK_OVERRIDES if args.quick else {})).eval()
-        example = torch.randn(1, 3, size, size)
-        x = torch.randn(args.ort_batch, 3, size, size)
-        times = {}
-        for ratio in ("0", "0.3"):
-            pruned = compile_for(ratio, model, example, torch.float32)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = pruned.export(Path(tmp) / "model.onnx")
-                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                feed = {session.get_inputs()[0].name: x.numpy()}
-                times[ratio] = timed(lambda: session.run(None, feed), warmup=1, repeat=args.repeat, device="cpu")
-        row = {"model": name, "runtime": "onnxruntime-cpu", "batch": args.ort_batch,
-               "dense_ms": times["0"], "pruned_0.3_ms": times["0.3"],
-               "speedup": round(times["0"] / times["0.3"], 3)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    sessions, rows = onnxruntime_sessions(prep["variants"], ort), []
+    for batch in batches:
+        feed = torch.randn(batch, 3, prep["size"], prep["size"]).numpy()
+        calls = {key: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed})) for key, s in sessions.items()}
+        for call in calls.values():
+            call()
+        times = timing.interleaved(calls, args.repeat, warmup=args.warmup, attempts=args.attempts,
+                                   others_max=args.others_max, wait_s=5.0)
+        for key, pruned in prep["variants"].items():
+            ideal = pruned.report.dense_flops / pruned.report.pruned_flops
+            row = {"model": prep["name"], "runtime": f"onnxruntime {ort.__version__} cpu", "batch": batch,
+                   "variant": key, "dense_ms": times.ms["0"], "ms": times.ms[key],
+                   "speedup": round(times.ms["0"] / times.ms[key], 3), "ideal_speedup": round(ideal, 3),
+                   "others_cpu_share": times.others_cpu_share}
+            row["speedup_of_ideal"] = round(row["speedup"] / ideal, 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
-def scan_bandwidth(device) -> dict:
-    """The selective scan alone at ViM-S shapes (batch 128, D=768, L=197, N=16), GPU only."""
-    if device != "cuda":
-        return {}
+# ----------------------------------------------------------------------------- scan alone, CUDA graphs
+
+def scan_inputs(batch: int, dim: int, length: int, dstate: int, device, dtype) -> dict:
+    """ViM's layout: u, delta, z transposed views of (batch, L, D) tensors."""
+    def tokens_last(channels):
+        return torch.randn(batch, length, channels, device=device, dtype=dtype).transpose(1, 2)
+
+    return {"u": tokens_last(dim), "delta": tokens_last(dim).sigmoid() * 0.1,
+            "A": -torch.rand(dim, dstate, device=device), "B": torch.randn(batch, dstate, length, device=device, dtype=dtype),
+            "C": torch.randn(batch, dstate, length, device=device, dtype=dtype), "D": torch.ones(dim, device=device),
+            "z": tokens_last(dim)}
+
+
+def scan_bandwidth(device, shape=(128, 768, 197, 16), dtypes=(torch.float32, torch.bfloat16), repeat: int = 20) -> dict:
+    """The selective scan alone: ms per call and the bandwidth its compulsory traffic implies."""
     from mambaprune.runtime import selective_scan
+
+    batch, dim, length, dstate = shape
     out = {}
-    props = torch.cuda.get_device_properties(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        b, d, length, n = 128, 768, 197, 16
-        u = torch.randn(b, length, d, device="cuda", dtype=dtype).transpose(1, 2)
-        delta = torch.rand(b, length, d, device="cuda", dtype=dtype).transpose(1, 2) * 0.1
-        A = -torch.rand(d, n, device="cuda")
-        B = torch.randn(b, n, length, device="cuda", dtype=dtype)
-        C = torch.randn(b, n, length, device="cuda", dtype=dtype)
-        D = torch.ones(d, device="cuda")
-        z = torch.randn(b, length, d, device="cuda", dtype=dtype).transpose(1, 2)
-        ms = timed(lambda: selective_scan(u, delta, A, B, C, D, z), warmup=5, repeat=50, device="cuda")
-        moved = (4 * b * d * length + 2 * b * n * length) * u.element_size()
-        out[str(dtype)] = {"ms": ms, "GB_per_s": moved / ms / 1e6, "device": props.name}
-        reference = mamba_ssm_scan()
-        if reference is not None:  # the CUDA kernel of state-spaces/mamba on the same shapes, when installed
-            out[str(dtype)]["mamba_ssm_ms"] = timed(lambda: reference(u.contiguous(), delta.contiguous(), A, B, C, D,
-                                                                      z.contiguous()),
-                                                    warmup=5, repeat=50, device="cuda")
+    for dtype in dtypes:
+        s = scan_inputs(batch, dim, length, dstate, device, dtype)
+        with torch.no_grad():
+            times = timing.interleaved({"scan": lambda: selective_scan(**s)}, repeat, fill_ms=25.0,
+                                       sync=sync_for(device))
+        ms = times.ms["scan"]
+        moved = (4 * batch * dim * length + 2 * batch * dstate * length) * s["u"].element_size()
+        out[str(dtype).replace("torch.", "")] = {"shape": list(shape), "ms": ms, "GB_per_s": round(moved / ms / 1e6, 1),
+                                                 "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
     return out
 
 
-def mamba_ssm_scan():
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # not installed, or its CUDA extension does not load: not a dependency
-        return None
-    return selective_scan_fn
+def cudagraph_latency(model, pruned, x, args, **compile_kwargs) -> dict:
+    """Batch-1 latency dense vs pruned, compiled with compile_kwargs (default: CUDA graphs, mode="reduce-overhead")."""
+    compile_kwargs = compile_kwargs or {"mode": "reduce-overhead"}
+    runners = {"dense": torch.compile(model, **compile_kwargs),
+               "pruned": torch.compile(pruned.graph_module, **compile_kwargs)}
+    with torch.no_grad():
+        for fn in runners.values():  # reduce-overhead records its graph on a later call than the first
+            fn(x)
+    times = timed_block(runners, x, args, x.device.type)
+    return {"dense_ms": times.ms["dense"], "pruned_ms": times.ms["pruned"],
+            "speedup": round(times.ms["dense"] / times.ms["pruned"], 3)}
 
 
-QUICK_OVERRIDES = dict(depth=4, embed_dim=64)
+# ----------------------------------------------------------------------------- outputs
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return timing.cpu_description()
 
 
-def write_outputs(rows, ort_rows, scan, device, args):
-    results = ROOT / "results"
-    results.mkdir(exist_ok=True)
-    stem = results / f"speed_{device}{'_quick' if args.quick else ''}"
-    machine = torch.cuda.get_device_name(0) if device == "cuda" else f"{platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads"
-    payload = {"machine": machine, "torch": torch.__version__, "rows": rows, "onnxruntime": ort_rows,
-               "scan": scan}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    lines = [f"# Speed on {device} ({machine}, torch {torch.__version__})", "",
-             "Best of the repeats, variants timed round-robin; the ratio-0 row runs the dense graph through the",
-             "pruned path and shows the measurement noise.", "",
-             "| model | dtype | batch | ratio | FLOPs -% | (a) dense eager ms | (b) dense compiled ms | "
-             "(c) pruned eager ms | (d) pruned compiled ms | (c)/(a) | (d)/(b) | ideal | token ops share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def markdown(payload: dict) -> str:
+    rows, ort_rows = payload["rows"], payload["onnxruntime"]
+    lines = [f"# Speed on {payload['device']} ({payload['machine']}, torch {payload['torch']}, {payload['date']})", "",
+             f"Command: `{payload['command']}` ({payload['wall_s']:.0f} s).  ",
+             "Best of the repeats, every variant of a batch timed round robin in one block; the ratio-0 row runs "
+             "the dense graph through the pruned path (the control). Token ops: score, select, gather and "
+             "every alignment op (eager graph, per node).", ""]
+    for v in payload["control"]:
+        state = "reliable" if v["reliable"] else f"UNRELIABLE (not within {CONTROL_TOLERANCE:.0%} of 1.0)"
+        lines.append(f"- control {v['model']} batch {v['batch']}: (c)/(a) {v['c_over_a']:.2f}x, "
+                     f"(d)/(b) {v['d_over_b']:.2f}x: {state}")
+    lines += ["", "| model | dtype | batch | ratio | alignment | FLOPs -% | (a) dense eager ms | (b) dense compiled ms | "
+              "(c) pruned eager ms | (d) pruned compiled ms | (c)/(a) | (d)/(b) | ideal | (d)/(b) of ideal | "
+              "token ops share | others' CPU |", "|" + "---|" * 16]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['ratio']} | {100 * r['flops_reduction']:.1f} | "
-                     f"{r['a_dense_eager_ms']:.1f} | {r['b_dense_compiled_ms']:.1f} | {r['c_pruned_eager_ms']:.1f} | "
-                     f"{r['d_pruned_compiled_ms']:.1f} | {r['speedup_c_over_a']:.2f}x | {r['speedup_d_over_b']:.2f}x | "
-                     f"{r['ideal_speedup']:.2f}x | "
-                     f"{100 * r['token_op_share']:.1f}% |")
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['ratio']} | {r['alignment']} | "
+                     f"{100 * r['flops_reduction']:.1f} | {r['a_dense_eager_ms']:.1f} | {r['b_dense_compiled_ms']:.1f} | "
+                     f"{r['c_pruned_eager_ms']:.1f} | {r['d_pruned_compiled_ms']:.1f} | {r['speedup_c_over_a']:.2f}x | "
+                     f"{r['speedup_d_over_b']:.2f}x | {r['ideal_speedup']:.2f}x | {r['d_over_b_of_ideal']:.2f} | "
+                     f"{100 * r['token_op_share']:.1f}% | {100 * r['others_cpu_share']:.0f}% |")
+    if payload["gemm_floor"]:
+        lines += ["", "| model | batch | linear+conv GMAC | matmul GMAC/s | GEMM floor ms | (a) dense eager / floor |",
+                  "|---|---|---|---|---|---|"]
+        for f in payload["gemm_floor"]:
+            lines.append(f"| {f['model']} | {f['batch']} | {f['gemm_gmacs']:.2f} | {f['matmul_gmac_per_s']:.0f} | "
+                         f"{f['floor_ms']:.1f} | {f.get('dense_over_floor', math.nan):.1f}x |")
     if ort_rows:
-        lines += ["", "| model | ONNX Runtime CPU batch | dense ms | pruned (0.3) ms | speedup |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['batch']} | {r['dense_ms']:.1f} | {r['pruned_0.3_ms']:.1f} | {r['speedup']:.2f}x |"
-                  for r in ort_rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(rows, stem.with_suffix(".png"))
+        lines += ["", "| model | ONNX Runtime CPU batch | variant | dense ms | pruned ms | speed-up | ideal | of ideal |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['variant']} | {r['dense_ms']:.1f} | {r['ms']:.1f} | "
+                  f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['speedup_of_ideal']:.2f} |" for r in ort_rows]
+    for key, s in payload["scan"].items():
+        lines.append(f"\nScan alone {s['shape']} {key}: {s['ms']:.3f} ms, {s['GB_per_s']:.0f} GB/s")
+    for p in payload["profiles"]:
+        for variant, ops in p["top_ops"].items():
+            lines += ["", f"Top ops, {p['model']} batch {p['batch']} {variant} (torch.profiler, self CPU time):", "",
+                      "| op | calls | self ms | share |", "|---|---|---|---|"]
+            lines += [f"| {o['op']} | {o['calls']} | {o['self_ms']:.2f} | {100 * o['share']:.1f}% |" for o in ops]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(payload: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(payload))
+    plot(payload["rows"], stem.with_suffix(".png"))
     print(f"wrote {stem}.json/.md/.png")
 
 
@@ -245,11 +412,11 @@ def plot(rows, path):
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in sorted({(r["model"], r["dtype"], r["batch"]) for r in rows}):
-        series = sorted((r for r in rows if (r["model"], r["dtype"], r["batch"]) == key),
+    for key in sorted({(r["model"], r["dtype"], r["batch"], r["alignment"]) for r in rows if r["ratio"] != "0"}):
+        series = sorted((r for r in rows if (r["model"], r["dtype"], r["batch"], r["alignment"]) == key),
                         key=lambda r: r["flops_reduction"])
-        xs = [100 * r["flops_reduction"] for r in series]
-        ax.plot(xs, [r["speedup_d_over_b"] for r in series], "o-", label=f"{key[0]} {key[1]} b{key[2]}")
+        ax.plot([100 * r["flops_reduction"] for r in series], [r["speedup_d_over_b"] for r in series], "o-",
+                label=f"{key[0]} {key[1]} b{key[2]} {key[3]}")
     ideal = sorted({(100 * r["flops_reduction"], r["ideal_speedup"]) for r in rows})
     ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", label="ideal (FLOPs)")
     ax.set_xlabel("FLOPs reduction (%)")
@@ -258,36 +425,89 @@ def plot(rows, path):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--ratios", nargs="+", default=list(RATIOS))
+    parser.add_argument("--alignments", nargs="+", default=["hold"], help="alignment of each pruned variant")
     parser.add_argument("--batches", nargs="+", type=int, default=None)
     parser.add_argument("--dtypes", nargs="+", default=None)
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--ort-batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed round-robin rounds")
+    parser.add_argument("--repeat", type=int, default=5, help="timed round-robin rounds (best kept)")
+    parser.add_argument("--attempts", type=int, default=2,
+                        help="blocks measured again while other processes take over --others-max of the CPU")
+    parser.add_argument("--others-max", type=float, default=0.1)
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler top ops (CPU) at the first batch")
+    parser.add_argument("--no-compile", action="store_true", help="eager (a)/(c) and ONNX Runtime only: no torch.compile")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile every variant into the inductor cache and time nothing (run it under a shared "
+                             "lock before a timed run: a cold compile of ViM-T takes minutes per variant and batch)")
     parser.add_argument("--quick", action="store_true", help="tiny models at 64x64 to check the script quickly")
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/speed_<device>)")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
-    args.models = args.models or (["vim_t", "vim_s", "plainmamba_l1", "plainmamba_l3"] if gpu else ["vim_t", "plainmamba_l1"])
-    batches = args.batches or ([1, 32, 128] if gpu else [1, 8])
-    dtypes = [getattr(torch, d) for d in (args.dtypes or (["float32", "bfloat16"] if gpu else ["float32"]))]
-    size = 64 if args.quick else args.img_size
+    args.models = args.models or (["vim_t", "vim_s", "plainmamba_l1", "plainmamba_l3"] if gpu else ["vim_t"])
+    args.batches = args.batches or ([1, 32, 128] if gpu else [1, 8])
+    args.dtypes = args.dtypes or (["float32", "bfloat16"] if gpu else ["float32"])
     if args.quick:
-        args.warmup, args.repeat, batches = 1, 3, [2]
-    rows = []
+        args.warmup, args.repeat, args.batches, args.attempts = 1, 2, [2], 1
+    return args
+
+
+@contextlib.contextmanager
+def phase(spent: dict, name: str):
+    """Adds the wall seconds of the block to spent[name] and prints them (where a run's time goes)."""
+    start = time.perf_counter()
+    yield
+    spent[name] = round(spent.get(name, 0.0) + time.perf_counter() - start, 1)
+    print(f"[{name}: {spent[name]:.0f} s so far]", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    size, device = (64 if args.quick else args.img_size), args.device
+    rows, floors, ort_rows, profiled, spent = [], [], [], [], {}
     for name in args.models:
-        for dtype in dtypes:
-            for batch in batches:
-                rows += bench_model(name, args, args.device, dtype, batch, size)
-    ort_rows = [] if args.no_onnx or gpu else onnxruntime_rows(args, size)
-    write_outputs(rows, ort_rows, scan_bandwidth(args.device), args.device, args)
+        for dtype in args.dtypes:
+            with phase(spent, "compile_pruned"):
+                prep = prepare(name, args, size, device, getattr(torch, dtype))
+            if args.compile_only:
+                with phase(spent, "torch.compile"):
+                    fill_compile_cache(prep, args.batches)
+                continue
+            with phase(spent, "torch.compile + timing"):
+                rows += bench_rows(prep, args, args.batches)
+            if dtype != args.dtypes[0]:
+                continue
+            with phase(spent, "GEMM floor"):
+                floors += [gemm_floor(prep, args, batch) for batch in args.batches]
+            if device == "cpu" and dtype == "float32" and not args.no_onnx:
+                with phase(spent, "ONNX Runtime"):
+                    ort_rows += onnxruntime_rows(prep, args, args.batches)
+            if args.profile:
+                with phase(spent, "profile"):
+                    profiled.append(profiles(prep, args.batches[0]))
+    if args.compile_only:
+        return {"phase_s": spent}
+    for f in floors:
+        dense = [r["a_dense_eager_ms"] for r in rows if (r["model"], r["batch"]) == (f["model"], f["batch"])]
+        f["dense_over_floor"] = round(dense[0] / f["floor_ms"], 2)
+    payload = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
+               "machine": machine(device), "torch": torch.__version__,
+               "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "rows": rows, "control": control_verdict(rows), "gemm_floor": floors, "onnxruntime": ort_rows,
+               "scan": scan_bandwidth(device) if device == "cuda" else {}, "profiles": profiled}
+    payload["wall_s"], payload["phase_s"] = round(time.perf_counter() - start, 1), spent
+    stem = args.out or ROOT / "results" / f"speed_{device}{'_quick' if args.quick else ''}"
+    write_outputs(payload, stem)
+    return payload
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import sys
 import tempfile
 import time
@@ -80,16 +79,23 @@ def bench_command(args) -> None:
     for ratio in args.ratios:
         pruned = compile_pruned(model, ratio=ratio)
         x = torch.randn(args.batch, *pruned._input_spec[0][0])
-        dense_ms = _best_ms(model, x, args.repeat)
-        pruned_ms = _best_ms(pruned, x, args.repeat)
+        times = _interleaved_ms(model, pruned, x, args.repeat)
+        dense_ms, pruned_ms = times.ms["dense"], times.ms["pruned"]
         ideal = pruned.report.dense_flops / pruned.report.pruned_flops
         print(f"{ratio:>6.2f} {100 * pruned.report.achieved_ratio:>9.1f} {dense_ms:>9.2f} {pruned_ms:>10.2f} "
-              f"{dense_ms / pruned_ms:>7.2f}x {ideal:>5.2f}x")
+              f"{dense_ms / pruned_ms:>7.2f}x {ideal:>5.2f}x{_busy_note(times.others_cpu_share)}")
 
 
 @torch.no_grad()
-def _best_ms(model, x, repeat: int) -> float:
-    return min(_repeat_ms(model, x, repeat))
+def _interleaved_ms(model, pruned, x, rounds: int):
+    """Dense and pruned timed round robin (runtime.timing): a busy neighbour slows both alike."""
+    from .runtime.timing import interleaved
+
+    return interleaved({"dense": lambda: model(x), "pruned": lambda: pruned(x)}, rounds)
+
+
+def _busy_note(share: float) -> str:
+    return f"; other processes took {share:.0%} of the CPU meanwhile: unreliable" if share > 0.1 else ""
 
 
 def demo(args) -> None:
@@ -134,10 +140,11 @@ def demo(args) -> None:
           f"{accuracy['pruned']:.3f} (pruned predictions agree with dense on {agreement:.3f})")
 
     batch = test.inputs[:32]
-    dense_ms = statistics.median(_repeat_ms(model, batch, 5))
-    pruned_ms = statistics.median(_repeat_ms(pruned, batch, 5))
-    print(f"CPU eager, batch 32 ({torch.get_num_threads()} threads): dense {dense_ms:.0f} ms, pruned {pruned_ms:.0f} ms "
-          f"({dense_ms / pruned_ms:.2f}x; ideal {pruned.report.dense_flops / pruned.report.pruned_flops:.2f}x)")
+    times = _interleaved_ms(model, pruned, batch, 5)
+    dense_ms, pruned_ms = times.ms["dense"], times.ms["pruned"]
+    print(f"CPU eager, batch 32 ({torch.get_num_threads()} threads, best of 5 interleaved rounds): dense "
+          f"{dense_ms:.0f} ms, pruned {pruned_ms:.0f} ms ({dense_ms / pruned_ms:.2f}x; ideal "
+          f"{pruned.report.dense_flops / pruned.report.pruned_flops:.2f}x){_busy_note(times.others_cpu_share)}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,17 +157,6 @@ def demo(args) -> None:
     picture = plot_kept_tokens(shown.pictures(), pruned.kept_positions(shown.inputs), pruned.report,
                                out / "kept_tokens.png", titles=[f"label {int(v)}" for v in shown.labels])
     print(f"kept tokens drawn over 4 test images: {picture}")
-
-
-def _repeat_ms(model, x, repeat: int) -> list:
-    with torch.no_grad():
-        model(x)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def _onnx_check(path: Path, x: torch.Tensor, pruned) -> str:

@@ -1,6 +1,8 @@
-"""Selective-scan inputs shared by tests/test_scan_triton.py and the interpreter subprocesses it runs."""
+"""Selective-scan inputs and the scan's float64 definition, shared by the scan tests
+(test_selective_scan.py, test_scan_cpp.py, test_scan_triton.py and the subprocesses it runs)."""
 
 import torch
+import torch.nn.functional as F
 
 OP_ORDER = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "gap"]
 
@@ -33,3 +35,31 @@ def inputs(dtype=torch.float32, groups=None, extras=False, channels_last=False, 
 def positional(args):
     """The op's positional arguments (torch.ops.mambaprune.selective_scan[_triton])."""
     return [args.get(k, False if k == "delta_softplus" else None) for k in OP_ORDER]
+
+
+def naive_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, gap=None):
+    """The definition, one token at a time, in float64."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    batch, dim, length = u.shape
+    if B.dim() == 3:
+        B, C = B[:, None], C[:, None]
+    per_group = dim // B.shape[1]
+    B_ch = B.repeat_interleave(per_group, dim=1)  # (batch, D, N, L)
+    C_ch = C.repeat_interleave(per_group, dim=1)
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    gap = torch.ones(batch, length, dtype=torch.float64) if gap is None else gap.double()
+    h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
+    ys = []
+    for t in range(length):
+        dt = delta[:, :, t, None]
+        h = torch.exp(gap[:, t, None, None] * dt * A) * h + dt * B_ch[..., t] * u[:, :, t, None]
+        ys.append((h * C_ch[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y

@@ -261,3 +261,65 @@ def test_opcheck_token_ops():
     x2 = torch.randn(2, 5, 3, requires_grad=True)
     torch.library.opcheck(torch.ops.mambaprune.pos_conv2d.default, (x2, torch.randn(3, 1, 3, 3), None, pos, 3, 4, 1))
     torch.library.opcheck(torch.ops.mambaprune.path_order.default, (torch.arange(12).flip(0), pos))
+
+
+# ----------------------------------------------------------------------------- C++ kernels vs composites
+
+
+def _grads(fn, tensors, grad_out):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    return (out, *torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_pos_conv1d_matches_its_composite_at_vim_shapes_forward_and_backward(with_bias):
+    from mambaprune.runtime.token_ops import pos_conv1d_composite
+
+    x = torch.randn(3, 99, 40).transpose(1, 2)  # a (batch, K, C) tensor's view, as ViM passes it
+    weight, bias = torch.randn(40, 1, 4), torch.randn(40) if with_bias else None
+    pos = random_positions(3, 99, 197, seed=4)
+    grad_out = torch.randn(3, 40, 99)
+    ours = _grads(lambda a, w, c: pos_conv1d(a, w, c, pos, 3), (x, weight, bias), grad_out)
+    theirs = _grads(lambda a, w, c: pos_conv1d_composite(a, w, c, pos, 3), (x, weight, bias), grad_out)
+    for got, expected in zip(ours, theirs):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pos_conv2d_matches_its_composite_with_unsorted_positions_forward_and_backward():
+    from mambaprune.runtime.token_ops import pos_conv2d_composite
+
+    pos = torch.stack([torch.randperm(14 * 14)[:125] for _ in range(2)])  # any order of distinct cells
+    x, weight, bias = torch.randn(2, 125, 40), torch.randn(40, 1, 7, 7), torch.randn(40)
+    grad_out = torch.randn(2, 125, 40)
+    ours = _grads(lambda a, w, c: pos_conv2d(a, w, c, pos, 14, 14, 3), (x, weight, bias), grad_out)
+    theirs = _grads(lambda a, w, c: pos_conv2d_composite(a, w, c, pos, 14, 14, 3), (x, weight, bias), grad_out)
+    for got, expected in zip(ours, theirs):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_convs_keep_their_dtype(dtype):
+    pos = random_positions(2, 6, 12)
+    x1, w1 = torch.randn(2, 3, 6, dtype=dtype), torch.randn(3, 1, 4, dtype=dtype)
+    expected = direct_pos_conv1d(x1, w1, None, pos, 3)
+    got = pos_conv1d(x1, w1, None, pos, 3)
+    assert got.dtype == dtype and (got.double() - expected).abs().max() <= 0.1
+    x2, w2 = torch.randn(2, 6, 3, dtype=dtype), torch.randn(3, 1, 3, 3, dtype=dtype)
+    got2 = pos_conv2d(x2, w2, None, pos, 3, 4, 1)
+    assert got2.dtype == dtype and (got2.double() - direct_pos_conv2d(x2, w2, None, pos, 3, 4, 1)).abs().max() <= 0.1
+
+
+def test_the_convs_run_the_cpp_kernels_when_they_are_built():
+    from mambaprune.runtime import cpu_kernels_status
+
+    if not cpu_kernels_status().available:
+        pytest.skip(f"the C++ CPU kernels are unavailable here: {cpu_kernels_status().detail}")
+    pos = random_positions(2, 6, 12)
+    x1 = torch.randn(2, 3, 6, requires_grad=True)
+    x2 = torch.randn(2, 6, 3, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        pos_conv1d(x1, torch.randn(3, 1, 4), None, pos, 3).sum().backward()
+        pos_conv2d(x2, torch.randn(3, 1, 3, 3), torch.randn(3), pos, 3, 4, 1).sum().backward()
+    ran = {e.name for e in prof.events() if e.name.startswith("mambaprune_cpu::")}
+    assert ran == {f"mambaprune_cpu::pos_conv{n}d_{step}" for n in (1, 2) for step in ("forward", "backward")}

@@ -5,11 +5,16 @@ compiler can find, rewrite (e.g. add a position ``gap`` after pruning) and lower
 kernel (export / compile), an autograd formula and a FLOP formula (FlopCounterMode).
 
 Implementations: Triton on CUDA (the op ``mambaprune::selective_scan_triton``, a
-``torch.library.triton_op``: see scan_triton); on the CPU the token-by-token scan with its analytic
-backward (``scan_sequential``) once a token's state (batch * D * N) is big enough to amortise the
-per-token dispatch, else the log-depth doubling reference.
-``MAMBAPRUNE_SCAN_IMPL=reference|sequential|triton`` forces one. The backward is the sequential
-scan's analytic one on the CPU and the differentiated doubling reference elsewhere.
+``torch.library.triton_op``: see scan_triton); on the CPU the C++ kernel (``scan_cpp``, built on
+first use: see cpu_kernels) with its analytic C++ backward, measured faster than the PyTorch scans
+at every shape (benchmarks/results/scan_cpu.md). Without a compiler (or when its build fails) the
+CPU falls back, with one warning, to the pure-PyTorch scans: the chunked token loop with its
+analytic backward (``scan_sequential``) once a token's state (batch * D * N) is big enough to
+amortise the per-token dispatch (from 128 state elements), else the log-depth doubling reference.
+``MAMBAPRUNE_SCAN_IMPL=reference|sequential|cpp|triton`` forces one (``cpp`` still falls back when
+the kernel cannot be built); ``chosen_scan_impl`` says which one runs. The backward is the C++ one
+with ``cpp``, the sequential scan's analytic one on the CPU otherwise, and the differentiated
+doubling reference elsewhere.
 """
 
 from __future__ import annotations
@@ -20,17 +25,24 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .cpu_kernels import load_cpu_kernels
+from .scan_cpp import selective_scan_cpp, selective_scan_cpp_backward
 from .scan_reference import selective_scan_reference
 from .scan_sequential import selective_scan_sequential
 from .scan_triton import selective_scan_triton, selective_scan_triton_op, triton_available
 from .validation import check_selective_scan_args
 
 IMPL_ENV_VAR = "MAMBAPRUNE_SCAN_IMPL"
-_IMPLS = ("reference", "sequential", "triton")
-# Measured on the 2-core CPU VM at L=197: the token loop wins from about 6k state elements per token
-# (batch 1, D=384, N=16: 6.4 vs 8.7 ms) and loses below (batch 2, D=128, N=16: 1.4 vs 0.9 ms).
-_SEQUENTIAL_MIN_STATE = 4096
-_IMPLEMENTATIONS = {"reference": selective_scan_reference, "sequential": selective_scan_sequential}
+_IMPLS = ("reference", "sequential", "cpp", "triton")
+# Without the C++ kernel: the chunked token loop beats the doubling reference at every state size
+# benchmarks/scan_cpu.py measured (results/scan_cpu.md: 0.23 vs 0.25 ms at batch*D*N = 128, L = 16;
+# 3.2 vs 39 ms at ViM-T's 6144, L = 197); below 128 elements per token the reference keeps them.
+_SEQUENTIAL_MIN_STATE = 128
+_IMPLEMENTATIONS = {
+    "reference": selective_scan_reference,
+    "sequential": selective_scan_sequential,
+    "cpp": selective_scan_cpp,
+}
 
 
 def _forced_impl() -> Optional[str]:
@@ -41,19 +53,26 @@ def _forced_impl() -> Optional[str]:
 
 
 def chosen_scan_impl(u: torch.Tensor, dstate: int = 16) -> str:
-    """'triton' for CUDA inputs when triton imports (fp64 stays on the reference); on the CPU
-    'sequential' when batch * D * dstate exceeds a few thousand, else 'reference'."""
+    """The implementation that runs for u: 'triton' for CUDA inputs when triton imports (fp64 stays on
+    the reference); on the CPU 'cpp' when the C++ kernel builds (the first call may build it), else
+    'sequential' when batch * D * dstate exceeds 128, else 'reference'.
+    MAMBAPRUNE_SCAN_IMPL forces one; a forced 'cpp' that cannot be built falls back like the default."""
     forced = _forced_impl()
-    if forced:
+    if forced and not (forced == "cpp" and not u.is_cuda and load_cpu_kernels() is None):
         return forced
     if u.is_cuda:
         return "triton" if triton_available() and u.dtype != torch.float64 else "reference"
+    if load_cpu_kernels() is not None:
+        return "cpp"
     return "sequential" if u.shape[0] * u.shape[1] * dstate > _SEQUENTIAL_MIN_STATE else "reference"
 
 
 def _differentiable_impl(u: torch.Tensor, dstate: int):
-    """What the backward differentiates: the sequential scan's analytic backward on the CPU."""
+    """What the backward differentiates when there is no C++ backward: the sequential scan's analytic
+    backward on the CPU, the doubling reference elsewhere."""
     impl = chosen_scan_impl(u, dstate)
+    if impl == "cpp":
+        impl = "sequential"
     if impl == "triton" or (impl == "sequential" and u.is_cuda):
         impl = "reference"  # no Triton backward; a token loop of kernel launches is slow on a GPU
     return _IMPLEMENTATIONS[impl]
@@ -103,6 +122,10 @@ def _backward(ctx, grad_out):
         for name, needed in zip(_DIFFERENTIABLE, ctx.needs_input_grad)
         if needed and saved[name] is not None
     ]
+    if wanted and chosen_scan_impl(u, A.shape[-1]) == "cpp":
+        by_name = selective_scan_cpp_backward(grad_out, **saved, delta_softplus=ctx.delta_softplus, gap=gap)
+        return (*(by_name[name] if name in wanted else None for name in _DIFFERENTIABLE), None, None,
+                *(None,) * ctx.extra_inputs)
     with torch.enable_grad():
         leaves = {name: t.detach().requires_grad_(name in wanted) if t is not None else None for name, t in saved.items()}
         y = _differentiable_impl(u, A.shape[-1])(

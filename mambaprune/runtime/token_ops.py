@@ -5,8 +5,13 @@ strictly increasing, giving each kept token's original position. The `hold` and 
 modes (DESIGN.md) need convolutions whose windows look at original neighbours (a pruned neighbour
 contributes zero) and scan orders that are the original path restricted to the kept tokens. These
 are custom ops (namespace ``mambaprune``) so the compiler's rewrites stay single graph nodes through
-torch.export, with fake kernels, autograd (by recomputing the differentiable composites below) and
-FLOP formulas (2 * MACs, the convention FlopCounterMode uses for matmuls; the project halves totals).
+torch.export, with fake kernels, autograd and FLOP formulas (2 * MACs, the convention
+FlopCounterMode uses for matmuls; the project halves totals).
+
+The ``*_composite`` functions are the ops' definitions (the ONNX translation follows them). On the
+CPU the convs run the C++ kernels of token_ops_cpp (forward and backward, measured 10-100x faster:
+benchmarks/results/scan_cpu.md) when they are built, else the composites, whose backward is
+autograd through a recomputation.
 
 ``scatter_tokens`` / ``gather_tokens`` are plain torch functions: they export as ordinary ops.
 """
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from .token_ops_cpp import conv_grads, cpp_kernels_for
 from .validation import (
     check_path_order_args,
     check_pos_conv1d_args,
@@ -117,6 +123,9 @@ def pos_conv1d_composite(
 def _pos_conv1d_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pos: torch.Tensor, left: int
 ) -> torch.Tensor:
+    kernels = cpp_kernels_for(x, weight, bias)
+    if kernels is not None:
+        return kernels.pos_conv1d_forward(x, weight, bias, pos, left)
     return pos_conv1d_composite(x, weight, bias, pos, left).contiguous()
 
 
@@ -133,6 +142,10 @@ def _pos_conv1d_setup_context(ctx, inputs, output):
 
 def _pos_conv1d_backward(ctx, grad_out):
     x, weight, bias, pos = ctx.saved_tensors
+    kernels = cpp_kernels_for(x, weight, bias)
+    if kernels is not None:
+        grads = kernels.pos_conv1d_backward(grad_out.to(x.dtype), x, weight, pos, ctx.left)
+        return (*conv_grads(grads, ctx.needs_input_grad, bias), None, None)
     grads = _recompute_grads(
         lambda x_, w_, b_: pos_conv1d_composite(x_, w_, b_, pos, ctx.left),
         (x, weight, bias),
@@ -200,6 +213,9 @@ def _pos_conv2d_op(
     width: int,
     padding: int,
 ) -> torch.Tensor:
+    kernels = cpp_kernels_for(x, weight, bias)
+    if kernels is not None:
+        return kernels.pos_conv2d_forward(x, weight, bias, pos, height, width, padding)
     return pos_conv2d_composite(x, weight, bias, pos, height, width, padding).contiguous()
 
 
@@ -216,6 +232,10 @@ def _pos_conv2d_setup_context(ctx, inputs, output):
 
 def _pos_conv2d_backward(ctx, grad_out):
     x, weight, bias, pos = ctx.saved_tensors
+    kernels = cpp_kernels_for(x, weight, bias)
+    if kernels is not None:
+        grads = kernels.pos_conv2d_backward(grad_out.to(x.dtype), x, weight, pos, *ctx.grid)
+        return (*conv_grads(grads, ctx.needs_input_grad, bias), None, None, None, None)
     grads = _recompute_grads(
         lambda x_, w_, b_: pos_conv2d_composite(x_, w_, b_, pos, *ctx.grid),
         (x, weight, bias),
@@ -265,9 +285,14 @@ def path_order_composite(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return rank[pos].argsort(dim=1)
 
 
+def path_order_by_argsort(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``path_order_composite`` with the inverse permutation as one argsort: 3 ops instead of 5."""
+    return path.argsort()[pos].argsort(dim=1)
+
+
 @torch.library.custom_op("mambaprune::path_order", mutates_args=())
 def _path_order_op(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return path_order_composite(path, pos)
+    return path_order_by_argsort(path, pos)
 
 
 @_path_order_op.register_fake
