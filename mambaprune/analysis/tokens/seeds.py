@@ -4,7 +4,9 @@ A node whose inputs carry no tokens becomes a token tensor when it depends on th
 has a dynamic batch first, and has exactly one dimension whose size is the token count of a
 selective scan (or, for a 4-D map, exactly one pair of adjacent dims whose product is: a
 (B, C, H, W) or (B, H, W, C) grid). When a width equals the token count, the token axis is the
-one a flatten of a grid produced. A concatenation that creates the token axis marks the slots that
+one a flatten of a grid produced. A 4-D map's grid dims are read from where the map came from
+when that is known (`spatial_dims`: a conv2d makes (B, C, H, W), permutes move H and W), never from
+a channel count times a side that happens to equal a token count. A concatenation that creates the token axis marks the slots that
 come from parameters as class tokens.
 """
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Optional
 
 import torch.fx as fx
 
+from ...meta_keys import SPATIAL_DIMS
 from ..facts import Fact, Grid, Tok, Unknown
 from ..layout import Layout
-from ..ops import IDENTITY_OPS, aten, is_static, op_name, shape_of
+from ..ops import IDENTITY_OPS, aten, is_pointwise, is_static, op_name, shape_of
 from ..shapes import view_groups
 from .context import RuleContext
 from .views import VIEW_OPS, dim_permutation
@@ -29,7 +32,14 @@ def seed(node: fx.Node, ctx: RuleContext) -> Fact:
     if dims and flattens_transposed_grid(node, shape, ctx):
         return Unknown("a flatten of a transposed (B, C, H, W)-like map whose token order could not be traced")
     if not dims and len(shape) == 4:
-        return grid_seed(shape, ctx)
+        spatial = spatial_dims(node, shape, ctx)
+        if spatial is None:
+            return grid_seed(shape, ctx)
+        ctx.annotate(node, SPATIAL_DIMS, spatial)
+        h, w = spatial
+        if not (is_static(shape[h]) and is_static(shape[w]) and shape[h] * shape[w] in ctx.token_lengths):
+            return None
+        return Grid(h, w, Layout.identity(shape[h] * shape[w]), shape[h], shape[w])
     if not dims and len(shape) == 3:  # (B, L, D) or (B, D, L)
         dims = [d for d in (1, 2) if is_static(shape[d]) and shape[d] in ctx.token_lengths]
     if len(dims) != 1:
@@ -37,6 +47,28 @@ def seed(node: fx.Node, ctx: RuleContext) -> Fact:
     if node.target == aten.cat.default:
         note_class_tokens(node, dims[0], ctx)
     return Tok(dims[0], Layout.identity(shape[dims[0]]))
+
+
+_MAKE_MAPS = ("aten::conv2d", "aten::max_pool2d", "aten::avg_pool2d", "aten::convolution")
+_KEEP_DIMS = ("aten::layer_norm", "aten::native_layer_norm", "aten::batch_norm", "aten::group_norm",
+              "aten::_native_batch_norm_legit_no_training", "aten::instance_norm")
+
+
+def spatial_dims(node: fx.Node, shape, ctx: RuleContext) -> Optional[tuple]:
+    """The (H, W) dims of a 4-D map without tokens yet, from its history (None: not known)."""
+    name = op_name(node)
+    if name in _MAKE_MAPS:
+        return (2, 3)
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    known = source.meta.get(SPATIAL_DIMS) if source is not None else None
+    if known is None:
+        return None
+    if name in ("aten::permute", "aten::transpose"):
+        where = {old: new for new, old in enumerate(dim_permutation(node, 4))}
+        return (where[known[0]], where[known[1]])
+    if (name in IDENTITY_OPS or name in _KEEP_DIMS or is_pointwise(node)) and len(ctx.shape(source)) == 4:
+        return known
+    return None
 
 
 def grid_seed(shape, ctx: RuleContext) -> Optional[Grid]:
