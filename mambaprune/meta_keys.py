@@ -12,10 +12,6 @@ PERMUTATION = "mambaprune.permutation"
 CONV_LEFT = "mambaprune.conv_left"
 # node.meta, analysis: a slice that brings a padded conv1d output back to L tokens (the conv's name)
 CONV_SLICE = "mambaprune.conv_slice"
-# node.meta, analysis (tokens/seeds.py): the (H, W) dims of a 4-D map before it carries tokens, from
-# where it came from (a conv2d's output dims 2, 3, moved by permutes), so that a grid is never read
-# from a width that happens to equal a token count
-SPATIAL_DIMS = "mambaprune.spatial_dims"
 # node.meta, planning (planning/flops.py): the MACs the node performed on the example inputs
 FLOPS = "mambaprune.flops"
 # node.meta, rewrite (rewrite/select.py): the site whose kept positions this node computes

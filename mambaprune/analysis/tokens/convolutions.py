@@ -14,7 +14,6 @@ from .registry import token_rule
 def _pointwise_conv1d(node: fx.Node, ctx: RuleContext, x) -> Fact:
     """A kernel-1 conv1d is a linear layer over the channels of each token (VMamba's v05 x_proj:
     one group per direction); on folded directions every group must lie inside one direction."""
-    weight = argument(node, "weight")
     groups = argument(node, "groups", 1)
     if isinstance(x, MultiTok):
         if x.gdim != x.dim - 1:

@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch.fx as fx
 
-from ...meta_keys import SPATIAL_DIMS
 from ..facts import Fact, Grid, Tok, Unknown
 from ..layout import Layout
 from ..ops import IDENTITY_OPS, aten, is_pointwise, is_static, op_name, shape_of
@@ -32,10 +31,9 @@ def seed(node: fx.Node, ctx: RuleContext) -> Fact:
     if dims and flattens_transposed_grid(node, shape, ctx):
         return Unknown("a flatten of a transposed (B, C, H, W)-like map whose token order could not be traced")
     if not dims and len(shape) == 4:
-        spatial = spatial_dims(node, shape, ctx)
+        spatial = spatial_dims(node, ctx)
         if spatial is None:
             return grid_seed(shape, ctx)
-        ctx.annotate(node, SPATIAL_DIMS, spatial)
         h, w = spatial
         if not (is_static(shape[h]) and is_static(shape[w]) and shape[h] * shape[w] in ctx.token_lengths):
             return None
@@ -54,20 +52,26 @@ _KEEP_DIMS = ("aten::layer_norm", "aten::native_layer_norm", "aten::batch_norm",
               "aten::_native_batch_norm_legit_no_training", "aten::instance_norm")
 
 
-def spatial_dims(node: fx.Node, shape, ctx: RuleContext) -> Optional[tuple]:
-    """The (H, W) dims of a 4-D map without tokens yet, from its history (None: not known)."""
+def spatial_dims(node: fx.Node, ctx: RuleContext, depth: int = 0) -> Optional[tuple]:
+    """The (H, W) dims of a 4-D map without tokens yet, from its history (None: not known).
+
+    Walked back through permutes and ops that keep the dims (norms, pointwise, identities) to the
+    conv2d / pooling that made the map; a pure function of the graph (nothing is recorded).
+    """
     name = op_name(node)
     if name in _MAKE_MAPS:
         return (2, 3)
     source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    known = source.meta.get(SPATIAL_DIMS) if source is not None else None
-    if known is None:
+    if source is None or depth > 16 or ctx.shape(source) is None or len(ctx.shape(source)) != 4:
         return None
     if name in ("aten::permute", "aten::transpose"):
+        known = spatial_dims(source, ctx, depth + 1)
+        if known is None:
+            return None
         where = {old: new for new, old in enumerate(dim_permutation(node, 4))}
         return (where[known[0]], where[known[1]])
-    if (name in IDENTITY_OPS or name in _KEEP_DIMS or is_pointwise(node)) and len(ctx.shape(source)) == 4:
-        return known
+    if name in IDENTITY_OPS or name in _KEEP_DIMS or is_pointwise(node):
+        return spatial_dims(source, ctx, depth + 1)
     return None
 
 
