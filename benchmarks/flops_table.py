@@ -1,8 +1,9 @@
 """Dense and ToP-schedule FLOPs of the six models at 224x224, ours vs published.
 
 Writes benchmarks/results/flops_table.json and flops_table.md. Run: python benchmarks/flops_table.py
-Models are built on the meta device (shapes only); FLOPs are MACs, the compiler's own count and
-its planner's estimate under ToP's schedule (mambaprune/api/flops.py).
+Models are built on the CPU with random weights (PlainMamba's zig-zag orders are buffers whose
+values the analysis reads); FLOPs are MACs, the compiler's own count and its planner's estimate
+under ToP's schedule (mambaprune/api/flops.py).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ PUBLISHED = {
 def main(out_dir: pathlib.Path = pathlib.Path(__file__).parent / "results") -> list:
     rows = []
     for name, pub in PUBLISHED.items():
-        with torch.device("meta"):
-            model = create_model(name).eval()
+        torch.manual_seed(0)
+        model = create_model(name).eval()
         params = sum(p.numel() for p in model.parameters())
         backbone = params - sum(p.numel() for p in model.head.parameters())
         prepared = prepare(model)  # batch 1 at 224: per image

@@ -1,6 +1,7 @@
 """The golden zoo: what the compiler concludes about every test model, recorded once and compared.
 
-For every model of the zoo (tests/architectures.py, the reference ViM / PlainMamba, mambapy's Vim
+For every model of the zoo (tests/architectures.py, the reference ViM / PlainMamba, the official
+ViM / PlainMamba code reproduced in tests/official_*.py, mambapy's Vim
 and a `register_scan` loop scan) this records, from the public pipeline only:
 - the token fact of every node of the captured graph (`node.meta["mambaprune.tokens"]`), layouts
   as a digest of their path;
@@ -16,6 +17,7 @@ is the review of that change.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +32,7 @@ sys.path.insert(0, HERE)
 
 import architectures as arch  # noqa: E402
 from loop_scans import loop_scan, loop_scan_adapter  # noqa: E402
+from mamba_ssm_stub import installed as mamba_ssm_installed  # noqa: E402
 
 import mambaprune  # noqa: E402
 from mambaprune.models import create_model  # noqa: E402
@@ -113,6 +116,10 @@ def mambapy_vim():
     return MambapyVim()
 
 
+# 8 x 8 tokens, 8 blocks: small enough to be quick, large enough that pruning pays for the conv stem.
+PLAINMAMBA_TINY = dict(img_size=32, patch_size=4, depth=8, embed_dim=64, d_state=4, num_classes=10)
+
+
 def reference(name, **config):
     return lambda: create_model(name, **config)
 
@@ -120,17 +127,32 @@ def reference(name, **config):
 CASES = {
     **{f"arch/{name}": builder for name, builder in arch.ZOO.items()},
     "ref/vim": reference("vim_t", img_size=32, patch_size=8, depth=6, embed_dim=32, d_state=4, num_classes=10),
-    "ref/plainmamba_l1": reference("plainmamba_l1", img_size=64, depth=4, embed_dim=32, d_state=4, num_classes=10),
-    "ref/plainmamba_plain": reference("plainmamba_l1", img_size=64, depth=4, embed_dim=32, d_state=4,
-                                      num_classes=10, layers_with_dwconv=()),
+    "ref/plainmamba_l1": reference("plainmamba_l1", **PLAINMAMBA_TINY),
+    "ref/plainmamba_plain": reference("plainmamba_l1", **PLAINMAMBA_TINY, layers_with_dwconv=()),
+    "official/plainmamba": lambda: __import__("official_plainmamba").tiny_classifier(),
+    "official/vim": lambda: __import__("official_vim").tiny(),
     "mambapy/vim": mambapy_vim,
     "register_scan/loop_vim": LoopVim,
 }
 
 
 def build_model(case: str) -> nn.Module:
+    """The model of `case` (seeded); official/* cases only inside `case_context(case)`."""
     torch.manual_seed(0)
     return CASES[case]().eval()
+
+
+@contextlib.contextmanager
+def case_context(case: str):
+    """What a case needs around it: the mamba_ssm stand-in (official/*), its loop scan registered
+    (register_scan/*)."""
+    with contextlib.ExitStack() as stack:
+        if case.startswith("official/"):
+            stack.enter_context(mamba_ssm_installed())
+        if case.startswith("register_scan/"):
+            mambaprune.register_scan(loop_scan, loop_scan_adapter)
+            stack.callback(mambaprune.unregister_scan, loop_scan)
+        yield
 
 
 def images_for(model: nn.Module, batch: int = 3) -> torch.Tensor:
@@ -214,35 +236,32 @@ def build(prepared, settings: dict):
 
 def record_case(case: str, inspect=None):
     """(facts, tensors) of one case; `inspect(pruned)` is called on every pruned model built."""
-    model = build_model(case)
-    x = images_for(model)
-    registered = case.startswith("register_scan/")
-    if registered:
-        mambaprune.register_scan(loop_scan, loop_scan_adapter)
+    with case_context(case):
+        model = build_model(case)
+        return _record(case, model, images_for(model), inspect)
+
+
+def _record(case, model, x, inspect):
     try:
+        prepared = prepare(model, x)
+    except mambaprune.MambapruneError as err:
+        return {"error": f"{type(err).__name__}: {err}"}, {}
+    facts = {"graph": describe_graph(prepared.captured.gm), "analysis": describe_analysis(prepared.analysis),
+             "flops": sum(prepared.flops.values()), "builds": {}}
+    tensors = {}
+    for name, settings in SETTINGS.items():
         try:
-            prepared = prepare(model, x)
+            pruned = build(prepared, settings)
         except mambaprune.MambapruneError as err:
-            return {"error": f"{type(err).__name__}: {err}"}, {}
-        facts = {"graph": describe_graph(prepared.captured.gm), "analysis": describe_analysis(prepared.analysis),
-                 "flops": sum(prepared.flops.values()), "builds": {}}
-        tensors = {}
-        for name, settings in SETTINGS.items():
-            try:
-                pruned = build(prepared, settings)
-            except mambaprune.MambapruneError as err:
-                facts["builds"][name] = {"error": f"{type(err).__name__}: {err}"}
-                continue
-            if inspect is not None:
-                inspect(pruned)
-            with torch.no_grad():
-                tensors[f"{case}/{name}/out"] = pruned(x).contiguous()
-                for site, positions in pruned.kept_positions(x).items():
-                    tensors[f"{case}/{name}/kept/{site}"] = positions.contiguous()
-            facts["builds"][name] = {"report": str(pruned.report).splitlines(), "pruned_flops": pruned.report.pruned_flops}
-    finally:
-        if registered:
-            mambaprune.unregister_scan(loop_scan)
+            facts["builds"][name] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        if inspect is not None:
+            inspect(pruned)
+        with torch.no_grad():
+            tensors[f"{case}/{name}/out"] = pruned(x).contiguous()
+            for site, positions in pruned.kept_positions(x).items():
+                tensors[f"{case}/{name}/kept/{site}"] = positions.contiguous()
+        facts["builds"][name] = {"report": str(pruned.report).splitlines(), "pruned_flops": pruned.report.pruned_flops}
     return facts, tensors
 
 

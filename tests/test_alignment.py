@@ -10,14 +10,18 @@ Nothing in the reference uses mambaprune's compiler or runtime code.
 Definitions (per sample, P = sorted original positions of the K kept tokens):
 - hold:  kept tokens keep their ORIGINAL positions for token mixing: conv windows read original
          neighbours (pruned ones count as zero), every scan runs along the original path restricted
-         to the kept tokens (state passes unchanged across pruned tokens), constant per-step tables
-         (PlainMamba's direction bias on B) are read at each kept token's original path step.
+         to the kept tokens (state passes unchanged across pruned tokens). A scan whose operands
+         come in different orders (PlainMamba: u along the zig-zag path, dt / B / C in raster order)
+         reads each operand's kept tokens in that operand's own order, step by step; a constant
+         per-position table (PlainMamba's direction offset on B, indexed like B) is read at each
+         kept token's original position.
 - decay: as hold, but a kept token's state transition is exp(g * delta * A) with g the number of
          path steps since the previous kept token on that path (input term uses delta as is).
 - none:  ViT-style: the kept tokens form a contiguous sequence at positions 0..K-1 (sorted order);
          conv1d / flip / zig-zag / conv2d are rebuilt on that compacted sequence (compacted token j
          sits at grid cell j; each zig-zag path is the original path restricted to cells < K; the
-         direction bias is read at the compacted token's step along that path).
+         direction offset is read at the compacted token's cell j).
+Decay gaps are counted along the order of the scan's output (u's path for PlainMamba).
 
 Site semantics tested: a site {k: rate} prunes between block k-1 and block k; blocks 0..k-1 are
 dense (their token mixers, including PlainMamba-L1's dwconv after block 0, see every token).
@@ -233,8 +237,14 @@ def grid_op(x, cells, H, W, fn):
 
 
 def pm_mixer(m, x, cells, orig, mode, bias_at):
-    """PlainMamba2D on kept tokens x (b, K, Dm). cells: claimed positions (grid cells) in slot order;
-    orig: original positions. bias_at: "claimed" or "original" step for the direction bias."""
+    """PlainMamba2D (the official computation) on kept tokens x (b, K, Dm), slot order. cells: claimed
+    positions (grid cells) in slot order; orig: original positions. bias_at: "claimed" or "original"
+    position for the direction table.
+
+    Each scan's operands are restricted to the kept tokens in their own order and zipped step by step:
+    u in the order path k visits the kept tokens, dt / B / C in slot (raster) order; the direction
+    offset added to B is the table's entry at the B token's position; the output follows u's path
+    and is put back at u's tokens."""
     H, W = m.grid_size
     xs, z = m.in_proj(x).chunk(2, dim=-1)
     xs = F.silu(grid_op(xs, cells, H, W, m.conv2d))
@@ -245,19 +255,19 @@ def pm_mixer(m, x, cells, orig, mode, bias_at):
     for k in range(4):
         rank = m.inverse_orders[k]                  # rank[p] = step at which path k visits p
         steps = rank[cells]                         # (b, K) path steps of the kept tokens
-        perm = torch.argsort(steps, dim=1)          # original path restricted to the kept tokens
+        perm = torch.argsort(steps, dim=1)          # path k restricted to the kept tokens
         path_steps = torch.gather(steps, 1, perm)
-        bias_steps = path_steps if bias_at == "claimed" else torch.gather(rank[orig], 1, perm)
-        Bk = take_tokens(B, perm) + m.direction_Bs[m.directions[k][bias_steps]]
+        table_at = cells if bias_at == "claimed" else orig
+        Bk = B + m.direction_Bs[m.directions[k][table_at]]
         gap = None
         if mode == "decay":
             gap = torch.cat([path_steps[:, :1] + 1, path_steps[:, 1:] - path_steps[:, :-1]], dim=1).float()
-        y_k = seq_scan(take_tokens(xs, perm).transpose(1, 2), take_tokens(dt, perm).transpose(1, 2), A,
-                       Bk.transpose(1, 2), take_tokens(C, perm).transpose(1, 2), m.D,
+        y_k = seq_scan(take_tokens(xs, perm).transpose(1, 2), dt.transpose(1, 2), A,
+                       Bk.transpose(1, 2), C.transpose(1, 2), m.D,
                        delta_bias=m.dt_proj.bias, gap=gap).transpose(1, 2)
         back = torch.zeros_like(y_k)
         for b in range(x.shape[0]):
-            back[b, perm[b]] = y_k[b]                   # back to slot (token) order
+            back[b, perm[b]] = y_k[b]                   # back to u's tokens, slot order
         y = back if y is None else y + back
     return m.out_proj(y * F.silu(z))
 
@@ -353,9 +363,9 @@ def test_plainmamba_matches_definition(pm, mode):
 
 
 def test_plainmamba_none_bias_readings_differ(pm):
-    """`none` reads the direction bias at the compacted token's step along the restricted path (like
-    every other position-dependent op under `none`), not at its original step; on this model the
-    two readings differ, so test_plainmamba_matches_definition[none] tells them apart."""
+    """`none` reads the direction offset at the compacted token's cell (like every other
+    position-dependent op under `none`), not at its original position; on this model the two
+    readings differ, so test_plainmamba_matches_definition[none] tells them apart."""
     model, x = pm
     with torch.no_grad():
         claimed = pm_reference(model, x, 1, PM_KEEP, "none", bias_at="claimed")

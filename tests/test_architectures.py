@@ -171,22 +171,29 @@ def test_refusal_names_what_was_not_understood(name):
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_refused_model_with_a_ratio_raises_the_maximum(name):
+def test_refused_model_with_a_ratio_is_unsupported(name):
     _, result = compiled(name, RATIO)
     if isinstance(result, Exception):
-        assert isinstance(result, ValueError)
+        assert isinstance(result, UnsupportedModelError)
         message = str(result)
-        assert "maximum is 0.0" in message and REFUSED[name][1] in message, message
+        assert "nothing in this model can be pruned" in message and REFUSED[name][1] in message, message
+        assert "the first possible site, after block 1" in message, message
     else:  # pruned only the understood part: it must then be a correct model
         assert abs(result.report.achieved_ratio - RATIO) <= 0.03
         assert max_diff(result(images()), result(images())) == 0
 
 
-def test_mambavision_window_reverse_with_int_batch_is_a_capture_error():
-    """MambaVision's own window_reverse computes int(batch / windows): export specialises the batch."""
+def test_mambavision_window_reverse_with_int_batch_is_captured_with_the_example_batch():
+    """MambaVision's own window_reverse computes int(batch / windows): export specialises the batch, so
+    the model is captured with the example batch and any other batch is refused at call time."""
     model = arch.MambaVisionStyle(windowed=True, patch_size=4, conv_padding=1, reverse=arch.window_reverse_int)
-    with pytest.raises(UnsupportedModelError, match="dynamic batch size"):
-        mambaprune.compile_pruned(model.eval(), ratio=0.0)
+    x = images()
+    pruned = mambaprune.compile_pruned(model.eval(), ratio=0.0, example_inputs=(x,))
+    assert pruned.report.static_batch == x.shape[0]
+    with torch.no_grad():
+        assert max_diff(pruned(x), model(x)) <= TOL
+    with pytest.raises(mambaprune.BatchSizeError, match=f"runs only batches of {x.shape[0]}"):
+        pruned(x[:1])
 
 
 def test_vmamba_prunes_every_stage_and_restores_each_grid():

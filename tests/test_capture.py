@@ -1,7 +1,6 @@
 """Capture: routing third-party / user scans to mambaprune::selective_scan, input inference, and
 that the user's model (and the code it refers to) is left exactly as it was."""
 import sys
-import types
 
 import pytest
 import torch
@@ -166,74 +165,9 @@ def test_mambapy_restored_after_a_failed_compile(mambapy_model):
 # ---------------------------------------------------------------------------------------------------
 # 2. mamba_ssm entry points, through a fake mamba_ssm package (plain-PyTorch references)
 # ---------------------------------------------------------------------------------------------------
-def ref_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False):
-    """mamba_ssm's selective_scan_ref, written as a token-by-token loop. u, delta, z: (b, d, l);
-    A: (d, n); B, C: (b, n, l) or (b, g, n, l)."""
-    dtype = u.dtype
-    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, dim, length = u.shape
-
-    def per_channel(M):
-        return M.unsqueeze(1) if M.dim() == 3 else M.repeat_interleave(dim // M.shape[1], dim=1)
-
-    B, C = per_channel(B), per_channel(C)                       # (b, d or 1, n, l)
-    h = u.new_zeros(batch, dim, A.shape[1])
-    ys = []
-    for t in range(length):
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * B[..., t] * u[:, :, t, None]
-        ys.append((h * C[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + D.float()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(dtype)
-    return (y, h) if return_last_state else y
-
-
-def ref_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C,
-                     B_proj_bias=None, C_proj_bias=None):
-    """mamba_inner_ref's preamble: causal depthwise conv + SiLU, x_proj, delta (no bias), B, C."""
-    x, z = xz.chunk(2, dim=1)
-    channels, width = x.shape[1], conv1d_weight.shape[-1]
-    weight = conv1d_weight.reshape(channels, 1, width)
-    x = F.silu(F.conv1d(F.pad(x, (width - 1, 0)), weight, conv1d_bias, groups=channels))
-    x_dbl = torch.einsum("bdl,ed->ble", x, x_proj_weight)
-    rank, n = delta_proj_weight.shape[1], A.shape[1]
-    delta = torch.einsum("dr,blr->bdl", delta_proj_weight, x_dbl[..., :rank])
-    if B is None:
-        B = x_dbl[..., rank:rank + n]
-        B = (B + B_proj_bias if B_proj_bias is not None else B).transpose(1, 2)
-    if C is None:
-        C = x_dbl[..., rank + n:rank + 2 * n]
-        C = (C + C_proj_bias if C_proj_bias is not None else C).transpose(1, 2)
-    return x, z, delta, B, C
-
-
-def ref_mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A,
-                                   B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
-                                   delta_softplus=True, checkpoint_lvl=1):
-    x, z, delta, B, C = ref_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B,
-                                         C, B_proj_bias, C_proj_bias)
-    return ref_selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
-
-
-def ref_bimamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                         out_proj_bias, A, A_b, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
-                         C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1):
-    x, z, delta, B, C = ref_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B,
-                                         C, B_proj_bias, C_proj_bias)
-    y = ref_selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
-    y_b = ref_selective_scan_fn(x.flip(-1), delta.flip(-1), A_b, B.flip(-1), C.flip(-1), D, z=z.flip(-1),
-                                delta_bias=delta_bias, delta_softplus=True)
-    return F.linear((y + y_b.flip(-1)).transpose(1, 2), out_proj_weight, out_proj_bias)
-
+from mamba_ssm_stub import (ref_bimamba_inner_fn, ref_mamba_inner_fn_no_out_proj,  # noqa: E402
+                            ref_selective_scan_fn)
+from mamba_ssm_stub import install as install_mamba_ssm  # noqa: E402
 
 FAKE_FUNCTIONS = {
     "selective_scan_fn": ref_selective_scan_fn,
@@ -249,15 +183,7 @@ bimamba_inner_fn = None
 
 @pytest.fixture
 def fake_mamba_ssm(monkeypatch):
-    package = types.ModuleType("mamba_ssm")
-    ops = types.ModuleType("mamba_ssm.ops")
-    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
-    for name, fn in FAKE_FUNCTIONS.items():
-        setattr(interface, name, fn)
-    package.ops, ops.selective_scan_interface = ops, interface
-    monkeypatch.setitem(sys.modules, "mamba_ssm", package)
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops", ops)
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
+    interface = install_mamba_ssm(monkeypatch)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as imported
     assert imported is ref_selective_scan_fn
     for name, fn in FAKE_FUNCTIONS.items():

@@ -108,10 +108,40 @@ def test_unreachable_ratio_says_the_maximum():
 
 def test_single_block_model_cannot_be_pruned():
     model = tiny_vim(depth=1)
-    with pytest.raises(ValueError, match=r"the maximum is 0\.0.*1 SSM block"):
+    with pytest.raises(UnsupportedModelError, match=r"nothing in this model can be pruned.*1 SSM block"):
         mambaprune.compile_pruned(model, ratio=0.3)
     # ratio 0 is fine: nothing to prune
     assert mambaprune.compile_pruned(model, ratio=0.0).report.sites == {}
+
+
+class TokenMixingVim(nn.Module):
+    """A ViM whose blocks are each followed by a linear layer over the token axis: no site can follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.vim = tiny_vim(depth=3)
+        self.img_size = self.vim.img_size
+        tokens = self.vim.patch_embed.num_patches + 1
+        self.mix = nn.ModuleList(nn.Linear(tokens, tokens) for _ in self.vim.layers)
+
+    def forward(self, x):
+        hidden, residual = self.vim.embed_tokens(x), None
+        for layer, mix in zip(self.vim.layers, self.mix):
+            hidden, residual = layer(hidden, residual)
+            hidden = mix(hidden.transpose(1, 2)).transpose(1, 2)
+        return hidden.mean(1)
+
+
+@pytest.mark.parametrize("ratio, schedule", [(0.3, None), (0.3, "uniform"), (0.0, "top"), (0.0, {1: 0.5}),
+                                             (0.3, "auto")])
+def test_model_where_nothing_can_be_pruned_names_the_first_block(ratio, schedule):
+    model = TokenMixingVim().eval()
+    with pytest.raises(UnsupportedModelError,
+                       match=r"nothing in this model can be pruned \(the first possible site, after block 1 "
+                             r"\(vim\.layers\.0\.mixer\), is refused: .*mix\.0.*token axis"):
+        calibration = [torch.randn(2, 3, 32, 32)] if schedule == "auto" else None
+        mambaprune.compile_pruned(model, ratio=ratio, schedule=schedule, calibration=calibration)
+    assert mambaprune.compile_pruned(model, ratio=0.0).report.unprunable_sites
 
 
 # -- models that are not SSMs ---------------------------------------------------------------------

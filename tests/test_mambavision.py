@@ -20,7 +20,7 @@ import mambavision_stubs  # noqa: E402
 mambavision_stubs.install()
 mamba_vision = pytest.importorskip("mambavision.models.mamba_vision")
 
-from mambaprune import BatchSizeError, UnreachableRatioError  # noqa: E402
+from mambaprune import BatchSizeError, UnsupportedModelError  # noqa: E402
 from mambaprune.api.compile import build, prepare  # noqa: E402
 from mambaprune.settings import PruneSettings  # noqa: E402
 
@@ -62,5 +62,5 @@ def test_another_batch_is_refused_at_call_time_naming_the_batch(tiny):
 def test_pruning_a_fixed_batch_capture_is_not_done_yet(tiny):
     """Not yet: the analyser finds the batch axis as the one dynamic dim, which a fixed-batch capture lacks."""
     _, _, _, prepared = tiny
-    with pytest.raises(UnreachableRatioError, match="maximum is 0.0"):
+    with pytest.raises(UnsupportedModelError, match="nothing in this model can be pruned"):
         build(prepared, PruneSettings(ratio=0.3))

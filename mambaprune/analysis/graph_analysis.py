@@ -16,8 +16,8 @@ from ..meta_keys import TOKENS
 from ..pass_infra import GraphPass, InvariantError, PassResult
 from .blocks import Block, describe_block, group_blocks, to_networkx
 from .facts import Grid, Tok, fact_of
-from .ops import is_assert, is_scan, shape_of
-from .sites import NotUnderstoodNode, Site, StageEnd, collect_not_understood, find_sites
+from .ops import is_scan, shape_of
+from .sites import NotUnderstoodNode, Site, StageEnd, collect_not_understood, crosses, find_sites
 from .tokens import propagate_tokens
 
 __all__ = ["AnalyseGraph", "GraphAnalysis", "Block", "Site", "StageEnd", "NotUnderstoodNode", "analyse"]
@@ -71,7 +71,7 @@ class GraphAnalysis:
         return [n for n in self.gm.graph.nodes
                 if n in cut and n.op == "call_function" and isinstance(fact_of(n), (Tok, Grid))
                 and fact_of(n).layout.length == length
-                and any(u not in cut and not is_assert(u) for u in n.users)]
+                and crosses(n, cut)]
 
     def stream_parts(self, key: int) -> list:
         """crossing_tokens(key) when they are parts of one stream (same token axis, order and shape:

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .blocks import Block, in_module
 from .facts import BatchTok, Grid, MultiTok, PaddedTok, Tok, Unknown, fact_of
-from .ops import LAYOUT_OPS, op_name, shape_of
+from .ops import LAYOUT_OPS, is_assert, op_name, shape_of
 
 
 @dataclass
@@ -136,6 +136,11 @@ def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, no
     return None
 
 
+def crosses(node: fx.Node, cut: set) -> bool:
+    """Whether `node`, in the dense part `cut`, is read after it (metadata asserts do not count)."""
+    return any(u not in cut and not is_assert(u) for u in node.users)
+
+
 def site_problem(cut: set, unknown: list, length: int, nodes) -> Optional[str]:
     """Why no site can follow the dense part `cut` (None: one can); `nodes` in graph order."""
     later_unknown = [n for n in unknown if n not in cut]
@@ -144,8 +149,8 @@ def site_problem(cut: set, unknown: list, length: int, nodes) -> Optional[str]:
         return f"after it, {module_of(first)} does something the compiler cannot rewrite ({fact_of(first).reason})"
     for node in (n for n in nodes if n in cut):
         fact = fact_of(node)
-        if not any(u not in cut and op_name(u) != "aten::_assert_tensor_metadata" for u in node.users):
-            continue  # a dtype assert (`.to(x.dtype)` of an fp32 tensor) reads but does not carry it across
+        if not crosses(node, cut):
+            continue
         if isinstance(fact, (PaddedTok, BatchTok, MultiTok)):
             return f"{node.name} crosses the site as a {type(fact).__name__}"
         if isinstance(fact, Grid) and fact.layout.length != length:

@@ -8,20 +8,19 @@ bias, LayerNorm (eps 1e-5) pre-norm blocks, final LayerNorm (eps 1e-6), conv ste
 ``layers_with_dwconv = [0]``: after block 0's residual add, the whole stream goes through a 3x3
 depthwise conv (no bias) + BatchNorm + GELU on the H x W grid (no residual around it).
 
-Mixer: in_proj -> (x, z); x -> depthwise conv2d 7x7 on the grid -> SiLU; x_proj -> (dt, B, C);
-dt = dt_proj(dt) (their code applies the full Linear, bias included, AND passes dt_proj.bias as
-delta_bias: the bias counts twice; we keep that so their weights load unchanged). Four continuous
-zig-zag paths (row snake from the top-left, its reverse, column snake from the top-left, its
-reverse) are constant index gathers ``x[:, order]`` / inverse gathers ``y[:, inverse]``; the four
-directions share ONE set of parameters and make FOUR selective_scan calls. Direction-aware update:
-``direction_Bs`` (5, N) indexed by the per-step direction code (0 start, 1 right, 2 left, 3 up,
-4 down: the move that reached the token) is added to B in path order. Gate (not fused):
-``y = (y_1 + y_2 + y_3 + y_4) * silu(z)``, then out_proj.
-
-DELIBERATE DEVIATION from their code: they permute only x by the zig-zag order and leave dt, B, C
-in token order, so step t of a scan pairs the x of token order[t] with the dt/B/C of token t. We
-permute x, delta, B and C by the same order, so each scan is a real scan along its path. Their
-checkpoints load, but outputs differ from theirs.
+Mixer, as their `PlainMamba2D.forward` computes it: in_proj -> (x, z); x -> depthwise conv2d 7x7
+on the grid -> SiLU; x_proj -> (dt, B, C), all three in raster (token) order; dt = dt_proj(dt)
+(their code applies the full Linear, bias included, AND passes dt_proj.bias as delta_bias: the
+bias counts twice, and so it does here). Four continuous zig-zag paths (row snake from the
+top-left, its reverse, column snake from the top-left, its reverse) share ONE set of parameters
+and make FOUR selective_scan calls. Each scan reads its input in path order, ``x[:, order]``, but
+dt, B and C in raster order, so step t pairs the input of token order[t] with the dt/B/C of token
+t; B gets a per-step direction offset: ``direction_Bs`` (5, N) indexed by the direction code of
+step t of the path (0 start, 1 right, 2 left, 3 up, 4 down: the move that reached step t). The
+output is put back with the inverse order ``y[:, inverse]``. Gate (not fused):
+``y = (y_1 + y_2 + y_3 + y_4) * silu(z)``, then out_proj. Their checkpoints load with
+``load_checkpoint`` (module names as theirs; their final norm `ln1` is our `norm1`) and give their
+outputs.
 
 Input size is fixed at construction (the zig-zag orders are built for that grid).
 No pretrained weights exist offline.
@@ -101,18 +100,17 @@ class PlainMamba2D(nn.Module):
         grid = xs.reshape(Bsz, H, W, self.d_inner).permute(0, 3, 1, 2)
         xs = F.silu(self.conv2d(grid)).permute(0, 2, 3, 1).reshape(Bsz, L, self.d_inner)
         dt, B, C = torch.split(self.x_proj(xs), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj(dt)  # bias included, as in their code (and again as delta_bias below)
+        dt = self.dt_proj(dt).transpose(1, 2)  # (B, E, L) raster order; bias included, as in their code
+        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L) raster order
         A = -torch.exp(self.A_log.float())
         y = None
         for k in range(4):
-            order, inverse = self.orders[k], self.inverse_orders[k]
-            B_k = B[:, order] + self.direction_Bs[self.directions[k]].to(B.dtype)  # (B, L, N), path order
+            steps = self.direction_Bs[self.directions[k]].t().to(B.dtype)  # (N, L): the offset of step t
             y_k = selective_scan(
-                xs[:, order].transpose(1, 2), dt[:, order].transpose(1, 2), A,
-                B_k.transpose(1, 2), C[:, order].transpose(1, 2), self.D.float(),
+                xs[:, self.orders[k]].transpose(1, 2), dt, A, B + steps, C, self.D.float(),
                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             )
-            y_k = y_k.transpose(1, 2)[:, inverse]  # back to token order
+            y_k = y_k.transpose(1, 2)[:, self.inverse_orders[k]]  # back to token order
             y = y_k if y is None else y + y_k
         return self.out_proj(y * F.silu(z))
 
@@ -154,6 +152,20 @@ class PlainMamba(nn.Module):
         )
         self.norm1 = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    @staticmethod
+    def checkpoint_key_map(state: dict) -> dict:
+        """Their mmcls classifier's keys -> ours: `backbone.` dropped, the final norm `ln1` is our
+        `norm1`, the classifier `head.fc` our `head` (the average-pooling neck has no weights)."""
+        mapped = {}
+        for key, value in state.items():
+            key = key[len("backbone."):] if key.startswith("backbone.") else key
+            if key.startswith("ln1."):
+                key = "norm1." + key[len("ln1."):]
+            elif key.startswith("head.fc."):
+                key = "head." + key[len("head.fc."):]
+            mapped[key] = value
+        return mapped
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..analysis import GraphAnalysis, Grid, fact_of, is_token_fact
 from ..analysis.ops import looks_at_neighbours, op_name
-from ..errors import UnreachableRatioError
+from ..errors import UnreachableRatioError, UnsupportedModelError
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
 TOP_KEEP = 0.8
@@ -107,6 +107,7 @@ def make_plan(analysis: GraphAnalysis, flops: dict, ratio: float, schedule) -> P
     dense = sum(flops.values())
     if ratio == 0 and schedule in (None, "paper", "uniform"):
         return _plan(analysis, flops, {}, dense)
+    require_prunable(analysis, f"ratio {ratio}" if schedule in (None, "paper", "uniform") else f"schedule {schedule!r}")
     if schedule not in (None, "paper", "uniform"):
         keeps = _schedule_keeps(analysis, schedule)
         return _plan(analysis, flops, keeps, dense)
@@ -118,8 +119,9 @@ def plan_for_sites(analysis: GraphAnalysis, flops: dict, sites: list, ratio: flo
     """One keep rate at every site in ``sites``, solved so the estimated reduction is closest to
     ``ratio``; UnreachableRatioError when it falls short by more than 0.03."""
     dense = sum(flops.values())
+    require_prunable(analysis, f"ratio {ratio}")
     if not sites:
-        raise UnreachableRatioError(f"ratio {ratio} cannot be reached: the maximum is 0.0 ({_why_no_sites(analysis)})")
+        raise UnreachableRatioError(f"ratio {ratio} cannot be reached: no pruning site was given")
     best = _solve_uniform_keep(analysis, flops, sites, ratio, dense)
     achieved = best.estimated_ratio
     if ratio - achieved > 0.03:
@@ -179,8 +181,20 @@ def _schedule_keeps(analysis, schedule) -> dict:
     return dict(schedule)
 
 
-def _why_no_sites(analysis) -> str:
+def require_prunable(analysis: GraphAnalysis, asked: str) -> None:
+    """UnsupportedModelError when no site of the model can be pruned (what was `asked` for cannot
+    be done on any schedule), naming the first block that stops it and why."""
+    if analysis.valid_sites:
+        return
     if analysis.depth < 2:
-        return f"the model has {analysis.depth} SSM block(s); pruning needs a block after the site"
-    reasons = "; ".join(f"after block {k}: {r}" for k, r in sorted(analysis.invalid_sites.items())[:3])
-    return f"no site can be pruned: {reasons}"
+        why = (f"the model has {analysis.depth} SSM block(s), and pruning needs a block after the site "
+               "(tokens pruned after the last block save nothing)")
+    else:
+        key, reason = min(analysis.invalid_sites.items())
+        block = analysis.blocks[key - 1]
+        others = "; ".join(f"after block {k}: {r}" for k, r in sorted(analysis.invalid_sites.items())[1:3])
+        why = (f"the first possible site, after block {key} ({block.name}), is refused: {reason}"
+               + (f"; and {others}" if others else ""))
+    raise UnsupportedModelError(
+        f"{asked} cannot be applied: nothing in this model can be pruned ({why}). With ratio=0 the "
+        "model compiles densely, and its `.report` lists every site with the reason it is refused.")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..analysis import GraphAnalysis
 from ..errors import UnreachableRatioError
-from ..planning import Plan, make_plan, solve_site_keep
+from ..planning import Plan, make_plan, require_prunable, solve_site_keep
 from ..settings import PruneSettings
 from .calibration import Calibration
 
@@ -49,6 +49,7 @@ def search_schedule(gm: fx.GraphModule, analysis: GraphAnalysis, flops: dict, se
     """The best schedule for ``settings.ratio`` on the calibration batches (module docstring), for
     the alignment, metric and stage fill of ``settings``."""
     ratio, alignment = settings.ratio, settings.alignment
+    require_prunable(analysis, "schedule 'auto'")
 
     def score(plan: Plan) -> float:
         return calibration.discrepancy(gm, analysis, plan, settings)

@@ -43,6 +43,9 @@ class RuleContext:
         if tensor is None:
             raise NotUnderstood("a token gather whose index is computed at run time (only constant permutations "
                                 "are understood)")
+        if tensor.is_meta:
+            raise NotUnderstood("a constant token gather whose index lives on the meta device (no values to read: "
+                                "build the model on a real device)")
         return tensor.detach().cpu().numpy().astype(np.int64).reshape(-1)
 
     # -- side effects ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from ...errors import TokenRuleError
@@ -37,10 +38,17 @@ def propagate_tokens(gm: fx.GraphModule, token_lengths: set) -> TokenFlow:
     """Fill node.meta[TOKENS] for every node of `gm` (token_lengths: the scans' sequence lengths)."""
     ctx = RuleContext(gm, token_lengths)
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(ctx.is_input_dependent(a) for a in tensor_args(node)):
+        if carries_data(node) and (node.op == "placeholder" or any(ctx.is_input_dependent(a) for a in tensor_args(node))):
             ctx.input_dependent.add(node)
         node.meta[TOKENS] = infer(node, ctx)
     return TokenFlow(ctx.protected, ctx.class_tokens, ctx.barriers)
+
+
+def carries_data(node: fx.Node) -> bool:
+    """Whether the node's value can carry the input's data: a size (a SymInt read off a tensor's
+    shape) cannot, so a parameter expanded to the batch size (a class token, a positional table)
+    stays a constant of the model, not a function of the image."""
+    return not isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
 def infer(node: fx.Node, ctx: RuleContext) -> Fact:
