@@ -94,7 +94,7 @@ def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> P
     example_inputs = as_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
     with generated_code_released() as keep:
         captured = capture(model, example_inputs)
-        analysed = AnalyseGraph()
+        analysed = AnalyseGraph(captured.static_batch)
         gm = keep(run_passes([analysed], captured.gm).graph_module)
         if not analysed.result.blocks:
             raise UnsupportedModelError(no_scan_message(model))

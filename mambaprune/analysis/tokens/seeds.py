@@ -1,7 +1,7 @@
 """Seeds: the first tensors (in topological order) that carry tokens.
 
 A node whose inputs carry no tokens becomes a token tensor when it depends on the model's input,
-has a dynamic batch first, and has exactly one dimension whose size is the token count of a
+has the batch first (the dynamic dim, or the fixed batch of a graph captured with it), and has exactly one dimension whose size is the token count of a
 selective scan (or, for a 4-D map, exactly one pair of adjacent dims whose product is: a
 (B, C, H, W) or (B, H, W, C) grid). When a width equals the token count, the token axis is the
 one a flatten of a grid produced. A 4-D map's grid dims are read from where the map came from
@@ -25,7 +25,7 @@ from .views import VIEW_OPS, dim_permutation
 
 def seed(node: fx.Node, ctx: RuleContext) -> Fact:
     shape = shape_of(node)
-    if shape is None or len(shape) < 2 or is_static(shape[0]) or not ctx.is_input_dependent(node):
+    if shape is None or len(shape) < 2 or not ctx.is_batch(shape, 0) or not ctx.is_input_dependent(node):
         return None
     dims = flattened_grid_dims(node, shape, ctx)
     if dims and flattens_transposed_grid(node, shape, ctx):

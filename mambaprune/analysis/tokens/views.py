@@ -27,11 +27,11 @@ def view(node: fx.Node, ctx: RuleContext) -> Fact:
     if groups is None:
         raise NotUnderstood(f"{name} {in_shape} -> {out_shape} could not be followed")
     if isinstance(x, Tok):
-        return _view_tok(x, groups, in_shape, out_shape, name)
+        return _view_tok(x, groups, in_shape, out_shape, name, ctx)
     if isinstance(x, MultiTok):
         return _view_parts(x, groups, in_shape, out_shape, name)
     if isinstance(x, BatchTok):
-        return _view_batch_tok(x, groups, in_shape, out_shape, name)
+        return _view_batch_tok(x, groups, in_shape, out_shape, name, ctx)
     if isinstance(x, Grid):
         return _view_grid(x, groups, in_shape, out_shape, name)
     if isinstance(x, MultiGrid):
@@ -75,11 +75,11 @@ def dim_permutation(node: fx.Node, ndim: int) -> list:
     return perm
 
 
-def _is_batch_then_token(group: list, token_dim: int, shape) -> bool:
-    return len(group) == 2 and group[1] == token_dim and not is_static(shape[group[0]])
+def _is_batch_then_token(group: list, token_dim: int, shape, ctx: RuleContext) -> bool:
+    return len(group) == 2 and group[1] == token_dim and ctx.is_batch(shape, group[0])
 
 
-def _view_tok(x: Tok, groups, in_shape, out_shape, name) -> Fact:
+def _view_tok(x: Tok, groups, in_shape, out_shape, name, ctx: RuleContext) -> Fact:
     for gi, go in groups:
         if x.dim not in gi:
             continue
@@ -87,19 +87,19 @@ def _view_tok(x: Tok, groups, in_shape, out_shape, name) -> Fact:
             return Tok(go[0], x.layout)
         if gi == [x.dim] and len(go) == 2 and go[1] == go[0] + 1:
             return Grid(go[0], go[1], x.layout, out_shape[go[0]], out_shape[go[1]])
-        if _is_batch_then_token(gi, x.dim, in_shape) and len(go) == 1:
+        if _is_batch_then_token(gi, x.dim, in_shape, ctx) and len(go) == 1:
             return BatchTok(go[0], x.layout)
         raise NotUnderstood(f"{name} merges the token axis with other dims {in_shape} -> {out_shape}")
     raise NotUnderstood(f"{name} of {type(x).__name__}")
 
 
-def _view_batch_tok(x: BatchTok, groups, in_shape, out_shape, name) -> Fact:
+def _view_batch_tok(x: BatchTok, groups, in_shape, out_shape, name, ctx: RuleContext) -> Fact:
     for gi, go in groups:
         if x.dim not in gi:
             continue
         if gi == [x.dim] and len(go) == 1:
             return BatchTok(go[0], x.layout)
-        if gi == [x.dim] and len(go) == 2 and not is_static(out_shape[go[0]]) and out_shape[go[1]] == x.layout.length:
+        if gi == [x.dim] and len(go) == 2 and ctx.is_batch(out_shape, go[0]) and out_shape[go[1]] == x.layout.length:
             return Tok(go[1], x.layout)
     raise NotUnderstood(f"{name} reshapes flattened batch x tokens {in_shape} -> {out_shape}")
 
