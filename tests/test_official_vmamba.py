@@ -123,5 +123,27 @@ def test_v0_ratio_0_is_the_dense_model_and_patch_merging_is_refused_by_name(imag
     assert (fast(images) - dense(model, images)).abs().max().item() <= TOL
     assert all("4 directions in one call" in b.mixing for b in prepared.analysis.blocks)   # cat + flip, einsum
     invalid = prepared.analysis.invalid_sites
-    assert "reaches layers.0.downsample" in invalid[1] and "only the downsampling's input can be restored" in invalid[1]
+    assert "the downsampling layers.0.downsample reads the stage's grid through 8 strided slices" in invalid[1]
+    assert "PatchMerging2D's x[..., 0::2, 0::2, :]" in invalid[1] and "only a downsampling with one input" in invalid[1]
     assert sorted(prepared.analysis.sites) == [9]                   # inside the last stage only
+
+
+def hand_cross_scan(x, in_channel_first=True, out_channel_first=True, one_by_one=False, scans=0, force_torch=False):
+    """csm_triton's torch path called from a function of the user's own: nothing routes it."""
+    return csm_triton.cross_scan_fwd(x, in_channel_first, out_channel_first, scans)
+
+
+def hand_cross_merge(y, in_channel_first=True, out_channel_first=True, one_by_one=False, scans=0, force_torch=False):
+    return csm_triton.cross_merge_fwd(y, in_channel_first, out_channel_first, scans)
+
+
+def test_an_unrouted_allocation_and_slice_writes_is_refused_naming_the_stack(monkeypatch):
+    monkeypatch.setattr(official, "cross_scan_fn", hand_cross_scan)
+    monkeypatch.setattr(official, "cross_merge_fn", hand_cross_merge)
+    torch.manual_seed(0)
+    model = official.vmamba_tiny_s1l8(dims=16, depths=[1, 1, 1, 1], num_classes=10).eval()
+    analysis = prepare(model, (torch.randn(2, 3, 64, 64),)).analysis
+    reason = analysis.not_understood[0].reason
+    assert analysis.not_understood[0].name == "layers.0.blocks.0.op"
+    assert reason.startswith("new_empty: a (B, 4, 16, 256) tensor built by aten::new_empty and 3 slice writes along dim 1")
+    assert "write it with torch.stack / torch.cat" in reason

@@ -149,9 +149,24 @@ def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, no
             if arg is end or arg in after or arg in cut or arg.op != "call_function":
                 continue
             if fact_of(arg) is not None:
-                return (f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
-                        f"downsampling {module_of(end)}: only the downsampling's input can be restored")
+                return _strided_reads(end, nodes) or (
+                    f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
+                    f"downsampling {module_of(end)}: only the downsampling's input can be restored")
     return None
+
+
+def _strided_reads(end: fx.Node, nodes) -> Optional[str]:
+    """The refusal for a downsampling that reads the grid through several strided slices (VMamba
+    v0's PatchMerging2D: x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], ...); None for another one."""
+    if op_name(end) != "aten::slice":
+        return None
+    module = module_of(end)
+    slices = [n.name for n in nodes if op_name(n) == "aten::slice" and module_of(n) == module
+              and isinstance(n.args[-1], int) and len(n.args) == 5 and n.args[-1] > 1]
+    return (f"the downsampling {module} reads the stage's grid through {len(slices)} strided slices "
+            f"({', '.join(slices)}: PatchMerging2D's x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], ...), and only a "
+            "downsampling with one input can be restored: sites are possible inside the last stage only "
+            "(a strided conv2d downsampling, as VMamba v05_noz's, can be restored)")
 
 
 def crosses(node: fx.Node, cut: set) -> bool:

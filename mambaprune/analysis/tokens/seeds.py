@@ -40,6 +40,9 @@ def seed(node: fx.Node, ctx: RuleContext) -> Fact:
         return Grid(h, w, Layout.identity(shape[h] * shape[w]), shape[h], shape[w])
     if not dims and len(shape) == 3:  # (B, L, D) or (B, D, L)
         dims = [d for d in (1, 2) if is_static(shape[d]) and shape[d] in ctx.token_lengths]
+        axis = grid_axis(node, ctx)
+        if axis is not None:   # the other dim is the map's channels, whatever its width
+            dims = [d for d in dims if d == axis]
     if len(dims) != 1:
         return None
     if node.target == aten.cat.default:
@@ -72,6 +75,35 @@ def spatial_dims(node: fx.Node, ctx: RuleContext, depth: int = 0) -> Optional[tu
         return (where[known[0]], where[known[1]])
     if name in IDENTITY_OPS or name in _KEEP_DIMS or is_pointwise(node):
         return spatial_dims(source, ctx, depth + 1)
+    return None
+
+
+def grid_axis(node: fx.Node, ctx: RuleContext, depth: int = 0) -> Optional[int]:
+    """The dim of a 3-D tensor without tokens yet that holds a map's flattened grid (None: not known).
+
+    Walked back through permutes, ops that keep the dims (slices too), and a concatenation (class
+    tokens beside the patches) to the flatten of a map whose (H, W) `spatial_dims` knows: a width equal to the
+    token count is then the channels, not the tokens (ViM with embed_dim = patches + 1).
+    """
+    name, shape = op_name(node), ctx.shape(node)
+    if depth > 16 or shape is None or len(shape) != 3:
+        return None
+    if name == "aten::cat":
+        axes = {grid_axis(part, ctx, depth + 1) for part in node.args[0]
+                if isinstance(part, fx.Node) and ctx.is_input_dependent(part)}
+        return axes.pop() if len(axes) == 1 else None
+    source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if source is None:
+        return None
+    if name in VIEW_OPS and ctx.shape(source) is not None and len(ctx.shape(source)) == 4:
+        spatial = spatial_dims(source, ctx)
+        groups = view_groups(ctx.shape(source), shape) or []
+        return next((go[0] for gi, go in groups if spatial and gi == list(spatial) and len(go) == 1), None)
+    if name in ("aten::permute", "aten::transpose"):
+        axis = grid_axis(source, ctx, depth + 1)
+        return None if axis is None else dim_permutation(node, 3).index(axis)
+    if name in IDENTITY_OPS or name in _KEEP_DIMS or name in ("aten::slice", "aten::narrow") or is_pointwise(node):
+        return grid_axis(source, ctx, depth + 1)
     return None
 
 
