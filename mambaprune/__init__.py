@@ -8,7 +8,7 @@ api/, with runtime/ (ops, kernels, backends) as the leaf and models/, data/ besi
 """
 from .api import PrunedModel, compile_pruned
 from .capture import register_scan, unregister_scan
-from .errors import (MambapruneError, MissingDependencyError, TokenRuleError, UnreachableRatioError,
+from .errors import (BatchSizeError, MambapruneError, MissingDependencyError, TokenRuleError, UnreachableRatioError,
                      UnsupportedModelError)
 from .runtime import selective_scan
 
@@ -23,4 +23,5 @@ def create_model(name: str, **overrides):
 
 __all__ = ["compile_pruned", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
            "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError", "TokenRuleError",
+           "BatchSizeError",
            "__version__"]

@@ -34,3 +34,11 @@ def missing_dependency(package: str, extra: str, purpose: str) -> MissingDepende
         f"{purpose} needs the optional package '{package}', which is not installed. "
         f"Install it with: pip install 'mambaprune[{extra}]'"
     )
+
+
+class BatchSizeError(MambapruneError, ValueError):
+    """A pruned model captured with a fixed batch (the model's code fixes it under torch.export, e.g.
+    MambaVision's `window_reverse`) was called with another batch size.
+
+    The message names the batch it accepts; compile once more with example inputs of the batch you need.
+    """

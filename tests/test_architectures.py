@@ -183,11 +183,17 @@ def test_refused_model_with_a_ratio_is_unsupported(name):
         assert max_diff(result(images()), result(images())) == 0
 
 
-def test_mambavision_window_reverse_with_int_batch_is_a_capture_error():
-    """MambaVision's own window_reverse computes int(batch / windows): export specialises the batch."""
+def test_mambavision_window_reverse_with_int_batch_is_captured_with_the_example_batch():
+    """MambaVision's own window_reverse computes int(batch / windows): export specialises the batch, so
+    the model is captured with the example batch and any other batch is refused at call time."""
     model = arch.MambaVisionStyle(windowed=True, patch_size=4, conv_padding=1, reverse=arch.window_reverse_int)
-    with pytest.raises(UnsupportedModelError, match="dynamic batch size"):
-        mambaprune.compile_pruned(model.eval(), ratio=0.0)
+    x = images()
+    pruned = mambaprune.compile_pruned(model.eval(), ratio=0.0, example_inputs=(x,))
+    assert pruned.report.static_batch == x.shape[0]
+    with torch.no_grad():
+        assert max_diff(pruned(x), model(x)) <= TOL
+    with pytest.raises(mambaprune.BatchSizeError, match=f"runs only batches of {x.shape[0]}"):
+        pruned(x[:1])
 
 
 def test_vmamba_prunes_every_stage_and_restores_each_grid():

@@ -12,6 +12,9 @@ which raises `NotUnderstood` when the transform cannot be followed for that kind
 - `Grid(hdim, wdim, layout, height, width)`: the tokens as an H x W grid; cell (i, j) = slot i*W + j.
 - `MultiTok(dim, gdim, layouts)`: directions folded into one tensor: along `gdim` equal parts,
   part g in layouts[g] (VMamba's cross-scan). Built through `multi()`.
+- `MultiGrid(hdim, wdim, gdim, layouts, height, width)`: folded directions whose token axis is
+  viewed as an H x W grid (VMamba's `ys.view(B, K, -1, H, W)` before its cross-merge); only
+  views back to a token axis (and pointwise ops) are understood on it.
 - `Unknown(reason)`: something happens to the tokens that the compiler cannot rewrite.
 - `Readout(kind, position)`: the tokens end here (a pooling, or a read of one token).
 """
@@ -179,6 +182,35 @@ class MultiTok:
         return Tok(self.dim - (dim < self.dim), self.layouts[self.part_at(index, size)])
 
 
+@dataclass(frozen=True)
+class MultiGrid:
+    hdim: int
+    wdim: int
+    gdim: int
+    layouts: tuple
+    height: int
+    width: int
+
+    @property
+    def token_dims(self) -> tuple:
+        return (self.hdim, self.wdim)
+
+    def shifted(self, by: int) -> "MultiGrid":
+        return MultiGrid(self.hdim + by, self.wdim + by, self.gdim + by, self.layouts, self.height, self.width)
+
+    def permuted(self, where: dict):
+        raise NotUnderstood("permute of directions folded into one tensor viewed as a grid")
+
+    def without_dim(self, dim: int) -> "MultiGrid":
+        if dim in (self.gdim, self.hdim, self.wdim):
+            raise NotUnderstood("drops an axis of directions folded into one tensor viewed as a grid")
+        less = lambda d: d - (dim < d)                                                    # noqa: E731
+        return MultiGrid(less(self.hdim), less(self.wdim), less(self.gdim), self.layouts, self.height, self.width)
+
+    def flipped(self, dims: list):
+        raise NotUnderstood("flip of directions folded into one tensor viewed as a grid")
+
+
 def multi(dim: int, gdim: int, layouts) -> Union[Tok, MultiTok]:
     """A tensor whose parts are all in one layout is simply in that layout."""
     layouts = tuple(layouts)
@@ -201,9 +233,9 @@ class Readout:
         raise NotUnderstood("permute of a token readout")
 
 
-TokenFact = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok]
-Fact = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok, Unknown, Readout, tuple, None]
-TOKEN_FACTS = (Tok, BatchTok, PaddedTok, Grid, MultiTok)
+TokenFact = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid]
+Fact = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid, Unknown, Readout, tuple, None]
+TOKEN_FACTS = (Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid)
 
 
 def is_token_fact(fact) -> bool:

@@ -81,13 +81,14 @@ class GraphAnalysis:
         return parts if len(kinds) == 1 else []
 
 
-def analyse(gm: fx.GraphModule) -> GraphAnalysis:
-    """Find the SSM blocks of `gm` and the sites after which tokens may be pruned."""
+def analyse(gm: fx.GraphModule, batch: Optional[int] = None) -> GraphAnalysis:
+    """Find the SSM blocks of `gm` and the sites after which tokens may be pruned (`batch`: the fixed
+    batch of a graph captured with it; None when the batch is dynamic)."""
     scans = [n for n in gm.graph.nodes if is_scan(n)]
     if not scans:
         return GraphAnalysis(gm, [], 0, set(), set(), [])
     lengths = {shape_of(s.args[0])[-1] for s in scans}
-    flow = propagate_tokens(gm, lengths)
+    flow = propagate_tokens(gm, lengths, batch)
     graph = to_networkx(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     blocks = [describe_block(i, members, graph, order) for i, members in enumerate(group_blocks(scans, graph, order))]
@@ -105,8 +106,11 @@ class AnalyseGraph(GraphPass):
 
     result: Optional[GraphAnalysis] = None
 
+    def __init__(self, batch: Optional[int] = None):
+        self.batch = batch
+
     def call(self, gm: fx.GraphModule) -> PassResult:
-        self.result = analyse(gm)
+        self.result = analyse(gm, self.batch)
         return PassResult(gm, False)
 
     def ensures(self, gm: fx.GraphModule) -> None:

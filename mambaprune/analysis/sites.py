@@ -62,12 +62,15 @@ def collect_not_understood(gm: fx.GraphModule) -> list:
 
 
 def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGraph, order: dict) -> tuple:
-    """({key: Site}, {key: reason}) for the site after every block but the last."""
+    """({key: Site}, {key: reason}) for the site after every block but the last (and after the last
+    when layers without a scan follow it on the tokens: MambaVision's attention blocks)."""
     sites, invalid = {}, {}
     unknown = [n for n in gm.graph.nodes if isinstance(fact_of(n), Unknown)]
     barriers = sorted(barriers, key=order.__getitem__)
-    for block in blocks[:-1]:
+    for block in blocks:
         key = block.index + 1
+        if key == len(blocks) and (block.y is None or not works_after(block_closure(block, gm, graph), gm.graph.nodes)):
+            continue
         if block.y is None:
             unknown_scan = next((fact_of(s) for s in block.scans if isinstance(fact_of(s), Unknown)), None)
             invalid[key] = (f"block {block.name}: {unknown_scan.reason}" if unknown_scan else
@@ -80,7 +83,8 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
         stage_end = None
         if not reason and end is not None:
             stage_end = describe_stage_end(end, cut)
-            if blocks[key].token_length != block.token_length:
+            next_length = blocks[key].token_length if key < len(blocks) else None
+            if next_length != block.token_length and not works_after(cut, nx.ancestors(graph, end)):
                 reason = (f"block {block.name} is the last of its stage: no block before the downsampling "
                           f"{module_of(end)} would run on fewer tokens")
             else:
@@ -90,6 +94,20 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
             continue
         sites[key] = Site(key, cut, stage_end, after if stage_end is not None else set())
     return sites, invalid
+
+
+def works_after(cut: set, nodes) -> bool:
+    """Whether attention runs on the tokens among `nodes` outside the dense part `cut` (a
+    scaled_dot_product_attention, or a matmul of two token tensors): blocks without a scan, as
+    MambaVision's attention blocks after its mixers, that would run on fewer tokens."""
+    for node in nodes:
+        if node in cut or not isinstance(fact_of(node), (Tok, Grid)):
+            continue
+        name = op_name(node)
+        if name == "aten::scaled_dot_product_attention" or (
+                name in ("aten::matmul", "aten::bmm") and all(fact_of(a) is not None for a in node.args[:2])):
+            return True
+    return False
 
 
 def block_closure(block: Block, gm: fx.GraphModule, graph: nx.DiGraph) -> set:
@@ -131,9 +149,24 @@ def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, no
             if arg is end or arg in after or arg in cut or arg.op != "call_function":
                 continue
             if fact_of(arg) is not None:
-                return (f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
-                        f"downsampling {module_of(end)}: only the downsampling's input can be restored")
+                return _strided_reads(end, nodes) or (
+                    f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
+                    f"downsampling {module_of(end)}: only the downsampling's input can be restored")
     return None
+
+
+def _strided_reads(end: fx.Node, nodes) -> Optional[str]:
+    """The refusal for a downsampling that reads the grid through several strided slices (VMamba
+    v0's PatchMerging2D: x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], ...); None for another one."""
+    if op_name(end) != "aten::slice":
+        return None
+    module = module_of(end)
+    slices = [n.name for n in nodes if op_name(n) == "aten::slice" and module_of(n) == module
+              and isinstance(n.args[-1], int) and len(n.args) == 5 and n.args[-1] > 1]
+    return (f"the downsampling {module} reads the stage's grid through {len(slices)} strided slices "
+            f"({', '.join(slices)}: PatchMerging2D's x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], ...), and only a "
+            "downsampling with one input can be restored: sites are possible inside the last stage only "
+            "(a strided conv2d downsampling, as VMamba v05_noz's, can be restored)")
 
 
 def crosses(node: fx.Node, cut: set) -> bool:

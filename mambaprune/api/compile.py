@@ -94,12 +94,13 @@ def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> P
     example_inputs = as_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
     with generated_code_released() as keep:
         captured = capture(model, example_inputs)
-        analysed = AnalyseGraph()
+        analysed = AnalyseGraph(captured.static_batch)
         gm = keep(run_passes([analysed], captured.gm).graph_module)
         if not analysed.result.blocks:
             raise UnsupportedModelError(no_scan_message(model))
-        flat = flat_inputs(first_sample(example_inputs))
-        run_passes([AnnotateFlops(flat)], gm)
+        batch = captured.static_batch or 1   # a graph with a fixed batch runs only on that batch
+        flat = flat_inputs(example_inputs if captured.static_batch else first_sample(example_inputs))
+        run_passes([AnnotateFlops(flat, batch)], gm)
     return Prepared(captured, analysed.result, node_flops(gm), flat, example_inputs)
 
 
@@ -112,7 +113,7 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         pruned = captured.gm
         if sites:
             passes = [PruneTokens(analysis, sites, settings), PropagateMeta(prepared.flat),
-                      AnnotateFlops(prepared.flat)]
+                      AnnotateFlops(prepared.flat, captured.static_batch or 1)]
             pruned = keep(run_passes(passes, captured.gm).graph_module)
         if settings.verify and sites:
             verify_rewrite(captured.gm, analysis, sites, prepared.flat, settings)
@@ -127,8 +128,8 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed),
         schedule_search=None if schedule_search is None else (schedule_search.chosen, dict(schedule_search.scores)),
         alignment_search=None if alignment_search is None else (alignment_search.chosen, dict(alignment_search.scores)),
-        site_lengths={key: analysis.site_length(key) for key in plan.kept})
-    return PrunedModel(pruned, report, prepared.example_inputs, settings.backend)
+        site_lengths={key: analysis.site_length(key) for key in plan.kept}, static_batch=captured.static_batch)
+    return PrunedModel(pruned, report, prepared.example_inputs, settings.backend, captured.static_batch)
 
 
 def choose_plan(prepared: Prepared, settings: PruneSettings, calibration: Optional[Iterable]) -> tuple:

@@ -5,6 +5,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import flat_inputs
+from ..errors import BatchSizeError
 from ..meta_keys import KEPT_POSITIONS
 from ..settings import Backend
 
@@ -12,8 +13,10 @@ from ..settings import Backend
 class PrunedModel(torch.nn.Module):
     """Calls like the original model; `.report` says what was pruned; `.graph_module` is the program."""
 
-    def __init__(self, graph_module: fx.GraphModule, report, example_inputs: tuple, backend: Backend):
+    def __init__(self, graph_module: fx.GraphModule, report, example_inputs: tuple, backend: Backend,
+                 static_batch: int | None = None):
         super().__init__()
+        self.static_batch = static_batch   # the only batch a graph captured with a fixed batch runs
         self.graph_module = graph_module
         self.report = report
         self.backend = Backend.parse(backend, "backend")
@@ -68,6 +71,12 @@ class PrunedModel(torch.nn.Module):
                 raise ValueError(f"input {position} has shape {tuple(arg.shape)}; expected (batch, "
                                  f"{', '.join(map(str, shape))}) (token counts are compiled in: recompile for "
                                  "another input size)")
+            if self.static_batch is not None and arg.shape[0] != self.static_batch:
+                raise BatchSizeError(
+                    f"input {position} has batch {arg.shape[0]}; this pruned model runs only batches of "
+                    f"{self.static_batch}: torch.export could not capture the model with a dynamic batch (its code "
+                    f"makes the batch a constant, e.g. int(B) in MambaVision's window_reverse), so it was captured "
+                    f"with the example batch. Compile again with example inputs of batch {arg.shape[0]}.")
             if arg.dtype != dtype:
                 raise ValueError(f"input {position} has dtype {arg.dtype}; the model was compiled for {dtype}")
             if arg.device.type != device.type:

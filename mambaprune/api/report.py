@@ -32,6 +32,7 @@ class PruneReport:
     schedule_search: tuple | None = None  # schedule="auto": (chosen, {candidate: calibration discrepancy})
     site_lengths: dict = field(default_factory=dict)  # site key -> tokens of its stage (hierarchical models)
     alignment_search: tuple | None = None  # alignment="auto": (chosen, {candidate: calibration discrepancy})
+    static_batch: int | None = None  # captured with this batch fixed (the model's code specialises it)
 
     @property
     def achieved_ratio(self) -> float:
@@ -58,6 +59,9 @@ class PruneReport:
                 chosen, scores = search
                 scored = ", ".join(f"{name} {value:.4g}" for name, value in sorted(scores.items(), key=lambda kv: kv[1]))
                 lines.append(f"{option}='auto' chose {chosen} (calibration output discrepancy: {scored})")
+        if self.static_batch is not None:
+            lines.append(f"captured with the batch fixed at {self.static_batch} (torch.export: the model's code makes the "
+                         f"batch a constant): the pruned model accepts only batches of {self.static_batch}")
         if self.routed_scans:
             lines.append("scans routed to mambaprune::selective_scan: " + _count_origins(self.routed_scans))
         for module, reason in self.not_understood:

@@ -3,11 +3,18 @@
 Known scan entry points (scan_registry) that the model's code refers to are routed to
 `mambaprune::selective_scan` for the duration of the export (routing.py). The user's model itself
 is never touched: a deep copy is exported.
+
+A model whose code fixes the batch under torch.export (MambaVision's `window_reverse` computes it
+with `int(...)`) cannot be captured with a dynamic batch; it is then captured with the example
+inputs' batch (`Capture.static_batch`), and the pruned model accepts only that batch (a
+`BatchSizeError` at call time names it). Re-capturing per batch size was not chosen: a capture
+and its analysis cost seconds, which a call must not hide.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -24,11 +31,13 @@ class Capture:
     gm: fx.GraphModule
     example_inputs: tuple
     routed: list          # "where (origin)" of every scan entry point the traced model called
+    static_batch: Optional[int] = None   # the only batch the graph runs (the model's code fixed it)
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
     private = copy.deepcopy(model).eval()
     export_inputs = tuple(_at_least_two(x) for x in example_inputs)
+    static_batch = None
     with route_scans(private) as routes:
         try:
             program = torch.export.export(private, export_inputs, dynamic_shapes=_dynamic_batch(export_inputs),
@@ -36,12 +45,34 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
         except UnsupportedModelError:
             raise
         except Exception as err:  # torch.export's own errors are long; keep the first lines and chain the rest
-            summary = " ".join(str(err).strip().splitlines()[:3])[:600]
-            raise UnsupportedModelError(
-                f"torch.export could not capture the model ({type(err).__name__}: {summary}). mambaprune needs a "
-                "model that torch.export.export(model, inputs, strict=False) can trace with a dynamic batch size."
-            ) from err
-    return Capture(program, program.module(), tuple(example_inputs), [str(r) for r in routes if r.called])
+            if not _specialises_the_batch(err):
+                raise _capture_error(err, "with a dynamic batch size") from err
+            static_batch = _batch_of(example_inputs)
+            try:
+                program = torch.export.export(private, tuple(example_inputs), strict=False)
+            except UnsupportedModelError:
+                raise
+            except Exception as again:
+                raise _capture_error(again, f"even with the example batch ({static_batch}) fixed") from again
+    return Capture(program, program.module(), tuple(example_inputs), [str(r) for r in routes if r.called],
+                   static_batch)
+
+
+def _specialises_the_batch(err: Exception) -> bool:
+    """torch.export's answer when the model's code turns the batch into a constant (e.g. int(B))."""
+    text = str(err)
+    return "Constraints violated (batch)" in text or ("batch" in text and "specialized" in text)
+
+
+def _batch_of(inputs: tuple) -> int:
+    return next(int(x.shape[0]) for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0)
+
+
+def _capture_error(err: Exception, how: str) -> UnsupportedModelError:
+    summary = " ".join(str(err).strip().splitlines()[:3])[:600]
+    return UnsupportedModelError(
+        f"torch.export could not capture the model {how} ({type(err).__name__}: {summary}). mambaprune needs a "
+        "model that torch.export.export(model, inputs, strict=False) can trace.")
 
 
 def _at_least_two(x):

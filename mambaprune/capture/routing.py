@@ -52,10 +52,23 @@ def _recording(adapter, route: Route):
     return routed
 
 
+class _FunctionStandIn:
+    """Takes the place of an autograd Function class (VMamba's CrossScanF ...): `.apply` is the adapter."""
+
+    def __init__(self, apply, name: str):
+        self.apply = apply
+        self.__name__ = name
+
+
+def _replacement(entry: ScanEntry, route: Route):
+    recorded = _recording(entry.adapter, route)
+    return _FunctionStandIn(recorded, entry.fn.__name__) if entry.autograd_function else recorded
+
+
 def _route_methods(model, entry: ScanEntry, undo: list, routes: list) -> None:
     for name, module in model.named_modules():
         owner = name or type(module).__name__
-        for attr, kind in _class_attributes_holding(type(module), entry.fn):
+        for attr, kind in ([] if entry.autograd_function else _class_attributes_holding(type(module), entry.fn)):
             route = Route(f"{owner}.{attr}", entry.origin)
             adapter = _recording(entry.adapter, route)
             bound = adapter if kind is staticmethod else types.MethodType(adapter, module)
@@ -65,7 +78,7 @@ def _route_methods(model, entry: ScanEntry, undo: list, routes: list) -> None:
         for attr, value in list(vars(module).items()):
             if value is entry.fn:  # e.g. `self.scan_fn = selective_scan_fn` stored on the instance
                 route = Route(f"{owner}.{attr}", entry.origin)
-                object.__setattr__(module, attr, _recording(entry.adapter, route))
+                object.__setattr__(module, attr, _replacement(entry, route))
                 undo.append(lambda m=module, a=attr, v=value: object.__setattr__(m, a, v))
                 routes.append(route)
 
@@ -95,6 +108,6 @@ def _route_globals(model, entry: ScanEntry, undo: list, routes: list) -> None:
         for attr, value in list(vars(namespace).items()):
             if value is entry.fn:
                 route = Route(f"{namespace.__name__}.{attr}", entry.origin)
-                setattr(namespace, attr, _recording(entry.adapter, route))
+                setattr(namespace, attr, _replacement(entry, route))
                 undo.append(lambda ns=namespace, a=attr, v=value: setattr(ns, a, v))
                 routes.append(route)

@@ -10,7 +10,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from . import scan_adapters
+import sys
+
+from . import scan_adapters, vmamba_adapters
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,7 @@ class ScanEntry:
     fn: Callable
     adapter: Callable
     origin: str
+    autograd_function: bool = False   # fn is a torch.autograd.Function class: its `.apply` is routed
 
 
 _USER_ENTRIES: list = []
@@ -63,6 +66,21 @@ def builtin_entries() -> list:
         fn = _resolve(module_name, attr)
         if fn is not None:
             entries.append(ScanEntry(fn, adapter, f"{module_name}.{attr}"))
+    return entries + _entries_by_module_tail()
+
+
+def _entries_by_module_tail() -> list:
+    """VMamba's csms6s / csm_triton entry points, in every imported module of that name (any package)."""
+    tails = {tail for tail, *_ in vmamba_adapters.BY_MODULE_TAIL}
+    entries = []
+    for name, module in list(sys.modules.items()):
+        tail = name.rsplit(".", 1)[-1]
+        if tail not in tails or module is None:
+            continue
+        for want, attr, adapter, is_function in vmamba_adapters.BY_MODULE_TAIL:
+            fn = vars(module).get(attr) if want == tail else None
+            if fn is not None and getattr(fn, "__module__", None) == name:
+                entries.append(ScanEntry(fn, adapter, f"{name}.{attr}", is_function))
     return entries
 
 

@@ -15,20 +15,24 @@ from ..pass_infra import GraphPass, InvariantError, PassResult
 
 
 class AnnotateFlops(GraphPass):
-    """Annotate: node.meta[FLOPS] = the MACs the node performs on `flat_inputs`.
+    """Annotate: node.meta[FLOPS] = the MACs the node performs on `flat_inputs`, per sample of
+    `batch` (a graph captured with a fixed batch runs only on inputs of that batch).
 
     Invariant: the graph is not changed (modified is False); afterwards every node carries its MACs.
     """
 
-    def __init__(self, flat_inputs: list):
+    def __init__(self, flat_inputs: list, batch: int = 1):
         self.flat_inputs = flat_inputs
+        self.batch = batch
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        batch = self.batch
+
         class Counting(fx.Interpreter):
             def run_node(self, node):
                 before = counter.get_total_flops()
                 out = super().run_node(node)
-                node.meta[FLOPS] = (counter.get_total_flops() - before) / 2
+                node.meta[FLOPS] = (counter.get_total_flops() - before) / 2 / batch
                 return out
 
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

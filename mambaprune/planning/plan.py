@@ -78,9 +78,11 @@ def kept_counts(analysis: GraphAnalysis, keeps: dict) -> dict:
 def tokens_per_block(analysis: GraphAnalysis, kept: dict) -> list:
     tokens, current = [], None
     for index, block in enumerate(analysis.blocks):
-        if current is None or (index not in kept and block.token_length != analysis.blocks[index - 1].token_length):
+        # a site before a stage end (MambaVision's attention blocks) prunes that stage only
+        site_here = index in kept and analysis.site_length(index) == block.token_length
+        if current is None or (not site_here and block.token_length != analysis.blocks[index - 1].token_length):
             current = block.token_length
-        current = kept.get(index, current)
+        current = kept[index] if site_here else current
         tokens.append(current)
     return tokens
 

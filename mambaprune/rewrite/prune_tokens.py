@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..analysis import GraphAnalysis, Grid, Tok, fact_of
-from ..analysis.ops import is_pointwise
+from ..analysis.ops import is_pointwise, op_name
 from ..pass_infra import GraphPass, InvariantError, PassResult
 from ..settings import Alignment, PruneSettings
 from .context import RewriteContext, SiteContext
@@ -87,6 +87,8 @@ def emit_node(ctx: RewriteContext, old: fx.Node, key: int) -> fx.Node:
     graph, env = ctx.builder.graph, ctx.env
     if old.op == "output":
         return graph.output(restore_output(ctx, fx.node.map_arg(old.args[0], env.__getitem__)))
+    if op_name(old) == "aten::_assert_tensor_metadata":
+        return graph.node_copy(old, env.__getitem__)  # a dtype/device check of its input, as that input now is
     if key == 0 or old.op != "call_function" or old in ctx.analysis.after_stage(key):
         return graph.node_copy(old, env.__getitem__)  # dense (a later stage runs densely up to its own sites)
     stage_end = ctx.analysis.stage_end(key)

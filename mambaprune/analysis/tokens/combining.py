@@ -1,11 +1,12 @@
-"""Rules for ops that split a tensor into several or join several into one. Joining token tensors
-in different orders side by side is how directions get folded into one tensor (MultiTok)."""
+"""Rules for ops that split a tensor into several or join several into one (an allocation filled by
+slice writes is refused by name). Joining token tensors in different orders side by side is how
+directions get folded into one tensor (MultiTok)."""
 from __future__ import annotations
 
 import torch.fx as fx
 
 from ..facts import Fact, MultiTok, NotUnderstood, Tok, multi, token_dims
-from ..ops import aten, argument, norm_dim, op_name
+from ..ops import aten, argument, is_static, norm_dim, op_name
 from .context import RuleContext
 from .registry import token_rule
 
@@ -82,3 +83,30 @@ def _concat_parts(parts: list, facts: list, dim: int, ctx: RuleContext) -> Fact:
     if len(sizes) != 1:
         raise NotUnderstood("concatenation of directions of unequal sizes")
     return multi(facts[0].dim, dim, layouts)
+
+
+_WRITES = ("aten::copy_", "aten::index_put_", "aten::index_put", "aten::fill_")
+
+
+@token_rule(aten.new_empty, aten.new_zeros, aten.new_ones, aten.new_full, aten.empty_like, aten.zeros_like,
+            aten.ones_like, aten.full_like)
+def allocation(node: fx.Node, ctx: RuleContext) -> Fact:
+    """A tensor allocated after a token tensor and filled by slice writes (VMamba's torch cross-scan:
+    `y = x.new_empty((B, 4, C, L)); y[:, 0] = ...`) is a stack the compiler does not follow: refused,
+    naming the allocation, its writes and the axis they run along."""
+    shape = "(" + ", ".join(str(s) if is_static(s) else "B" for s in ctx.shape(node)) + ")"
+    writes, dims = [], set()
+    for user in node.users:
+        if op_name(user) in _WRITES and user.args[0] is node:
+            writes.append(user)
+        elif op_name(user) in ("aten::select", "aten::slice"):
+            dims.add(norm_dim(argument(user, "dim", 0), len(ctx.shape(node))))
+            writes.extend(w for w in user.users if op_name(w) in _WRITES and w.args[0] is user)
+    if not writes:
+        raise NotUnderstood(f"{op_name(node)} allocates a {shape} tensor after a token tensor (only elementwise ops, "
+                            "views and the ops of the design notes are followed)")
+    along = f" along dim {', '.join(map(str, sorted(dims)))}" if dims else ""
+    raise NotUnderstood(
+        f"a {shape} tensor built by {op_name(node)} and {len(writes)} slice writes{along} "
+        f"({', '.join(w.name for w in writes)}): which tokens each slice holds is not followed; route the "
+        "function that builds it (as csm_triton's cross_scan_fn is routed) or write it with torch.stack / torch.cat")

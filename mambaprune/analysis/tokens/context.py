@@ -14,13 +14,14 @@ import torch
 import torch.fx as fx
 
 from ..facts import Fact, NotUnderstood, fact_of
-from ..ops import shape_of
+from ..ops import is_static, shape_of
 
 
 class RuleContext:
-    def __init__(self, gm: fx.GraphModule, token_lengths: set):
+    def __init__(self, gm: fx.GraphModule, token_lengths: set, batch: Optional[int] = None):
         self.gm = gm
         self.token_lengths = frozenset(token_lengths)
+        self.batch = batch                 # the batch of a graph captured with it fixed (None: dynamic)
         self.protected: set = set()        # original positions that must never be pruned
         self.class_tokens: set = set()
         self.barriers: list = []           # nodes a pruning site must precede (downsampling between stages)
@@ -33,6 +34,13 @@ class RuleContext:
 
     def shape(self, value) -> Optional[tuple]:
         return shape_of(value)
+
+    def is_batch(self, shape, dim: int) -> bool:
+        """Whether dim `dim` of `shape` is the batch: the dynamic dim or, in a graph captured with the
+        batch fixed, dim 0 when it has that size."""
+        if not is_static(shape[dim]):
+            return True
+        return self.batch is not None and dim == 0 and shape[0] == self.batch
 
     def is_input_dependent(self, node) -> bool:
         return node in self.input_dependent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..facts import BatchTok, Fact, MultiTok, NotUnderstood, Tok, multi
+from ..facts import BatchTok, Fact, Grid, MultiTok, NotUnderstood, Tok, multi
 from ..ops import aten, argument
 from .context import RuleContext
 from .registry import token_rule
@@ -17,6 +17,8 @@ def linear(node: fx.Node, ctx: RuleContext) -> Fact:
     if isinstance(x, MultiTok) and x.gdim == last:
         raise NotUnderstood("a linear layer mixes directions folded into one tensor (parts in different orders)")
     if isinstance(x, (Tok, BatchTok, MultiTok)) and x.dim != last:
+        return x
+    if isinstance(x, Grid) and last not in (x.hdim, x.wdim):   # (B, H, W, C): over the channels of each cell
         return x
     raise NotUnderstood("a linear layer mixes the token axis")
 

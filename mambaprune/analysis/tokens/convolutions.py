@@ -11,11 +11,37 @@ from .context import RuleContext
 from .registry import token_rule
 
 
+def _pointwise_conv1d(node: fx.Node, ctx: RuleContext, x) -> Fact:
+    """A kernel-1 conv1d is a linear layer over the channels of each token (VMamba's v05 x_proj:
+    one group per direction); on folded directions every group must lie inside one direction."""
+    groups = argument(node, "groups", 1)
+    if isinstance(x, MultiTok):
+        if x.gdim != x.dim - 1:
+            raise NotUnderstood("a kernel-1 conv1d over directions folded into an axis other than the channels")
+        if groups % len(x.layouts):
+            raise NotUnderstood(f"a kernel-1 conv1d whose {groups} groups mix the {len(x.layouts)} directions "
+                                "folded into its channels")
+        x.part_size(ctx.shape(node.args[0])[x.gdim])
+        return x
+    return Tok(x.dim, x.layout)
+
+
+def _is_pointwise(node: fx.Node, ctx: RuleContext) -> bool:
+    weight = ctx.shape(argument(node, "weight"))
+    stride, padding, dilation = (argument(node, name, default) for name, default in
+                                 (("stride", [1]), ("padding", [0]), ("dilation", [1])))
+    return (weight is not None and weight[-1] == 1 and list(stride) == [1] and list(dilation) == [1]
+            and padding in ([0], (0,), "valid", "same"))
+
+
 @token_rule(aten.conv1d)
 def conv1d(node: fx.Node, ctx: RuleContext) -> Fact:
     """A depthwise, stride-1 conv1d along the last (token) axis; padded beyond L tokens until a
-    slice brings it back (indexing.slice)."""
+    slice brings it back (indexing.slice). A kernel-1 conv1d mixes channels only."""
     x = ctx.fact(node.args[0])
+    on_tokens = isinstance(x, (Tok, MultiTok)) and x.dim == len(ctx.shape(node.args[0])) - 1
+    if on_tokens and _is_pointwise(node, ctx):
+        return _pointwise_conv1d(node, ctx, x)
     if isinstance(x, MultiTok):
         raise NotUnderstood("conv1d along directions folded into one tensor (parts in different orders)")
     if not isinstance(x, Tok) or x.dim != len(ctx.shape(node.args[0])) - 1:

@@ -5,7 +5,7 @@ import operator
 
 import torch.fx as fx
 
-from ..facts import BatchTok, Fact, Grid, MultiTok, NotUnderstood, Tok
+from ..facts import BatchTok, Fact, Grid, MultiGrid, MultiTok, NotUnderstood, Tok
 from ..ops import IDENTITY_OPS, aten, op_name, tensor_args
 from .context import RuleContext
 from .registry import pointwise_rule, token_rule
@@ -41,7 +41,7 @@ def pointwise(node: fx.Node, ctx: RuleContext) -> Fact:
         fact = ctx.fact(arg)
         if fact is None:
             continue
-        if not isinstance(fact, (Tok, BatchTok, Grid, MultiTok)):
+        if not isinstance(fact, (Tok, BatchTok, Grid, MultiTok, MultiGrid)):
             raise NotUnderstood(f"{op_name(node)} mixes a token tensor with {type(fact).__name__}")
         found.append(fact.shifted(out_rank - len(ctx.shape(arg))))
     first = found[0]

@@ -25,6 +25,10 @@ def slice_(node: fx.Node, ctx: RuleContext) -> Fact:
     end = size if end is None or (is_static(end) and end > size) else end
     token_dim = getattr(x, "dim", None) if not isinstance(x, Grid) else None
     if isinstance(x, Grid) and dim in (x.hdim, x.wdim):
+        if is_static(step) and step > 1 and start in (0, 1) and end == size:
+            # PatchMerging2D's x[..., 0::2, 1::2, :]: a downsampling, a new stage starts after it
+            ctx.barrier(node)
+            return None
         raise NotUnderstood("slice of the token grid")
     if isinstance(x, MultiTok) and dim == x.gdim:
         if step != 1 or not is_static(start) or not is_static(end):

@@ -10,6 +10,7 @@ an `Unknown` is `Unknown` for the same reason; a rule that raises `NotUnderstood
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -34,9 +35,10 @@ class TokenFlow:
     barriers: list
 
 
-def propagate_tokens(gm: fx.GraphModule, token_lengths: set) -> TokenFlow:
-    """Fill node.meta[TOKENS] for every node of `gm` (token_lengths: the scans' sequence lengths)."""
-    ctx = RuleContext(gm, token_lengths)
+def propagate_tokens(gm: fx.GraphModule, token_lengths: set, batch: Optional[int] = None) -> TokenFlow:
+    """Fill node.meta[TOKENS] for every node of `gm` (token_lengths: the scans' sequence lengths;
+    batch: the fixed batch of a graph captured with it, None when the batch is dynamic)."""
+    ctx = RuleContext(gm, token_lengths, batch)
     for node in gm.graph.nodes:
         if carries_data(node) and (node.op == "placeholder" or any(ctx.is_input_dependent(a) for a in tensor_args(node))):
             ctx.input_dependent.add(node)

@@ -70,3 +70,23 @@ def softmax(node: fx.Node, ctx: RuleContext) -> Fact:
     if isinstance(x, MultiTok) and dim == x.gdim:
         raise NotUnderstood("softmax over directions folded into one tensor")
     return x
+
+
+@token_rule(aten.adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.adaptive_avg_pool1d)
+def adaptive_pool(node: fx.Node, ctx: RuleContext) -> Fact:
+    """A global pool of the token grid (VMamba's classifier: AdaptiveAvgPool2d(1)) reads out the tokens."""
+    x = ctx.fact(node.args[0])
+    ndim = len(ctx.shape(node.args[0]))
+    size = argument(node, "output_size")
+    size = [size] if isinstance(size, int) else list(size)
+    if x is None:
+        return None
+    if not any(d >= ndim - len(size) for d in token_dims(x)):
+        return x
+    global_pool = all(s == 1 for s in size)
+    over_all = isinstance(x, Grid) and len(size) == 2 and (x.hdim, x.wdim) == (ndim - 2, ndim - 1)
+    over_seq = not isinstance(x, (Grid, MultiTok, BatchTok, PaddedTok)) and len(size) == 1 and x.dim == ndim - 1
+    if not global_pool or not (over_all or over_seq):
+        raise NotUnderstood(f"{op_name(node)} to {tuple(size)} on the token axis (only a global pool of all the "
+                            "tokens is a readout)")
+    return Readout("pool")

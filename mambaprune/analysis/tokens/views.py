@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch.fx as fx
 
-from ..facts import BatchTok, Fact, Grid, MultiTok, NotUnderstood, PaddedTok, Tok, multi
+from ..facts import BatchTok, Fact, Grid, MultiGrid, MultiTok, NotUnderstood, PaddedTok, Tok, multi
 from ..ops import aten, argument, is_static, norm_dim, op_name
 from ..shapes import view_groups
 from .context import RuleContext
@@ -27,13 +27,15 @@ def view(node: fx.Node, ctx: RuleContext) -> Fact:
     if groups is None:
         raise NotUnderstood(f"{name} {in_shape} -> {out_shape} could not be followed")
     if isinstance(x, Tok):
-        return _view_tok(x, groups, in_shape, out_shape, name)
+        return _view_tok(x, groups, in_shape, out_shape, name, ctx)
     if isinstance(x, MultiTok):
         return _view_parts(x, groups, in_shape, out_shape, name)
     if isinstance(x, BatchTok):
-        return _view_batch_tok(x, groups, in_shape, out_shape, name)
+        return _view_batch_tok(x, groups, in_shape, out_shape, name, ctx)
     if isinstance(x, Grid):
         return _view_grid(x, groups, in_shape, out_shape, name)
+    if isinstance(x, MultiGrid):
+        return _view_multi_grid(x, groups, in_shape, out_shape, name)
     raise NotUnderstood(f"{name} of {type(x).__name__}")
 
 
@@ -73,11 +75,11 @@ def dim_permutation(node: fx.Node, ndim: int) -> list:
     return perm
 
 
-def _is_batch_then_token(group: list, token_dim: int, shape) -> bool:
-    return len(group) == 2 and group[1] == token_dim and not is_static(shape[group[0]])
+def _is_batch_then_token(group: list, token_dim: int, shape, ctx: RuleContext) -> bool:
+    return len(group) == 2 and group[1] == token_dim and ctx.is_batch(shape, group[0])
 
 
-def _view_tok(x: Tok, groups, in_shape, out_shape, name) -> Fact:
+def _view_tok(x: Tok, groups, in_shape, out_shape, name, ctx: RuleContext) -> Fact:
     for gi, go in groups:
         if x.dim not in gi:
             continue
@@ -85,19 +87,19 @@ def _view_tok(x: Tok, groups, in_shape, out_shape, name) -> Fact:
             return Tok(go[0], x.layout)
         if gi == [x.dim] and len(go) == 2 and go[1] == go[0] + 1:
             return Grid(go[0], go[1], x.layout, out_shape[go[0]], out_shape[go[1]])
-        if _is_batch_then_token(gi, x.dim, in_shape) and len(go) == 1:
+        if _is_batch_then_token(gi, x.dim, in_shape, ctx) and len(go) == 1:
             return BatchTok(go[0], x.layout)
         raise NotUnderstood(f"{name} merges the token axis with other dims {in_shape} -> {out_shape}")
     raise NotUnderstood(f"{name} of {type(x).__name__}")
 
 
-def _view_batch_tok(x: BatchTok, groups, in_shape, out_shape, name) -> Fact:
+def _view_batch_tok(x: BatchTok, groups, in_shape, out_shape, name, ctx: RuleContext) -> Fact:
     for gi, go in groups:
         if x.dim not in gi:
             continue
         if gi == [x.dim] and len(go) == 1:
             return BatchTok(go[0], x.layout)
-        if gi == [x.dim] and len(go) == 2 and not is_static(out_shape[go[0]]) and out_shape[go[1]] == x.layout.length:
+        if gi == [x.dim] and len(go) == 2 and ctx.is_batch(out_shape, go[0]) and out_shape[go[1]] == x.layout.length:
             return Tok(go[1], x.layout)
     raise NotUnderstood(f"{name} reshapes flattened batch x tokens {in_shape} -> {out_shape}")
 
@@ -119,14 +121,35 @@ def _view_grid(x: Grid, groups, in_shape, out_shape, name) -> Fact:
 
 def _view_parts(x: MultiTok, groups, in_shape, out_shape, name) -> Fact:
     """A view keeps the token axis alone and the direction axis as the major dim of its group."""
-    new_dim = new_gdim = None
+    new_dim = new_gdim = grid = None
     for gi, go in groups:
         if x.dim in gi:
-            if gi != [x.dim] or len(go) != 1:
+            if gi == [x.dim] and len(go) == 2 and go[1] == go[0] + 1:   # tokens viewed as H x W
+                grid = go
+            elif gi != [x.dim] or len(go) != 1:
                 raise NotUnderstood(f"{name} reshapes the token axis of directions folded into one tensor")
             new_dim = go[0]
         if x.gdim in gi:
             new_gdim = _parts_after_view(x, gi, go, in_shape, out_shape, name)
+    if grid is not None:
+        return MultiGrid(grid[0], grid[1], new_gdim, x.layouts, out_shape[grid[0]], out_shape[grid[1]])
+    return multi(new_dim, new_gdim, x.layouts)
+
+
+def _view_multi_grid(x: MultiGrid, groups, in_shape, out_shape, name) -> Fact:
+    """Only back to one token axis (the grid's cells in row-major order), the direction axis alone."""
+    new_dim = new_gdim = None
+    for gi, go in groups:
+        if gi == [x.hdim, x.wdim] and len(go) == 1:
+            new_dim = go[0]
+        elif gi == [x.gdim] and len(go) == 1:
+            new_gdim = go[0]
+        elif x.hdim in gi or x.wdim in gi or x.gdim in gi:
+            raise NotUnderstood(f"{name} reshapes directions folded into one tensor viewed as a grid "
+                                f"{tuple(in_shape)} -> {tuple(out_shape)}")
+    if new_dim is None or new_gdim is None:
+        raise NotUnderstood(f"{name} of directions folded into one tensor viewed as a grid {tuple(in_shape)} -> "
+                            f"{tuple(out_shape)} (only a view back to one token axis is understood)")
     return multi(new_dim, new_gdim, x.layouts)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ...analysis import BatchTok, Grid, MultiTok, Tok, fact_of
+from ...analysis import BatchTok, Grid, MultiGrid, MultiTok, Tok, fact_of
 from ..context import SiteContext
 from ..resize import resize_shape_args
 from .base import RewriteRule
@@ -29,5 +29,5 @@ class CopyNode(RewriteRule):
 def mark_state(ctx: SiteContext, old: fx.Node, node: fx.Node) -> None:
     pruned = [s for s in (ctx.state.of(a) for a in node.all_input_nodes) if s is not None]
     out = fact_of(old)
-    if pruned and isinstance(out, (Tok, BatchTok, Grid, MultiTok, tuple)):
+    if pruned and isinstance(out, (Tok, BatchTok, Grid, MultiTok, MultiGrid, tuple)):
         ctx.state.mark(node, max(s.site for s in pruned), None if isinstance(out, tuple) else out)
