@@ -113,6 +113,14 @@ def _view_grid(x: Grid, groups, in_shape, out_shape, name) -> Fact:
                 return Tok(go[0], x.layout.grid_transposed(x.height, x.width))
             if len(gi) == 1 and len(go) == 1:
                 continue
+            if len(gi) == 1 and len(go) == 2 and all(out_shape[d] != 1 for d in go):
+                raise NotUnderstood(f"{name} reshapes the token grid {in_shape} -> {out_shape} into windows (a window "
+                                    "partition with several windows per image is not followed; windows that cover "
+                                    "the whole grid are)")
+            if len(gi) == 2 and len(go) == 1 and all(in_shape[d] != 1 for d in gi):
+                raise NotUnderstood(f"{name} reshapes the token grid {in_shape} -> {out_shape} merging windows (a window "
+                                    "reverse with several windows per image is not followed; windows that cover the "
+                                    "whole grid are)")
             raise NotUnderstood(f"{name} reshapes the token grid {in_shape} -> {out_shape}")
     hd = next(go[0] for gi, go in groups if gi == [x.hdim])
     wd = next(go[0] for gi, go in groups if gi == [x.wdim])
