@@ -51,7 +51,7 @@ TARGETS = {"scan_ms": 0.15, "dense_ms": 25.0, "d_over_b": {"top": 1.35, "0.5": 1
 def suite_args(quick: bool) -> argparse.Namespace:
     """The arguments benchmarks/speed.py's helpers read."""
     return argparse.Namespace(quick=quick, ratios=["0", *VARIANTS], alignments=["hold"], warmup=1,
-                              repeat=2 if quick else 10, attempts=1, others_max=1.0)
+                              repeat=2 if quick else 10, attempts=1, others_max=1.0, no_compile=False)
 
 
 def scan_section(device: str, cfg: dict, quick: bool) -> dict:

@@ -56,7 +56,9 @@ def test_auto_alignment_errors_name_the_fix(kwargs, message):
         mambaprune.compile_pruned(tiny_vim(), 0.3, **kwargs)
 
 
-@pytest.mark.parametrize("name,expected", [("vim_digits", "none"), ("plainmamba_digits", "hold")])
+# benchmarks/results/fidelity_<name>.md at -30%: the ViM is best with `none` (3-30 points above hold);
+# on PlainMamba hold and decay are one image apart (0.938 / 0.940) and `none` loses 53 points.
+@pytest.mark.parametrize("name,expected", [("vim_digits", {"none"}), ("plainmamba_digits", {"hold", "decay"})])
 def test_auto_alignment_picks_what_the_fidelity_benchmark_found_best_on_the_shipped_checkpoints(name, expected):
     pytest.importorskip("safetensors")
     pytest.importorskip("sklearn")
@@ -67,4 +69,4 @@ def test_auto_alignment_picks_what_the_fidelity_benchmark_found_best_on_the_ship
     val = make_cluttered_digits("val", 64, info.variant, info.overrides["img_size"], seed=0)
     pruned = mambaprune.compile_pruned(load_pretrained(name), 0.3, alignment="auto",
                                        calibration=[val.inputs[:32], val.inputs[32:]])
-    assert pruned.report.alignment == expected
+    assert pruned.report.alignment in expected
