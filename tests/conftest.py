@@ -1,8 +1,19 @@
 """Hypothesis profiles: "ci" (default: few derandomized examples) and "nightly" (many).
 
 Select with HYPOTHESIS_PROFILE, e.g. ``HYPOTHESIS_PROFILE=nightly python -m pytest tests/test_properties.py``.
+
+Under pytest-xdist (``-n auto``, the README's test command) each worker runs torch on one thread:
+the tests are small models whose time is per-op dispatch, so N single-threaded workers on N cores
+beat one process on N threads, and N processes with N threads each would fight over the cores.
 """
 import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from hypothesis import HealthCheck, settings
 
