@@ -2,6 +2,5 @@
 from .flops import AnnotateFlops, annotate_flops, node_flops, total_flops
 from .plan import Plan, make_plan, plan_for_sites, require_prunable, solve_site_keep
 
-__all__ = ["AnnotateFlops", "Plan", "annotate_flops", "make_plan", "node_flops", "plan_for_sites", "require_prunable",
-           "solve_site_keep",
-           "total_flops"]
+__all__ = ["AnnotateFlops", "Plan", "annotate_flops", "make_plan", "node_flops", "plan_for_sites",
+           "require_prunable", "solve_site_keep", "total_flops"]
