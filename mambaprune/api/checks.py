@@ -86,19 +86,33 @@ def check_metric(graph_module: fx.GraphModule, flat: list, metric) -> None:
     if not callable(metric):
         return
 
+    problems = []
+
     class MetricChecker(fx.Interpreter):
         def run_node(self, node):
             value = super().run_node(node)
             if node.op == "call_function" and getattr(node.target, "__name__", "") == "user_metric":
                 y, token_dim = (self.env[a] if isinstance(a, fx.Node) else a for a in node.args[:2])
-                _check_scores(metric, value, y, token_dim)
+                problem = _scores_problem(metric, value, y, token_dim)
+                if problem is not None:
+                    problems.append(problem)
+                    raise _Stop
             return value
 
-    with torch.no_grad():
-        MetricChecker(graph_module).run(*flat)
+    try:
+        with torch.no_grad():
+            MetricChecker(graph_module).run(*flat)
+    except _Stop:
+        pass
+    if problems:   # raised here: fx.Interpreter would append its node dump to the message
+        raise InvalidArgumentError(problems[0])
 
 
-def _check_scores(metric, scores, y: torch.Tensor, token_dim: int) -> None:
+class _Stop(Exception):
+    pass
+
+
+def _scores_problem(metric, scores, y: torch.Tensor, token_dim: int) -> Optional[str]:
     name = getattr(metric, "__name__", type(metric).__name__)
     expected = (y.shape[0], y.shape[token_dim])
     if not isinstance(scores, torch.Tensor):
@@ -110,8 +124,7 @@ def _check_scores(metric, scores, y: torch.Tensor, token_dim: int) -> None:
     elif not torch.isfinite(scores).all():
         got = "scores that are not all finite (NaN or inf)"
     else:
-        return
-    raise InvalidArgumentError(
-        f"metric {name} returned {got} on the example inputs; a metric (y, token_dim) -> scores must return a "
-        f"floating tensor of shape (batch, tokens) = {expected} of finite values (y had shape {tuple(y.shape)}, "
-        f"token_dim={token_dim})")
+        return None
+    return (f"metric {name} returned {got} on the example inputs; a metric (y, token_dim) -> scores must return a "
+            f"floating tensor of shape (batch, tokens) = {expected} of finite values (y had shape {tuple(y.shape)}, "
+            f"token_dim={token_dim})")

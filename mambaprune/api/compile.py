@@ -118,11 +118,10 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         sites = plan_sites(plan)
         pruned = captured.gm
         if sites:
-            passes = [PruneTokens(analysis, sites, settings), PropagateMeta(prepared.flat),
-                      AnnotateFlops(prepared.flat, captured.static_batch or 1)]
-            pruned = keep(run_passes(passes, captured.gm).graph_module)
-        if sites:
-            check_metric(pruned, prepared.flat, settings.metric)
+            rewritten = keep(run_passes([PruneTokens(analysis, sites, settings)], captured.gm).graph_module)
+            check_metric(rewritten, prepared.flat, settings.metric)   # before the passes that run it
+            passes = [PropagateMeta(prepared.flat), AnnotateFlops(prepared.flat, captured.static_batch or 1)]
+            pruned = keep(run_passes(passes, rewritten).graph_module)
         if settings.verify and sites:
             verify_rewrite(captured.gm, analysis, sites, prepared.flat, settings)
     report = PruneReport(
