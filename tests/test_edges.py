@@ -263,3 +263,15 @@ def test_every_new_error_is_a_mambaprune_error():
     for error in (ExportPathError, FrozenArgumentError, InputMismatchError, InvalidArgumentError):
         assert issubclass(error, MambapruneError)
     assert issubclass(InvalidArgumentError, ValueError) and issubclass(ExportPathError, OSError)
+
+
+def test_hooks_run_during_compile_and_never_on_the_pruned_model():
+    model = tiny_vim()
+    calls = []
+    handle = model.layers[0].register_forward_hook(lambda module, args, out: calls.append(1))
+    pruned = mambaprune.compile_pruned(model, ratio=0.3)
+    during_compile = len(calls)
+    with torch.no_grad():
+        pruned(images(2))
+    assert during_compile >= 1 and len(calls) == during_compile   # as README's API tour says
+    handle.remove()
