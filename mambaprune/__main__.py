@@ -34,16 +34,16 @@ def load_model_spec(spec: str, img_size: int | None = None) -> torch.nn.Module:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ValueError(f"cannot import module {module_name!r} named in {spec!r}: {err}") from err
+            raise InvalidArgumentError(f"cannot import module {module_name!r} named in {spec!r}: {err}") from err
         factory = getattr(module, factory_name, None)
         if not callable(factory):
-            raise ValueError(f"{module_name} has no callable {factory_name!r} (MODEL is package.module:factory)")
+            raise InvalidArgumentError(f"{module_name} has no callable {factory_name!r} (MODEL is package.module:factory)")
         try:
             model = factory()
         except Exception as err:  # the user's code: its error in one line
             raise InvalidArgumentError(f"{spec}() raised {type(err).__name__}: {err}") from err
         if not isinstance(model, torch.nn.Module):
-            raise ValueError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+            raise InvalidArgumentError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
         return model.eval()
     if spec in list_pretrained():
         if img_size:
@@ -52,7 +52,7 @@ def load_model_spec(spec: str, img_size: int | None = None) -> torch.nn.Module:
         return load_pretrained(spec)
     if spec in list_models():
         return create_model(spec, **({"img_size": img_size} if img_size else {})).eval()
-    raise ValueError(f"unknown model {spec!r}: use package.module:factory, a shipped checkpoint "
+    raise InvalidArgumentError(f"unknown model {spec!r}: use package.module:factory, a shipped checkpoint "
                      f"({', '.join(list_pretrained()) or 'none'}) or a registered model ({', '.join(list_models())})")
 
 

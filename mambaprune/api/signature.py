@@ -35,8 +35,8 @@ class CallSignature:
             return args
         allowed = self.names + tuple(self.defaults)
         if len(args) > len(allowed):
-            raise InputMismatchError(f"the pruned model takes at most {len(allowed)} argument(s) "
-                                     f"({', '.join(allowed)}); got {len(args)}")
+            raise InputMismatchError(f"the pruned model takes {len(allowed)} input(s); got {len(args)} "
+                                     f"(its arguments: {', '.join(allowed)})")
         given = dict(zip(allowed, args))
         for name, value in kwargs.items():
             if name not in allowed:

@@ -165,7 +165,8 @@ def export_pruned(pruned, path, format: Optional[str] = None, **options) -> str:
             return atomic_write(path, lambda tmp: torch.export.save(program, tmp), tmp)
         if fmt == "onnx":
             from .onnxruntime_backend import onnx_program
-            program = onnx_program(pruned, **options)
+            with torch_logs_held():
+                program = onnx_program(pruned, **options)
             return atomic_write(path, lambda tmp: _save_onnx(program, tmp), tmp)
         from .tensorrt_backend import save_tensorrt
         suffix = Path(path).suffix.lower()
