@@ -59,11 +59,11 @@ class PruneReport:
         else:
             lines.append("sites: none (ratio 0: the model is unchanged)")
         planned = 1 - self.estimated_flops / self.dense_flops if self.dense_flops else 0.0
+        # reduction: measured on the pruned graph; planned: the plan's estimate
         target = (f"target {self.target_ratio:.3f}" if self.uses_ratio else
                   f"schedule {self.schedule!r} sets the keep rates: ratio {self.target_ratio} unused")
         lines.append(f"FLOPs per image (MACs): dense {self.dense_flops / 1e9:.4f} G, pruned "
-                     f"{self.pruned_flops / 1e9:.4f} G, reduction {self.achieved_ratio:.3f} measured on the "
-                     f"pruned graph ({target}, plan's estimate {planned:.3f})")
+                     f"{self.pruned_flops / 1e9:.4f} G, reduction {self.achieved_ratio:.3f} ({target}, planned {planned:.3f})")
         for option, search in (("alignment", self.alignment_search), ("schedule", self.schedule_search)):
             if search is not None:
                 chosen, scores = search

@@ -53,7 +53,8 @@ class CallSignature:
                     "in example_inputs for that value.")
         missing = [name for name in self.names if name not in given and name not in self.frozen]
         if missing:
-            raise InputMismatchError(f"the pruned model is missing argument(s) {missing}; it takes ({', '.join(allowed)})")
+            raise InputMismatchError(f"the pruned model takes {len(self.names)} input(s); got "
+                                     f"{len(self.names) - len(missing)} (missing: {', '.join(missing)})")
         return tuple(given.get(name, self.frozen.get(name)) for name in self.names)
 
     def frozen_arguments(self) -> dict:
