@@ -275,3 +275,28 @@ def test_hooks_run_during_compile_and_never_on_the_pruned_model():
         pruned(images(2))
     assert during_compile >= 1 and len(calls) == during_compile   # as README's API tour says
     handle.remove()
+
+
+def test_an_inductor_model_pickles_and_rebuilds_its_runner(vim):
+    fast = mambaprune.compile_pruned(vim, ratio=0.3, backend="inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = pickle.loads(pickle.dumps(fast))
+    assert isinstance(loaded._runner, torch._dynamo.eval_frame.OptimizedModule)   # compiled lazily, on first call
+    assert loaded(images(0)).shape == (0, 10)
+
+
+def test_an_output_that_does_not_follow_the_batch_is_computed_for_a_batch_of_zero():
+    class WithConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vim = tiny_vim()
+            self.register_buffer("bias", torch.arange(3.0))
+
+        def forward(self, x):
+            return self.vim(x), self.bias * 2
+
+    model = WithConstant().eval()
+    pruned = mambaprune.compile_pruned(model, ratio=0.0, example_inputs=(images(1),))
+    from mambaprune.api.pruned_model import empty_outputs
+    assert empty_outputs(pruned.graph_module) is None   # not all outputs are empty at batch 0: run the graph

@@ -1,6 +1,8 @@
 """The module compile_pruned returns: the pruned graph, its report, and input checks at call time."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
@@ -136,6 +138,8 @@ def empty_outputs(graph_module: fx.GraphModule):
             if not getattr(size, "is_number", True):
                 raise LookupError
             shape.append(int(size))
+        if math.prod(shape) != 0:   # an output that does not follow the batch: the graph computes it
+            raise LookupError
         return torch.empty(shape, dtype=val.dtype, device=val.device)
 
     try:
