@@ -300,3 +300,35 @@ def test_an_output_that_does_not_follow_the_batch_is_computed_for_a_batch_of_zer
     pruned = mambaprune.compile_pruned(model, ratio=0.0, example_inputs=(images(1),))
     from mambaprune.api.pruned_model import empty_outputs
     assert empty_outputs(pruned.graph_module) is None   # not all outputs are empty at batch 0: run the graph
+
+
+def test_held_torch_output_is_per_thread_and_restores_stderr():
+    import sys
+    import threading
+    from mambaprune.runtime.torch_logs import torch_logs_held
+    real, seen = sys.stderr, io.StringIO()
+    sys.stderr = seen
+    try:
+        inside, outside = threading.Event(), threading.Event()
+
+        def other_thread():
+            inside.wait()
+            print("from another thread", file=sys.stderr)
+            outside.set()
+
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        with pytest.raises(RuntimeError):
+            with torch_logs_held():
+                print("the whole graph", file=sys.stderr)
+                inside.set()
+                outside.wait()
+                raise RuntimeError("export failed")
+        worker.join()
+        with torch_logs_held():
+            with torch_logs_held():
+                print("kept on success", file=sys.stderr)
+        assert sys.stderr is seen
+    finally:
+        sys.stderr = real
+    assert seen.getvalue() == "from another thread\nkept on success\n"
