@@ -223,6 +223,14 @@ def test_a_good_callable_metric_compiles_and_runs(prepared):
     assert pruned(images(3)).shape == (3, 10)
 
 
+def test_a_model_with_a_callable_metric_says_how_to_save_it(prepared):
+    from mambaprune.settings import PruneSettings
+    pruned = build(prepared, PruneSettings(ratio=0.3, metric=good_metric))
+    with pytest.raises(TypeError, match=r"cannot be pickled.*\.export\('model.pt2'\)") as info:
+        torch.save(pruned, io.BytesIO())
+    assert isinstance(info.value, MambapruneError)
+
+
 @pytest.mark.parametrize("calibration, said", [
     (images(4), "single tensor .* list of batches"),
     (np.zeros((4, 3, 32, 32), dtype=np.float32), "torch.from_numpy"),

@@ -6,7 +6,8 @@ holds an unpicklable closure. So the graph is pickled as its node list instead: 
 name, target (an ATen/custom operator by its qualified name, a function by reference), arguments
 (other nodes by name) and the mambaprune marks of its meta; the parameters and submodules go as
 they are. The guard module is left out: ``PrunedModel.check_inputs`` and the call signature check
-what it checked. A callable metric must be picklable itself (a module-level function).
+what it checked. A graph calling a local function (a callable metric's wrapper) is refused with a
+clear error pointing to ``.export(".pt2")``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..errors import InvalidArgumentTypeError
 from ..meta_keys import KEPT_POSITIONS
 
 GUARDS = "_guards_fn"
@@ -82,6 +84,11 @@ def _encode_target(target):
     if isinstance(target, torch._ops.OpOverload):
         namespace, _, name = target._schema.name.partition("::")
         return _Op(namespace, name, target._overloadname or "default")
+    if "<locals>" in getattr(target, "__qualname__", ""):
+        raise InvalidArgumentTypeError(
+            f"this pruned model cannot be pickled: its graph calls the local function {target.__qualname__} (a "
+            "callable metric is called through one). Save it with .export('model.pt2') instead, or compile "
+            "with a named metric to pickle it.")
     return target
 
 
