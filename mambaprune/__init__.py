@@ -8,8 +8,9 @@ api/, with runtime/ (ops, kernels, backends) as the leaf and models/, data/ besi
 """
 from .api import PrunedModel, compile_pruned
 from .capture import register_scan, unregister_scan
-from .errors import (BatchSizeError, MambapruneError, MissingDependencyError, TokenRuleError, UnreachableRatioError,
-                     UnsupportedModelError)
+from .errors import (BatchSizeError, ExportPathError, FrozenArgumentError, InputMismatchError, InvalidArgumentError,
+                     InvalidArgumentTypeError, MambapruneError, MissingDependencyError, TokenRuleError,
+                     UnreachableRatioError, UnsupportedModelError)
 from .runtime import selective_scan
 
 __version__ = "0.1.0"
@@ -23,5 +24,6 @@ def create_model(name: str, **overrides):
 
 __all__ = ["compile_pruned", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
            "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError", "TokenRuleError",
-           "BatchSizeError",
+           "BatchSizeError", "InvalidArgumentError", "InvalidArgumentTypeError", "InputMismatchError",
+           "FrozenArgumentError", "ExportPathError",
            "__version__"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .settings import ALIGNMENT_CHOICES, ALIGNMENTS, DEFAULT_METRIC, METRICS, STAGE_FILLS
-from .errors import MambapruneError
+from .settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, METRICS, STAGE_FILLS
+from .errors import InvalidArgumentError, MambapruneError
 
 DEMO_CHECKPOINT = "vim_digits"
 
@@ -27,23 +27,32 @@ def load_model_spec(spec: str, img_size: int | None = None) -> torch.nn.Module:
     from .models.pretrained import list_pretrained, load_pretrained
 
     if ":" in spec:
+        if img_size:
+            raise InvalidArgumentError(f"--img-size applies to registered architectures only; {spec} builds its own "
+                                       "model: make the factory build it at that size (and pass --input-shape)")
         module_name, _, factory_name = spec.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ValueError(f"cannot import module {module_name!r} named in {spec!r}: {err}") from err
+            raise InvalidArgumentError(f"cannot import module {module_name!r} named in {spec!r}: {err}") from err
         factory = getattr(module, factory_name, None)
         if not callable(factory):
-            raise ValueError(f"{module_name} has no callable {factory_name!r} (MODEL is package.module:factory)")
-        model = factory()
+            raise InvalidArgumentError(f"{module_name} has no callable {factory_name!r} (MODEL is package.module:factory)")
+        try:
+            model = factory()
+        except Exception as err:  # the user's code: its error in one line
+            raise InvalidArgumentError(f"{spec}() raised {type(err).__name__}: {err}") from err
         if not isinstance(model, torch.nn.Module):
-            raise ValueError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+            raise InvalidArgumentError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
         return model.eval()
     if spec in list_pretrained():
+        if img_size:
+            raise InvalidArgumentError(f"--img-size applies to registered architectures only; the checkpoint {spec} "
+                                       "has its own input size")
         return load_pretrained(spec)
     if spec in list_models():
         return create_model(spec, **({"img_size": img_size} if img_size else {})).eval()
-    raise ValueError(f"unknown model {spec!r}: use package.module:factory, a shipped checkpoint "
+    raise InvalidArgumentError(f"unknown model {spec!r}: use package.module:factory, a shipped checkpoint "
                      f"({', '.join(list_pretrained()) or 'none'}) or a registered model ({', '.join(list_models())})")
 
 
@@ -51,17 +60,46 @@ def _compile(args):
     from . import compile_pruned
 
     model = load_model_spec(args.model, args.img_size)
-    return model, compile_pruned(model, ratio=args.ratio, schedule=args.schedule, alignment=args.alignment,
-                                 metric=args.metric, stage_fill=args.stage_fill)
+    example = None if args.input_shape is None else (torch.randn(1, *args.input_shape),)
+    calibration = None if args.calibration is None else load_calibration(args.calibration)
+    return model, compile_pruned(model, ratio=args.ratio, example_inputs=example, schedule=args.schedule,
+                                 alignment=args.alignment, metric=args.metric, stage_fill=args.stage_fill,
+                                 calibration=calibration)
+
+
+CALIBRATION_BATCH = 8
+
+
+def load_calibration(path: str) -> list:
+    """A .pt / .safetensors file holding one tensor of model inputs (N, C, H, W) -> batches of 8."""
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidArgumentError(f"--calibration {path}: no such file (a .pt or .safetensors file of one tensor "
+                                   "of input images, (N, C, H, W))")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        tensors = list(load_file(str(file)).values())
+    else:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+        tensors = [loaded] if isinstance(loaded, torch.Tensor) else []
+    if len(tensors) != 1 or tensors[0].dim() < 2 or len(tensors[0]) == 0:
+        raise InvalidArgumentError(f"--calibration {path} must hold exactly one non-empty tensor of input images "
+                                   "(N, C, H, W), saved with torch.save(x, path) or safetensors' save_file({'x': x}, path)")
+    return list(tensors[0].float().split(CALIBRATION_BATCH))
 
 
 def compile_command(args) -> None:
     """Prune MODEL and export it (.onnx / .pt2 / .engine) to -o."""
+    from .runtime.backends.export import discard_temporary, reserve_temporary, resolve_format
+
+    resolve_format(args.output, None)
+    discard_temporary(reserve_temporary(args.output))  # the folder is checked before the compile
     _, pruned = _compile(args)
     path = pruned.export(args.output)
     report = pruned.report
+    target = f"target {report.target_ratio:.3f}" if report.uses_ratio else f"schedule {report.schedule!r}"
     print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB): FLOPs reduction "
-          f"{report.achieved_ratio:.3f} (target {report.target_ratio:.3f}), {len(report.sites)} site(s)")
+          f"{report.achieved_ratio:.3f} ({target}), {len(report.sites)} site(s)")
 
 
 def report_command(args) -> None:
@@ -75,9 +113,10 @@ def bench_command(args) -> None:
     from . import compile_pruned
 
     model = load_model_spec(args.model, args.img_size)
+    example = None if args.input_shape is None else (torch.randn(1, *args.input_shape),)
     print(f"{'ratio':>6} {'FLOPs -%':>9} {'dense ms':>9} {'pruned ms':>10} {'speedup':>8} {'ideal':>6}")
     for ratio in args.ratios:
-        pruned = compile_pruned(model, ratio=ratio)
+        pruned = compile_pruned(model, ratio=ratio, example_inputs=example)
         x = torch.randn(args.batch, *pruned._input_spec[0][0])
         times = _interleaved_ms(model, pruned, x, args.repeat)
         dense_ms, pruned_ms = times.ms["dense"], times.ms["pruned"]
@@ -174,12 +213,41 @@ def _onnx_check(path: Path, x: torch.Tensor, pruned) -> str:
 def _add_prune_options(command) -> None:
     command.add_argument("model", help="package.module:factory, a shipped checkpoint or a registered model name")
     command.add_argument("--ratio", type=float, default=0.3, help="fraction of FLOPs to remove (default 0.3)")
-    command.add_argument("--schedule", default="paper", choices=("paper", "uniform", "top"))
-    command.add_argument("--alignment", default="hold", choices=ALIGNMENTS)
+    command.add_argument("--schedule", default="paper", choices=("paper", "uniform", "top", "auto"),
+                         help="'auto' is searched on --calibration")
+    command.add_argument("--alignment", default="hold", choices=ALIGNMENT_CHOICES,
+                         help="'auto' is chosen on --calibration")
+    command.add_argument("--calibration", default=None, metavar="FILE",
+                         help="a .pt or .safetensors file of one tensor of input images (N, C, H, W), for "
+                              "--schedule auto / --alignment auto (used in batches of 8)")
+    command.add_argument("--input-shape", type=input_shape, default=None, metavar="C,H,W",
+                         help="example input shape without the batch (default: what the model declares)")
     command.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS)
     command.add_argument("--stage-fill", default="carry", choices=STAGE_FILLS,
                          help="hierarchical models: what pruned cells hold when a stage's grid is restored")
-    command.add_argument("--img-size", type=int, default=None, help="input size for registered architectures")
+    command.add_argument("--img-size", type=positive_int, default=None,
+                         help="input size for registered architectures (an error for MODULE:FACTORY and checkpoints)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
+    return value
+
+
+def input_shape(text: str) -> tuple:
+    """'3,224,224' -> (3, 224, 224)."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, e.g. 3,224,224; got {text!r}")
+    return shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_bench = commands.add_parser("bench", help="dense vs pruned eager latency on this machine")
     run_bench.add_argument("model", help="package.module:factory, a shipped checkpoint or a registered model name")
     run_bench.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
-    run_bench.add_argument("--batch", type=int, default=8)
-    run_bench.add_argument("--repeat", type=int, default=5)
-    run_bench.add_argument("--img-size", type=int, default=None)
+    run_bench.add_argument("--batch", type=positive_int, default=8)
+    run_bench.add_argument("--repeat", type=positive_int, default=5)
+    run_bench.add_argument("--img-size", type=positive_int, default=None)
+    run_bench.add_argument("--input-shape", type=input_shape, default=None, metavar="C,H,W",
+                           help="example input shape without the batch (default: what the model declares)")
     run_bench.set_defaults(run=bench_command)
     return parser
 

@@ -42,3 +42,35 @@ class BatchSizeError(MambapruneError, ValueError):
 
     The message names the batch it accepts; compile once more with example inputs of the batch you need.
     """
+
+
+class InvalidArgumentError(MambapruneError, ValueError):
+    """An argument of a mambaprune function has a value it cannot use (a ratio outside [0, 1), an
+    unknown option name, a malformed schedule, calibration or metric, an export path whose suffix
+    and format disagree, ...). A `ValueError`, so code catching ValueError keeps working.
+
+    The message names the argument, what it got and what it takes.
+    """
+
+
+class InvalidArgumentTypeError(MambapruneError, TypeError):
+    """An argument of a mambaprune function has a type it cannot use (not a module, not a callable,
+    options a format does not take). A `TypeError`."""
+
+
+class InputMismatchError(MambapruneError, ValueError):
+    """A pruned model was called with inputs unlike the ones it was compiled for (count, shape,
+    dtype, device, an unknown keyword). Token counts are compiled in: compile again for other sizes."""
+
+
+class FrozenArgumentError(InputMismatchError):
+    """A non-tensor argument of the model's forward (e.g. ``scale=2.0``) is a constant of the
+    captured graph (torch.export specialises it); the pruned model was called with another value.
+
+    The message names the argument and the value it was compiled with (the report lists them).
+    """
+
+
+class ExportPathError(MambapruneError, OSError):
+    """``PrunedModel.export`` cannot write to the path it was given (a missing or read-only folder);
+    raised before the conversion runs. An `OSError`."""

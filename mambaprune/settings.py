@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
+from .errors import InvalidArgumentError
 from .runtime.token_index import METRICS
 
 
@@ -29,7 +30,7 @@ class Choice(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"{what} must be one of {cls.values()}; got {value!r}") from None
+            raise InvalidArgumentError(f"{what} must be one of {cls.values()}; got {value!r}") from None
 
     @classmethod
     def values(cls) -> tuple:
@@ -96,10 +97,10 @@ class PruneSettings:
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0 <= self.ratio < 1:
-            raise ValueError(f"ratio must be a number in [0, 1) (the fraction of FLOPs to remove); got {self.ratio!r}")
+            raise InvalidArgumentError(f"ratio must be a number in [0, 1) (the fraction of FLOPs to remove); got {self.ratio!r}")
         object.__setattr__(self, "alignment", Alignment.parse(self.alignment, "alignment"))
         if not callable(self.metric) and self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS} or a callable (y, token_dim) -> scores (B, L); "
+            raise InvalidArgumentError(f"metric must be one of {METRICS} or a callable (y, token_dim) -> scores (B, L); "
                              f"got {self.metric!r}")
         object.__setattr__(self, "stage_fill", StageFill.parse(self.stage_fill, "stage_fill"))
         object.__setattr__(self, "backend", Backend.parse(self.backend, "backend"))
@@ -119,11 +120,11 @@ def validate_schedule(schedule) -> None:
     if schedule is None or schedule in NAMED_SCHEDULES:
         return
     if isinstance(schedule, str) or not isinstance(schedule, dict) or not schedule:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"schedule must be None, one of {NAMED_SCHEDULES}, or a non-empty dict {{block_index: keep_rate}} "
             f"(a site after the first block_index blocks); got {schedule!r}")
     for key, keep in schedule.items():
         if isinstance(key, bool) or not isinstance(key, int) or key < 1:
-            raise ValueError(f"schedule keys are block indices >= 1 (prune after that many blocks); got {key!r}")
+            raise InvalidArgumentError(f"schedule keys are block indices >= 1 (prune after that many blocks); got {key!r}")
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-            raise ValueError(f"schedule keep rates must be in (0, 1]; got {keep!r} at block {key}")
+            raise InvalidArgumentError(f"schedule keep rates must be in (0, 1]; got {keep!r} at block {key}")

@@ -11,3 +11,7 @@ def tiny_vim():
 
 def not_a_model():
     return "a string"
+
+
+def raising():
+    raise RuntimeError("the checkpoint server is down")

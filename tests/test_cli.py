@@ -60,3 +60,47 @@ def test_demo_chooses_its_alignment_on_validation_images_and_checks_its_onnx_exp
     assert "alignment='auto' chose none" in out and "alignment=none" in out
     assert "test accuracy on 40 cluttered-digit images" in out and "onnxruntime matches PyTorch" in out
     assert (tmp_path / "kept_tokens.png").stat().st_size > 0
+
+
+# -- issue 19, item 9 --------------------------------------------------------------------------------
+def test_a_factory_that_raises_is_one_line_and_exit_2(capsys):
+    assert main(["report", "cli_factories:raising"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mambaprune: error: cli_factories:raising() raised RuntimeError: the checkpoint server is down\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", TINY, "--batch", "0"], ["bench", TINY, "--repeat", "0"], ["bench", "vim_t", "--img-size", "0"],
+    ["report", "vim_t", "--img-size", "-3"], ["report", TINY, "--input-shape", "3,x,32"],
+])
+def test_sizes_and_counts_must_be_positive_integers(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_img_size_with_a_factory_is_refused(capsys):
+    assert main(["report", TINY, "--img-size", "64"]) == 2
+    assert "--img-size applies to registered architectures only" in capsys.readouterr().err
+
+
+def test_the_output_folder_is_checked_before_compiling(tmp_path, monkeypatch, capsys):
+    import mambaprune
+    monkeypatch.setattr(mambaprune, "compile_pruned", lambda *a, **k: pytest.fail("compiled before the check"))
+    assert main(["compile", TINY, "-o", str(tmp_path / "missing" / "model.pt2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["compile", TINY, "-o", str(tmp_path / "model.bin")]) == 2
+    assert "cannot tell the export format" in capsys.readouterr().err
+
+
+def test_auto_alignment_on_a_calibration_file_with_an_input_shape(tmp_path, capsys):
+    import torch
+    images = tmp_path / "calibration.pt"
+    torch.save(torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0)), images)
+    assert main(["report", TINY, "--alignment", "auto", "--calibration", str(images), "--input-shape", "3,32,32"]) == 0
+    assert "alignment='auto' chose" in capsys.readouterr().out
+    assert main(["report", TINY, "--alignment", "auto"]) == 2   # no calibration: the library's one-line error
+    assert "calibration" in capsys.readouterr().err
+    assert main(["report", TINY, "--alignment", "auto", "--calibration", str(tmp_path / "none.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err

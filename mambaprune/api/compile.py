@@ -13,14 +13,17 @@ import torch
 from ..analysis import AnalyseGraph, GraphAnalysis
 from ..capture import Capture, as_tuple, capture, first_sample, flat_inputs, infer_example_inputs
 from ..capture.diagnosis import no_scan_message
-from ..errors import UnsupportedModelError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..pass_infra import generated_code_released, run_passes
 from ..planning import AnnotateFlops, make_plan, node_flops, total_flops
 from ..rewrite import PropagateMeta, PruneTokens, verify_rewrite
 from ..search import Calibration, calibration_inputs, plan_sites, search_alignment, search_schedule
+from ..runtime.torch_logs import torch_logs_held
 from ..settings import DEFAULT_METRIC, Alignment, Backend, PruneSettings
+from .checks import calibration_batches, check_metric, unwrap_model
 from .pruned_model import PrunedModel
 from .report import BlockReport, PruneReport
+from .signature import CallSignature, call_signature
 
 
 def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: Optional[tuple] = None, *,
@@ -68,12 +71,12 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
     """
     settings = PruneSettings(ratio=ratio, schedule=schedule, alignment=alignment, metric=metric, backend=backend,
                              verify=verify, stage_fill=stage_fill)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"compile_pruned expects a torch.nn.Module; got {type(model).__name__}")
+    model = unwrap_model(model)
     if settings.needs_calibration != (calibration is not None):
-        raise ValueError("schedule='auto' / alignment='auto' and calibration= go together: pass "
+        raise InvalidArgumentError("schedule='auto' / alignment='auto' and calibration= go together: pass "
                          "calibration=[a few input batches] with schedule='auto' or alignment='auto' (and only then)")
     require_backend(settings.backend)
+    calibration = calibration_batches(calibration, None if example_inputs is None else as_tuple(example_inputs))
     prepared = prepare(model, example_inputs)
     return build(prepared, settings, calibration)
 
@@ -87,13 +90,15 @@ class Prepared:
     flops: dict             # node -> MACs per image, dense
     flat: list              # the flat graph inputs of one example image
     example_inputs: tuple
+    signature: Optional[CallSignature] = None   # the original forward's, with non-tensor arguments frozen
 
 
 def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> Prepared:
     """Capture and analyse ``model`` once; ``build`` then makes pruned models from it for any settings."""
     example_inputs = as_tuple(example_inputs) if example_inputs is not None else infer_example_inputs(model)
     with generated_code_released() as keep:
-        captured = capture(model, example_inputs)
+        with torch_logs_held():   # a failed export logs its whole graph before the error says it in one line
+            captured = capture(model, example_inputs)
         analysed = AnalyseGraph(captured.static_batch)
         gm = keep(run_passes([analysed], captured.gm).graph_module)
         if not analysed.result.blocks:
@@ -101,7 +106,8 @@ def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> P
         batch = captured.static_batch or 1   # a graph with a fixed batch runs only on that batch
         flat = flat_inputs(example_inputs if captured.static_batch else first_sample(example_inputs))
         run_passes([AnnotateFlops(flat, batch)], gm)
-    return Prepared(captured, analysed.result, node_flops(gm), flat, example_inputs)
+    return Prepared(captured, analysed.result, node_flops(gm), flat, example_inputs,
+                    call_signature(model, example_inputs))
 
 
 def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Iterable] = None) -> PrunedModel:
@@ -112,9 +118,10 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         sites = plan_sites(plan)
         pruned = captured.gm
         if sites:
-            passes = [PruneTokens(analysis, sites, settings), PropagateMeta(prepared.flat),
-                      AnnotateFlops(prepared.flat, captured.static_batch or 1)]
-            pruned = keep(run_passes(passes, captured.gm).graph_module)
+            rewritten = keep(run_passes([PruneTokens(analysis, sites, settings)], captured.gm).graph_module)
+            check_metric(rewritten, prepared.flat, settings.metric)   # before the passes that run it
+            passes = [PropagateMeta(prepared.flat), AnnotateFlops(prepared.flat, captured.static_batch or 1)]
+            pruned = keep(run_passes(passes, rewritten).graph_module)
         if settings.verify and sites:
             verify_rewrite(captured.gm, analysis, sites, prepared.flat, settings)
     report = PruneReport(
@@ -128,8 +135,11 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed),
         schedule_search=None if schedule_search is None else (schedule_search.chosen, dict(schedule_search.scores)),
         alignment_search=None if alignment_search is None else (alignment_search.chosen, dict(alignment_search.scores)),
-        site_lengths={key: analysis.site_length(key) for key in plan.kept}, static_batch=captured.static_batch)
-    return PrunedModel(pruned, report, prepared.example_inputs, settings.backend, captured.static_batch)
+        site_lengths={key: analysis.site_length(key) for key in plan.kept}, static_batch=captured.static_batch,
+        schedule=settings.schedule,
+        frozen_arguments=prepared.signature.frozen_arguments() if prepared.signature else {})
+    return PrunedModel(pruned, report, prepared.example_inputs, settings.backend, captured.static_batch,
+                       prepared.signature)
 
 
 def choose_plan(prepared: Prepared, settings: PruneSettings, calibration: Optional[Iterable]) -> tuple:

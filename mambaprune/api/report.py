@@ -33,6 +33,13 @@ class PruneReport:
     site_lengths: dict = field(default_factory=dict)  # site key -> tokens of its stage (hierarchical models)
     alignment_search: tuple | None = None  # alignment="auto": (chosen, {candidate: calibration discrepancy})
     static_batch: int | None = None  # captured with this batch fixed (the model's code specialises it)
+    schedule: object = None  # the schedule asked for ("top" and {k: keep} set the keep rates: ratio unused)
+    frozen_arguments: dict = field(default_factory=dict)  # non-tensor forward arguments compiled in as constants
+
+    @property
+    def uses_ratio(self) -> bool:
+        """False when the schedule sets the keep rates itself ("top", {k: keep}): the ratio was not used."""
+        return self.schedule is None or self.schedule in ("paper", "uniform", "auto")
 
     @property
     def achieved_ratio(self) -> float:
@@ -51,9 +58,12 @@ class PruneReport:
             lines.append(f"sites: {sites}; never pruned: positions {self.protected}")
         else:
             lines.append("sites: none (ratio 0: the model is unchanged)")
+        planned = 1 - self.estimated_flops / self.dense_flops if self.dense_flops else 0.0
+        # reduction: measured on the pruned graph; planned: the plan's estimate
+        target = (f"target {self.target_ratio:.3f}" if self.uses_ratio else
+                  f"schedule {self.schedule!r} sets the keep rates: ratio {self.target_ratio} unused")
         lines.append(f"FLOPs per image (MACs): dense {self.dense_flops / 1e9:.4f} G, pruned "
-                     f"{self.pruned_flops / 1e9:.4f} G, reduction {self.achieved_ratio:.3f} "
-                     f"(target {self.target_ratio:.3f}, planned {1 - self.estimated_flops / self.dense_flops:.3f})")
+                     f"{self.pruned_flops / 1e9:.4f} G, reduction {self.achieved_ratio:.3f} ({target}, planned {planned:.3f})")
         for option, search in (("alignment", self.alignment_search), ("schedule", self.schedule_search)):
             if search is not None:
                 chosen, scores = search
@@ -62,6 +72,9 @@ class PruneReport:
         if self.static_batch is not None:
             lines.append(f"captured with the batch fixed at {self.static_batch} (torch.export: the model's code makes the "
                          f"batch a constant): the pruned model accepts only batches of {self.static_batch}")
+        if self.frozen_arguments:
+            frozen = ", ".join(f"{name}={value!r}" for name, value in self.frozen_arguments.items())
+            lines.append(f"arguments frozen at their compiled values (other values are refused): {frozen}")
         if self.routed_scans:
             lines.append("scans routed to mambaprune::selective_scan: " + _count_origins(self.routed_scans))
         for module, reason in self.not_understood:

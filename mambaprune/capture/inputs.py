@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..errors import InvalidArgumentError
+
 
 def flat_inputs(inputs: tuple) -> list:
     """Positional model inputs -> the captured graph's placeholders, in order."""
@@ -33,7 +35,7 @@ def infer_example_inputs(model: torch.nn.Module) -> tuple:
     """(1, C, H, W) noise from the input size the model declares, or a clear error asking for inputs."""
     size = _declared_input_size(model)
     if size is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             "example_inputs were not given and the model does not say its input size (looked for "
             "model.patch_embed.img_size, model.img_size and model.default_cfg['input_size']). "
             "Pass example_inputs=(torch.randn(1, 3, H, W),).")

@@ -12,6 +12,7 @@ from typing import Callable
 
 import sys
 
+from ..errors import InvalidArgumentTypeError
 from . import scan_adapters, vmamba_adapters
 
 
@@ -45,7 +46,7 @@ def register_scan(fn: Callable, adapter: Callable) -> Callable:
         mambaprune.register_scan(loop_scan, adapter)
     """
     if not callable(fn) or not callable(adapter):
-        raise TypeError("register_scan(fn, adapter) needs two callables: the model's scan and its adapter")
+        raise InvalidArgumentTypeError("register_scan(fn, adapter) needs two callables: the model's scan and its adapter")
     unregister_scan(fn)
     _USER_ENTRIES.append(ScanEntry(fn, adapter, "register_scan"))
     return fn

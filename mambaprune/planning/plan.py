@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..analysis import GraphAnalysis, Grid, fact_of, is_token_fact
 from ..analysis.ops import looks_at_neighbours, op_name
-from ..errors import UnreachableRatioError, UnsupportedModelError
+from ..errors import InvalidArgumentError, UnreachableRatioError, UnsupportedModelError
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
 TOP_KEEP = 0.8
@@ -178,7 +178,7 @@ def _schedule_keeps(analysis, schedule) -> dict:
     if bad:
         reasons = "; ".join(f"after block {k}: {analysis.invalid_sites.get(k, 'no such site (the model has ' + str(analysis.depth) + ' SSM blocks)')}"
                             for k in bad)
-        raise ValueError(f"schedule names sites where pruning is not possible: {reasons}. "
+        raise InvalidArgumentError(f"schedule names sites where pruning is not possible: {reasons}. "
                          f"Possible sites: {analysis.valid_sites}")
     return dict(schedule)
 

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..errors import InvalidArgumentError
 from ..analysis import GraphAnalysis
 from ..capture import flat_inputs, run_graph
 from ..pass_infra import run_passes
@@ -62,11 +63,11 @@ def calibration_inputs(calibration: Iterable, expected: int) -> List[list]:
         inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         flat = flat_inputs(inputs)
         if len(flat) != expected or not all(isinstance(t, torch.Tensor) for t in flat):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"calibration batch {index} does not match the model's inputs: expected {expected} tensor(s) "
                 f"(what you would pass as model(*batch)), got {len(flat)} value(s). For a loader of "
                 "(images, labels) pairs pass `(images for images, _ in loader)`.")
         batches.append(flat)
     if not batches:
-        raise ValueError("calibration is empty: schedule='auto' needs at least one batch of model inputs")
+        raise InvalidArgumentError("calibration is empty: schedule='auto' needs at least one batch of model inputs")
     return batches

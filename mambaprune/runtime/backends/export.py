@@ -11,7 +11,10 @@ Formats (from the path's suffix, or ``format=``):
   (``tensorrt_backend``).
 
 Every format is written to a temporary file in the target folder and moved into place with
-``os.replace``: an existing file is only ever replaced by a complete new one.
+``os.replace``: an existing file is only ever replaced by a complete new one. The temporary file is
+made before the conversion runs (a missing or read-only folder fails at once, naming the folder),
+and the written file gets the mode a plain ``open(path, "w")`` would give it (0666 & ~umask), or
+keeps the mode of the file it replaces.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from ...errors import ExportPathError, InvalidArgumentError, InvalidArgumentTypeError
+from ..torch_logs import torch_logs_held
+
 
 FORMATS = ("onnx", "pt2", "tensorrt")
 SUFFIXES = {".onnx": "onnx", ".pt2": "pt2", ".engine": "tensorrt", ".ts": "tensorrt"}
@@ -33,45 +39,76 @@ MAX_BATCH = 1 << 16
 
 
 def resolve_format(path, format: Optional[str]) -> str:
+    suffix = Path(path).suffix.lower()
     if format is not None:
         if format not in FORMATS:
-            raise ValueError(f"unknown export format {format!r}; expected one of {FORMATS} "
-                             f"(or a path ending in one of {tuple(SUFFIXES)})")
+            raise InvalidArgumentError(f"unknown export format {format!r}; expected one of {FORMATS} "
+                                       f"(or a path ending in one of {tuple(SUFFIXES)})")
+        if suffix in SUFFIXES and SUFFIXES[suffix] != format:
+            raise InvalidArgumentError(
+                f"export format {format!r} disagrees with the path {str(path)!r}, whose suffix {suffix} means "
+                f"{SUFFIXES[suffix]!r}: give the path a suffix of that format or leave format= out")
         return format
-    suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(f"cannot tell the export format from {str(path)!r}: the suffix must be one of "
+        raise InvalidArgumentError(f"cannot tell the export format from {str(path)!r}: the suffix must be one of "
                          f"{tuple(SUFFIXES)} ({', '.join(f'{s} -> {f}' for s, f in SUFFIXES.items())}), "
                          f"or pass format= one of {FORMATS}")
     return SUFFIXES[suffix]
 
 
-class ExportFolderError(ValueError, FileNotFoundError):
+class ExportFolderError(ExportPathError, InvalidArgumentError, FileNotFoundError):
     """The folder an export should be written to does not exist."""
 
 
-def atomic_write(path, write: Callable[[str], None]) -> str:
-    """Call write(tmp_path) for a temporary file next to `path`, then os.replace it onto `path`.
-
-    On any error the temporary file is removed and `path` (if it existed) is left untouched.
-    """
+def reserve_temporary(path) -> str:
+    """A new empty temporary file next to `path` (made before the slow conversion): ExportPathError
+    naming the folder when it is missing or cannot be written."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ExportFolderError(f"cannot export to {path!r}: the folder {folder!r} does not exist "
                                 "(create it first)")
-    suffix = Path(path).suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).stem}.", suffix=f".tmp{suffix}", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).stem}.", suffix=f".tmp{Path(path).suffix}", dir=folder)
+    except OSError as err:
+        raise ExportPathError(f"cannot export to {path!r}: the folder {folder!r} cannot be written "
+                              f"({err.strerror or err}): choose a folder you can write to") from None
     os.close(fd)
+    return tmp
+
+
+def atomic_write(path, write: Callable[[str], None], tmp: Optional[str] = None) -> str:
+    """Call write(tmp) for a temporary file next to `path` (`tmp` from `reserve_temporary`, or a new
+    one), then os.replace it onto `path` with the mode of the file it replaces, or 0666 & ~umask.
+
+    On any error the temporary file is removed and `path` (if it existed) is left untouched.
+    """
+    path = os.fspath(path)
+    tmp = tmp or reserve_temporary(path)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
-        for leftover in (tmp, tmp + ".data"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        discard_temporary(tmp)
         raise
     return path
+
+
+def discard_temporary(tmp: str) -> None:
+    for leftover in (tmp, tmp + ".data"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+
+
+def _mode_for(path: str) -> int:
+    """The permission bits of the file at `path`, or those a new file gets (0666 & ~umask)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 # ----------------------------------------------------------------------------- the re-exported program
@@ -94,7 +131,7 @@ def example_inputs_for(input_spec, batch: int = EXPORT_BATCH) -> tuple:
     generator = torch.Generator().manual_seed(0)
     for spec in input_spec:
         if spec is None:
-            raise ValueError("export needs tensor inputs; the model was compiled with a non-tensor input")
+            raise InvalidArgumentError("export needs tensor inputs; the model was compiled with a non-tensor input")
         shape, dtype, device = spec
         if dtype.is_floating_point:
             x = torch.randn((batch, *shape), generator=generator).to(dtype)
@@ -109,7 +146,7 @@ def reexport(pruned, batch: int = EXPORT_BATCH) -> torch.export.ExportedProgram:
     inputs = example_inputs_for(pruned._input_spec, batch)
     dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     gm = exportable_graph_module(pruned.graph_module)
-    with torch.no_grad():
+    with torch.no_grad(), torch_logs_held():
         return torch.export.export(gm, inputs, dynamic_shapes=tuple({0: dim} for _ in inputs), strict=False)
 
 
@@ -119,20 +156,23 @@ def reexport(pruned, batch: int = EXPORT_BATCH) -> torch.export.ExportedProgram:
 def export_pruned(pruned, path, format: Optional[str] = None, **options) -> str:
     """Write `pruned` to `path` in `format` (default: from the suffix); returns the path."""
     fmt = resolve_format(path, format)
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(folder):  # fail before the (slow) export
-        raise ExportFolderError(f"cannot export to {os.fspath(path)!r}: the folder {folder!r} does not exist "
-                                "(create it first)")
     if fmt == "pt2":
         _no_options("pt2", options)
-        program = reexport(pruned)
-        return atomic_write(path, lambda tmp: torch.export.save(program, tmp))
-    if fmt == "onnx":
-        from .onnxruntime_backend import onnx_program
-        program = onnx_program(pruned, **options)
-        return atomic_write(path, lambda tmp: _save_onnx(program, tmp))
-    from .tensorrt_backend import save_tensorrt
-    return atomic_write(path, lambda tmp: save_tensorrt(pruned, tmp, suffix=Path(path).suffix.lower(), **options))
+    tmp = reserve_temporary(path)  # fail before the (slow) conversion
+    try:
+        if fmt == "pt2":
+            program = reexport(pruned)
+            return atomic_write(path, lambda tmp: torch.export.save(program, tmp), tmp)
+        if fmt == "onnx":
+            from .onnxruntime_backend import onnx_program
+            with torch_logs_held():
+                program = onnx_program(pruned, **options)
+            return atomic_write(path, lambda tmp: _save_onnx(program, tmp), tmp)
+        from .tensorrt_backend import save_tensorrt
+        suffix = Path(path).suffix.lower()
+        return atomic_write(path, lambda tmp: save_tensorrt(pruned, tmp, suffix=suffix, **options), tmp)
+    finally:
+        discard_temporary(tmp)
 
 
 def _save_onnx(program, tmp: str) -> None:
@@ -141,4 +181,4 @@ def _save_onnx(program, tmp: str) -> None:
 
 def _no_options(fmt: str, options: dict) -> None:
     if options:
-        raise TypeError(f"{fmt} export takes no options; got {sorted(options)}")
+        raise InvalidArgumentTypeError(f"{fmt} export takes no options; got {sorted(options)}")

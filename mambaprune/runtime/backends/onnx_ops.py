@@ -56,6 +56,8 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
 
+from ...errors import InvalidArgumentError
+
 SCAN_FORMS = ("scan", "doubling")
 DEFAULT_SCAN_FORM = "scan"
 ONNX_OPSET = 18
@@ -276,7 +278,7 @@ def _sort_default(self, dim: int = -1, descending: bool = False):
 def custom_translation_table(scan_form: str = DEFAULT_SCAN_FORM) -> dict:
     """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...)."""
     if scan_form not in SCAN_FORMS:
-        raise ValueError(f"scan_form must be one of {SCAN_FORMS}; got {scan_form!r}")
+        raise InvalidArgumentError(f"scan_form must be one of {SCAN_FORMS}; got {scan_form!r}")
     import mambaprune.runtime  # noqa: F401  registers the ops
     scan = _selective_scan_scan if scan_form == "scan" else _selective_scan_doubling
     return {

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ...errors import missing_dependency
+from ...errors import InputMismatchError, missing_dependency
 from .export import reexport
 
 
@@ -66,7 +66,7 @@ class OnnxRuntimeModule(torch.nn.Module):
 
     def forward(self, *args):
         if len(args) != len(self.input_names):
-            raise ValueError(f"the ONNX model takes {len(self.input_names)} input(s); got {len(args)}")
+            raise InputMismatchError(f"the ONNX model takes {len(self.input_names)} input(s); got {len(args)}")
         device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
         feeds = {name: (a.detach().cpu().contiguous().numpy() if isinstance(a, torch.Tensor) else a)
                  for name, a in zip(self.input_names, args)}

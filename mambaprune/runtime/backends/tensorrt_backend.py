@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ...errors import missing_dependency
+from ...errors import InvalidArgumentError, missing_dependency
 from .export import example_inputs_for, reexport
 
 PURPOSE = "TensorRT export / backend='tensorrt'"
@@ -55,7 +55,7 @@ def _check_device(pruned) -> torch.device:
     devices = {spec[2] for spec in pruned._input_spec if spec is not None}
     device = next(iter(devices)) if devices else torch.device("cpu")
     if device.type != "cuda":
-        raise ValueError("TensorRT needs a model compiled on a CUDA device: move the model and the example inputs "
+        raise InvalidArgumentError("TensorRT needs a model compiled on a CUDA device: move the model and the example inputs "
                          f"to the GPU before compile_pruned (this one was compiled on {device})")
     return device
 
@@ -67,7 +67,7 @@ def compile_tensorrt(pruned, *, min_batch: int = 1, opt_batch: Optional[int] = N
     _check_device(pruned)
     opt_batch = opt_batch or min(max(min_batch, 32), max_batch)
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch; got {min_batch}, {opt_batch}, {max_batch}")
+        raise InvalidArgumentError(f"need 1 <= min_batch <= opt_batch <= max_batch; got {min_batch}, {opt_batch}, {max_batch}")
     program = reexport(pruned)
     specs = [spec for spec in pruned._input_spec]
     inputs = [trt.Input(min_shape=(min_batch, *shape), opt_shape=(opt_batch, *shape), max_shape=(max_batch, *shape),
