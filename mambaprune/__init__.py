@@ -6,9 +6,9 @@
 The pipeline, one folder per stage: capture/ -> analysis/ -> planning/ -> rewrite/ -> search/ ->
 api/, with runtime/ (ops, kernels, backends) as the leaf and models/, data/ beside.
 """
-from .api import PrunedModel, compile_pruned
+from .api import PrunedModel, compile_pruned, recover
 from .capture import register_scan, unregister_scan
-from .errors import (BatchSizeError, MambapruneError, MissingDependencyError, TokenRuleError, UnreachableRatioError,
+from .errors import (BatchSizeError, ImageFolderError, MambapruneError, MissingDependencyError, TokenRuleError, UnreachableRatioError,
                      UnsupportedModelError)
 from .runtime import selective_scan
 
@@ -21,7 +21,7 @@ def create_model(name: str, **overrides):
     return _create(name, **overrides)
 
 
-__all__ = ["compile_pruned", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
+__all__ = ["compile_pruned", "recover", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
            "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError", "TokenRuleError",
-           "BatchSizeError",
+           "BatchSizeError", "ImageFolderError",
            "__version__"]

@@ -42,3 +42,8 @@ class BatchSizeError(MambapruneError, ValueError):
 
     The message names the batch it accepts; compile once more with example inputs of the batch you need.
     """
+
+
+class ImageFolderError(MambapruneError, ValueError):
+    """A folder of images given to `mambaprune.data.image_folder` (or `recover`) cannot be used: it does not
+    exist, holds no image, or one of its image files cannot be read (the message names the file)."""
