@@ -146,8 +146,8 @@ def merge(rows: list, new: dict) -> list:
 
 
 def markdown(rows: list) -> str:
-    lines = ["Top-1 / agreement with dense on 500 test images after recovery (steps along one run; wall time of the "
-             "training so far on a 2-core CPU VM shared with other jobs, 1 thread: indicative only)\n",
+    lines = [("Top-1 / agreement with dense on 500 test images after recovery (steps along one run; wall time of the "
+              "training so far on a 2-core CPU VM shared with other jobs, 1 thread: indicative only)\n"),
              "| checkpoint | FLOPs | method | lr | T | dense | training-free | 100 steps | 300 steps | 1000 steps |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 9, r["ratio"],
