@@ -51,3 +51,12 @@ def test_the_shipped_checkpoints_say_how_their_inputs_are_normalised():
 
     cfg = model_config(load_pretrained("vim_digits"))
     assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["std"] == (0.25, 0.25, 0.25) and cfg["input_size"] == (3, 64, 64)
+
+
+def test_recover_has_help_naming_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recover", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: mambaprune recover" in out
+    assert all(option in out for option in ("--images", "--steps", "--lr", "--batch-size", "--temperature", "--seed",
+                                            "--schedule", "--alignment", "--mean", "--std", "-o"))
