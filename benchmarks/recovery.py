@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--evals", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-images", type=int, default=2048)
