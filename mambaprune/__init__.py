@@ -6,11 +6,11 @@
 The pipeline, one folder per stage: capture/ -> analysis/ -> planning/ -> rewrite/ -> search/ ->
 api/, with runtime/ (ops, kernels, backends) as the leaf and models/, data/ beside.
 """
-from .api import PrunedModel, compile_pruned
+from .api import PrunedModel, compile_pruned, recover
 from .capture import register_scan, unregister_scan
-from .errors import (BatchSizeError, ExportPathError, FrozenArgumentError, InputMismatchError, InvalidArgumentError,
-                     InvalidArgumentTypeError, MambapruneError, MissingDependencyError, TokenRuleError,
-                     UnreachableRatioError, UnsupportedModelError)
+from .errors import (BatchSizeError, ExportPathError, FrozenArgumentError, ImageFolderError, InputMismatchError,
+                     InvalidArgumentError, InvalidArgumentTypeError, MambapruneError, MissingDependencyError,
+                     TokenRuleError, UnreachableRatioError, UnsupportedModelError)
 from .runtime import selective_scan
 
 __version__ = "0.1.0"
@@ -22,8 +22,8 @@ def create_model(name: str, **overrides):
     return _create(name, **overrides)
 
 
-__all__ = ["compile_pruned", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
+__all__ = ["compile_pruned", "recover", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
            "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError", "TokenRuleError",
            "BatchSizeError", "InvalidArgumentError", "InvalidArgumentTypeError", "InputMismatchError",
-           "FrozenArgumentError", "ExportPathError",
+           "FrozenArgumentError", "ExportPathError", "ImageFolderError",
            "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: ``mambaprune demo | compile | report | bench`` (also ``python -m mambaprune``).
+"""Command line: ``mambaprune demo | compile | report | bench | recover`` (also ``python -m mambaprune``).
 
 MODEL arguments are ``package.module:factory`` (called without arguments; it must return an
 nn.Module), the name of a shipped checkpoint (``vim_digits``, ...) or of a registered architecture
@@ -100,6 +100,38 @@ def compile_command(args) -> None:
     target = f"target {report.target_ratio:.3f}" if report.uses_ratio else f"schedule {report.schedule!r}"
     print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB): FLOPs reduction "
           f"{report.achieved_ratio:.3f} ({target}), {len(report.sites)} site(s)")
+
+
+def recover_command(args) -> None:
+    """Prune MODEL, recover it by distillation on the images of --images, export it (rank 0) to -o."""
+    from . import recover
+    from .api import distributed
+
+    from .data import image_folder
+
+    started = distributed.init_from_env()
+    try:
+        image_folder(args.images, 1, mean=args.mean, std=args.std, model=load_model_spec(args.model, args.img_size))
+        model, pruned = _compile(args)   # the folder and the normalisation were checked before the slow work
+        result = recover(pruned, model, _recovery_images(args, model, pruned), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         temperature=args.temperature, seed=args.seed)
+        if distributed.rank_and_world()[0] == 0:
+            record = result.report.recovery
+            print(f"recovered {record.steps} steps in {record.seconds:.1f} s (final loss {record.losses[-1]:.4g}, "
+                  f"from {record.losses[0]:.4g}); wrote {result.export(args.output)}")
+    finally:
+        if started:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _recovery_images(args, model, pruned):
+    """--images as a path (mean / std from the model's config) or, with --mean / --std, as an image_folder."""
+    if args.mean is None and args.std is None:
+        return args.images
+    from .data import image_folder
+    return image_folder(args.images, pruned._input_spec[0][0][-2:], mean=args.mean, std=args.std,
+                        batch_size=args.batch_size, model=model, shuffle=True, seed=args.seed)
 
 
 def report_command(args) -> None:
@@ -250,6 +282,25 @@ def input_shape(text: str) -> tuple:
     return shape
 
 
+def _add_recover_command(commands) -> None:
+    from .api.recover import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPERATURE
+
+    run_recover = commands.add_parser("recover", help="prune MODEL, recover it by distillation on unlabelled images, "
+                                      "export it (several processes with torchrun)")
+    _add_prune_options(run_recover)
+    run_recover.add_argument("--images", required=True, help="a folder of images (any depth; any format Pillow reads)")
+    run_recover.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    run_recover.add_argument("--lr", type=float, default=DEFAULT_LR)
+    run_recover.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch (all processes)")
+    run_recover.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    run_recover.add_argument("--seed", type=int, default=0)
+    for name in ("mean", "std"):
+        run_recover.add_argument(f"--{name}", type=float, nargs=3, default=None,
+                                 help=f"per-channel {name} of images in [0, 1] (default: the model's pretrained_cfg)")
+    run_recover.add_argument("-o", "--output", required=True, help="model.onnx, model.pt2 or model.engine")
+    run_recover.set_defaults(run=recover_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambaprune", description="Token pruning for vision state-space models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_report = commands.add_parser("report", help="print what pruning MODEL would do")
     _add_prune_options(run_report)
     run_report.set_defaults(run=report_command)
+    _add_recover_command(commands)
     run_bench = commands.add_parser("bench", help="dense vs pruned eager latency on this machine")
     run_bench.add_argument("model", help="package.module:factory, a shipped checkpoint or a registered model name")
     run_bench.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])

@@ -74,3 +74,8 @@ class FrozenArgumentError(InputMismatchError):
 class ExportPathError(MambapruneError, OSError):
     """``PrunedModel.export`` cannot write to the path it was given (a missing or read-only folder);
     raised before the conversion runs. An `OSError`."""
+
+
+class ImageFolderError(MambapruneError, ValueError):
+    """A folder of images given to `mambaprune.data.image_folder` (or `recover`) cannot be used: it does not
+    exist, holds no image, or one of its image files cannot be read (the message names the file)."""

@@ -13,6 +13,27 @@ class BlockReport:
 
 
 @dataclass
+class RecoveryRecord:
+    """What `mambaprune.recover` trained: label-free distillation from the dense teacher."""
+
+    steps: int
+    seconds: float                 # wall time of the training loop
+    losses: list                   # the distillation loss at every step (the global batch's mean)
+    lr: float                      # peak learning rate (AdamW, linear warm-up then cosine to 0)
+    temperature: float
+    batch_size: int                # global batch (all ranks together)
+    seed: int
+    world_size: int = 1            # processes that trained it together (torch.distributed)
+
+    def __str__(self) -> str:
+        first, last = (self.losses[0], self.losses[-1]) if self.losses else (float("nan"),) * 2
+        ranks = f" on {self.world_size} processes" if self.world_size > 1 else ""
+        return (f"recovered: {self.steps} steps of label-free distillation from the dense model (KL at temperature "
+                f"{self.temperature:g}, AdamW lr {self.lr:g} cosine, batch {self.batch_size}, seed {self.seed}){ranks} "
+                f"in {self.seconds:.1f} s; loss {first:.4g} -> {last:.4g}")
+
+
+@dataclass
 class PruneReport:
     blocks: list
     sites: dict                    # site key (after that many blocks) -> kept tokens K
@@ -33,6 +54,7 @@ class PruneReport:
     site_lengths: dict = field(default_factory=dict)  # site key -> tokens of its stage (hierarchical models)
     alignment_search: tuple | None = None  # alignment="auto": (chosen, {candidate: calibration discrepancy})
     static_batch: int | None = None  # captured with this batch fixed (the model's code specialises it)
+    recovery: RecoveryRecord | None = None  # set by mambaprune.recover: the training after pruning
     schedule: object = None  # the schedule asked for ("top" and {k: keep} set the keep rates: ratio unused)
     frozen_arguments: dict = field(default_factory=dict)  # non-tensor forward arguments compiled in as constants
 
@@ -79,6 +101,8 @@ class PruneReport:
             lines.append("scans routed to mambaprune::selective_scan: " + _count_origins(self.routed_scans))
         for module, reason in self.not_understood:
             lines.append(f"not understood: {module}: {reason}")
+        if self.recovery is not None:
+            lines.append(str(self.recovery))
         return "\n".join(lines)
 
 

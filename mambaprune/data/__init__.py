@@ -1,5 +1,6 @@
-"""Data built offline from packages: the cluttered-digits task used to train the reference checkpoints."""
+"""Data: the cluttered-digits task built offline (it trained the reference checkpoints) and folders of images."""
 
 from .cluttered_digits import DigitImages, make_cluttered_digits, split_indices
+from .image_folder import ImageFolder, image_folder
 
-__all__ = ["DigitImages", "make_cluttered_digits", "split_indices"]
+__all__ = ["DigitImages", "ImageFolder", "image_folder", "make_cluttered_digits", "split_indices"]

@@ -71,6 +71,9 @@ def load_pretrained(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     model = create_model(info.factory, **info.overrides)
     state = {k: v.to(dtype) for k, v in load_file(str(info.path)).items()}
     model.load_state_dict(state, strict=True)
+    # how the inputs were made (data/cluttered_digits.py: (image - 0.5) / 0.25), as timm models say it
+    model.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "crop_pct": 1.0,
+                            "input_size": (3, info.overrides["img_size"], info.overrides["img_size"])}
     return model.to(dtype).eval()
 
 

@@ -1,0 +1,121 @@
+"""`recover`: win back what pruning loses by label-free distillation from the dense model.
+
+A copy of the pruned model's graph is trained (AdamW, warm-up then cosine) to match the dense teacher's
+logits softened at a temperature, on unlabelled images: no labels, minutes on a CPU for small models.
+The teacher and the pruned model passed in are never modified. Under torch.distributed (torchrun),
+the copy is wrapped in DistributedDataParallel and every rank trains on its own shard of every global
+batch, so N processes see the same samples in the same order as one would (api/distributed.py).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import numbers
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError
+from . import distributed
+from .distill import distillation_loss, logits_of, optimiser
+from .pruned_model import PrunedModel
+from .recover_data import global_batches, shard
+from .report import RecoveryRecord
+
+# defaults from benchmarks/results/recovery_digits.md (README, "Recover"): on the digits ViM at -30%, lr 3e-4
+# beat 1e-3 at 100 and 300 steps; temperature 2 beat 1 on agreement and KL at 300 steps
+DEFAULT_STEPS = 300
+DEFAULT_LR = 3e-4
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_TEMPERATURE = 2.0
+
+
+def recover(pruned: PrunedModel, teacher: torch.nn.Module, data, *, steps: int = DEFAULT_STEPS,
+            lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE, temperature: float = DEFAULT_TEMPERATURE,
+            seed: int = 0, progress: bool = True,
+            callback: Callable[[int, torch.nn.Module], None] | None = None) -> PrunedModel:
+    """A copy of ``pruned`` trained to reproduce ``teacher`` (the dense model) on unlabelled ``data``.
+
+    Args:
+        pruned: what `compile_pruned` returned (left as it is).
+        teacher: the dense model ``pruned`` was compiled from, or any model with the same outputs (left
+            as it is; a teacher in training mode is used through an eval-mode copy).
+        data: a tensor (N, C, H, W) of model inputs (batches of ``batch_size`` drawn from seeded
+            permutations), an iterable of image batches (each one global batch, used in order and
+            started again when it ends; ``batch_size`` is then theirs) or a folder of images (read
+            with `mambaprune.data.image_folder` at the model's input size, normalised from the
+            teacher's pretrained_cfg / default_cfg, shuffled per pass from ``seed``).
+        steps: optimiser steps. lr: peak AdamW learning rate (5% linear warm-up, then cosine to 0).
+        batch_size: global batch (all processes together). temperature: of the softened logits.
+        seed: the data order (the only randomness): the same seed gives bitwise the same weights
+            on one thread.
+        progress: a tqdm bar (rank 0 only). callback: called as ``callback(step, module)`` after
+            every step (``module`` is the model being trained; e.g. to evaluate along the way).
+
+    Returns a new PrunedModel: the same report with a `RecoveryRecord` (steps, wall time, loss at
+    every step, lr, temperature), and the same export paths (.onnx, .pt2, ...). Under torch.distributed
+    every rank returns the same weights; write them from rank 0.
+    """
+    _check(pruned, teacher, steps, lr, batch_size, temperature, seed)
+    rank, world = distributed.rank_and_world()
+    device = next((spec[2] for spec in pruned._input_spec if spec is not None), torch.device("cpu"))
+    student = copy.deepcopy(pruned.graph_module).train()
+    trainable = [p for p in student.parameters() if p.is_floating_point()]
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    training = distributed.wrap(student, device)
+    adam, schedule = optimiser(trainable, lr, steps)
+    target_model = copy.deepcopy(teacher).eval() if teacher.training else teacher
+    image_shape = next((spec[0] for spec in pruned._input_spec if spec is not None), ())
+    stream = global_batches(data, batch_size, seed, image_shape, teacher)
+    losses = []
+    start = time.perf_counter()
+    with tqdm(total=steps, desc="recover", disable=not progress or rank != 0) as bar:
+        for step in range(steps):
+            batch = next(stream)
+            x = shard(batch, rank, world).to(device)
+            if step == 0:
+                pruned.check_inputs((x,))
+            with torch.no_grad():
+                target = logits_of(target_model(x))
+            loss = distillation_loss(logits_of(training(x)), target, temperature, len(batch), world)
+            adam.zero_grad(set_to_none=True)
+            loss.backward()
+            adam.step()
+            schedule.step()
+            losses.append(distributed.global_sum(loss).item() / world)
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if callback is not None:
+                callback(step + 1, student)
+    seconds = time.perf_counter() - start
+    student.train(pruned.graph_module.training)
+    record = RecoveryRecord(steps, round(seconds, 3), losses, float(lr), float(temperature), _global_batch(data, batch_size),
+                            int(seed), world)
+    report = dataclasses.replace(pruned.report, recovery=record)
+    return PrunedModel(student, report, _example_inputs(pruned), pruned.backend, pruned.static_batch, pruned.signature)
+
+
+def _global_batch(data, batch_size: int):
+    return batch_size if isinstance(data, (torch.Tensor, str)) or hasattr(data, "__fspath__") else "as given"
+
+
+def _example_inputs(pruned: PrunedModel) -> tuple:
+    batch = pruned.static_batch or 1
+    return tuple(None if spec is None else torch.zeros((batch, *spec[0]), dtype=spec[1], device=spec[2])
+                 for spec in pruned._input_spec)
+
+
+def _check(pruned, teacher, steps, lr, batch_size, temperature, seed) -> None:
+    if not isinstance(pruned, PrunedModel):
+        raise InvalidArgumentTypeError(f"recover expects the PrunedModel compile_pruned returned; got {type(pruned).__name__}")
+    if not isinstance(teacher, torch.nn.Module):
+        raise InvalidArgumentTypeError(f"recover expects the dense model (a torch.nn.Module) as teacher; got {type(teacher).__name__}")
+    for name, value, positive_int in (("steps", steps, True), ("batch_size", batch_size, True), ("seed", seed, False)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < (1 if positive_int else 0):
+            raise InvalidArgumentError(f"recover: {name} must be an int >= {1 if positive_int else 0}; got {value!r}")
+    for name, value in (("lr", lr), ("temperature", temperature)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0 or value == float("inf"):
+            raise InvalidArgumentError(f"recover: {name} must be a positive number; got {value!r}")

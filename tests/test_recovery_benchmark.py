@@ -1,0 +1,36 @@
+"""benchmarks/recovery.py's own logic: which training-free setting it starts from, and its table."""
+import importlib.util
+from pathlib import Path
+
+from mambaprune.settings import Alignment
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recovery = _benchmark("recovery")
+
+
+def test_it_starts_from_the_best_recorded_training_free_setting():
+    best = recovery.best_training_free("vim_digits", 0.3)
+    assert best["accuracy"] == max(r["accuracy"] for r in recovery.json.loads(
+        (recovery.RESULTS / "fidelity_vim_digits.json").read_text())["rows"] if r["ratio"] == 0.3 and "accuracy" in r)
+    settings = recovery.settings_of({"ratio": 0.5, "schedule": "auto, alignment auto", "alignment": "auto",
+                                     "metric": "novelty"})
+    assert settings.schedule == "auto" and settings.alignment is Alignment.AUTO and settings.needs_calibration
+    assert recovery.settings_of({"ratio": 0.3, "schedule": "paper", "alignment": "none", "metric": "novelty"}).schedule is None
+
+
+def test_the_table_marks_the_steps_that_were_not_run():
+    point = {"steps": 0, "seconds": 0.0, "accuracy": 0.9, "agreement": 0.91, "kl": 0.1}
+    row = {"model": "vim_digits", "ratio": 0.3, "method": "distill", "achieved": 0.301, "lr": 3e-4, "temperature": 1.0,
+           "dense": {"accuracy": 0.958}, "training_free": point, "start": {"alignment": "none"}, "command": "python x",
+           "steps": 300, "batch_size": 32,
+           "points": [{**point, "steps": 100, "seconds": 12.0, "accuracy": 0.95}]}
+    table = recovery.markdown([row])
+    assert "| vim_digits | -30.1% | distill | 0.0003 | 1.0 | 0.958 | 0.900 / 0.910 (none) | 0.950 / 0.910 (12 s) | not run | not run |" in table
+    assert len(recovery.merge([row], dict(row, lr=1e-3))) == 2 and len(recovery.merge([row], dict(row))) == 1
