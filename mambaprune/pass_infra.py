@@ -94,14 +94,18 @@ def _forget(key: str) -> None:
 @contextlib.contextmanager
 def generated_code_released():
     """Drop the generated source of the GraphModules compiled inside the block, but for the ones
-    passed to the yielded `keep(gm)`: theirs is dropped when they are garbage collected."""
+    passed to the yielded `keep(gm)`: theirs is dropped when they are garbage collected. On exit the
+    ShapeEnv caches are released too (everything that reads a graph's symbolic shapes fills them)."""
     with exclusive_compile():    # the diff below sees only this thread's code
-        loader = getattr(fx_graph_module, "_loader", None)
-        cache = getattr(loader, "eval_cache", None)
-        if not isinstance(cache, dict):      # another torch: nothing to release
-            yield lambda gm: gm
-            return
-        yield from _released(cache)
+        try:
+            loader = getattr(fx_graph_module, "_loader", None)
+            cache = getattr(loader, "eval_cache", None)
+            if not isinstance(cache, dict):      # another torch: nothing to release
+                yield lambda gm: gm
+                return
+            yield from _released(cache)
+        finally:
+            release_shape_env_caches()
 
 
 def _released(cache: dict):

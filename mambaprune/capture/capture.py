@@ -40,7 +40,10 @@ class Capture:
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
-    with exclusive_compile(), backend_switches_preserved():
+    # torch's fake-tensor dispatch cache registers a weakref.finalize per entry whose key holds the
+    # export's symbols: finalizers of long-lived objects (our ops) kept every export's ShapeEnv alive
+    with exclusive_compile(), backend_switches_preserved(), \
+            torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
         try:
             return _capture(model, example_inputs)
         finally:
