@@ -21,11 +21,10 @@ WARMUP, MEASURED = 5, 20
 # caches); what may stay after 20 builds:
 MAX_GROWTH = 512 * 1024
 # whole compile_pruned calls (2026-12-01, tiny ViM, 2 warm-up + 8 measured, tracemalloc): before the
-# fix each call left 0.47 MiB behind, mostly torch's fake-tensor dispatch cache of the export, kept
-# through weakref finalizers whose keys hold the export's symbols; with the cache off during capture
-# and ShapeEnv's caches released, 0.26 MiB. What stays is torch.export's own: a bare
-# torch.export.export of a two-layer torch model keeps its ShapeEnv alive too (its SymNodes are held
-# from C++), one per call, which no public torch API releases.
+# fix each call left 0.47 MiB behind, most of it the fake-tensor dispatch cache of the export's
+# ShapeEnv; with that cache emptied after the capture and ShapeEnv's class-level caches released,
+# 0.25 MiB. What stays is torch.export's own: a bare torch.export.export of a two-layer torch model
+# keeps its ShapeEnv alive too (its SymNodes are held from C++), one per call.
 COMPILES_WARMUP, COMPILES_MEASURED = 2, 8
 MAX_GROWTH_PER_COMPILE = 320 * 1024
 

@@ -40,14 +40,25 @@ class Capture:
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
-    # torch's fake-tensor dispatch cache registers a weakref.finalize per entry whose key holds the
-    # export's symbols: finalizers of long-lived objects (our ops) kept every export's ShapeEnv alive
-    with exclusive_compile(), backend_switches_preserved(), \
-            torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+    with exclusive_compile(), backend_switches_preserved():
         try:
-            return _capture(model, example_inputs)
+            captured = _capture(model, example_inputs)
         finally:
             release_shape_env_caches()
+        _release_dispatch_cache(captured.gm)
+        return captured
+
+
+def _release_dispatch_cache(gm: fx.GraphModule) -> None:
+    """Empty the fake-tensor dispatch cache of the export's ShapeEnv: keyed by the export's own
+    symbols, it is never hit again, and torch.export keeps every ShapeEnv alive (its SymNodes are
+    held from C++: a bare torch.export.export of a two-layer model does it too)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape_env = getattr(getattr(node.meta.get("val"), "fake_mode", None), "shape_env", None)
+        cache = getattr(shape_env, "fake_tensor_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+            return
 
 
 def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
