@@ -9,6 +9,10 @@ with `int(...)`) cannot be captured with a dynamic batch; it is then captured wi
 inputs' batch (`Capture.static_batch`), and the pruned model accepts only that batch (a
 `BatchSizeError` at call time names it). Re-capturing per batch size was not chosen: a capture
 and its analysis cost seconds, which a call must not hide.
+
+A capture runs under the compile lock (pass_infra.exclusive_compile: torch.export and the routing
+touch process-wide state), restores the backend switches torch.export flips, and releases the
+ShapeEnv caches that would keep every finished export alive.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedModelError
+from ..pass_infra import backend_switches_preserved, exclusive_compile, release_shape_env_caches
 from .routing import route_scans
 
 MAX_BATCH = 1 << 16
@@ -35,6 +40,28 @@ class Capture:
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
+    with exclusive_compile(), backend_switches_preserved():
+        try:
+            captured = _capture(model, example_inputs)
+        finally:
+            release_shape_env_caches()
+        _release_dispatch_cache(captured.gm)
+        return captured
+
+
+def _release_dispatch_cache(gm: fx.GraphModule) -> None:
+    """Empty the fake-tensor dispatch cache of the export's ShapeEnv: keyed by the export's own
+    symbols, it is never hit again, and torch.export keeps every ShapeEnv alive (its SymNodes are
+    held from C++: a bare torch.export.export of a two-layer model does it too)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape_env = getattr(getattr(node.meta.get("val"), "fake_mode", None), "shape_env", None)
+        cache = getattr(shape_env, "fake_tensor_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+            return
+
+
+def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
     private = copy.deepcopy(model).eval()
     export_inputs = tuple(_at_least_two(x) for x in example_inputs)
     static_batch = None

@@ -11,6 +11,7 @@ grid dims that meets a pruned grid is gathered the same way.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from ..analysis import Grid, Tok, fact_of
@@ -80,17 +81,28 @@ def _gather(ctx: SiteContext, value: fx.Node, fact, older: int, site: int) -> fx
     return ctx.cached(("gathered", value, site), build)
 
 
-def summed_stream(ctx: SiteContext, parts: list, site: int) -> fx.Node:
+def summed_stream(ctx: SiteContext, parts: list, site: int, fp32: bool = False) -> fx.Node:
     """The sum of the stream's parts (old-graph nodes, e.g. ViM's hidden and residual), each cut to
-    the tokens kept at `site` (0: dense)."""
+    the tokens kept at `site` (0: dense); `fp32`: half-precision parts summed in float32."""
     env = ctx.env
     values = [env[p] if site == 0 else cut_to_site(ctx, p, env[p], site) for p in parts]
+    if fp32:
+        values = [in_fp32(ctx, part, value) for part, value in zip(parts, values)]
     total = values[0]
     for value in values[1:]:
         total = ctx.call(add, total, value)
         if site:
             ctx.state.copy_to(total, values[0])
     return total
+
+
+def in_fp32(ctx: SiteContext, old: fx.Node, new: fx.Node) -> fx.Node:
+    """`new` cast to float32 when the old graph's value is float16 / bfloat16 (else `new` itself)."""
+    val = old.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype not in (torch.float16, torch.bfloat16):
+        return new
+    cast = ctx.call(ti.to_fp32, new)
+    return ctx.state.copy_to(cast, new) if ctx.state.of(new) is not None else cast
 
 
 def add(a, b):

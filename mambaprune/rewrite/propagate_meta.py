@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from ..pass_infra import GraphPass, InvariantError, PassResult
+from ..pass_infra import GraphPass, InvariantError, PassResult, exclusive_compile, release_shape_env_caches
 
 
 class PropagateMeta(GraphPass):
@@ -25,18 +25,24 @@ class PropagateMeta(GraphPass):
         self.example_inputs = example_inputs   # flat graph inputs
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        with exclusive_compile():   # builds hold the lock already; direct callers of the pass too
+            self._propagate(gm)
+        return PassResult(gm, False)
+
+    def _propagate(self, gm: fx.GraphModule) -> None:
         mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
         # FakeTensorMode's dispatch cache is shared by every mode of the process and keyed by this
         # mode's own symbols: it would grow with every build and never be hit again
         mode.cache_enabled = False
         fakes = [_fake(mode, x) for x in self.example_inputs]
-        with torch.no_grad():
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        try:
+            with torch.no_grad():
+                FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        finally:
+            release_shape_env_caches()
         for node in gm.graph.nodes:     # ops that return nothing (checks) carry val None, as in export
             if node.op == "call_function":
                 node.meta.setdefault("val", None)
-        _release_shape_env_caches()
-        return PassResult(gm, False)
 
     def ensures(self, gm: fx.GraphModule) -> None:
         missing = [n.name for n in gm.graph.nodes if n.op in ("placeholder", "call_function") and "val" not in n.meta]
@@ -52,11 +58,3 @@ def _fake(mode: FakeTensorMode, x):
     sizes = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (x.dim() - 1) if x.dim() else []
     return mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
-
-def _release_shape_env_caches() -> None:
-    """ShapeEnv memoises methods with class-level caches keyed by the instance (some unbounded):
-    each would keep this propagation's ShapeEnv, and its symbols, alive for good. Clearing a cache
-    only costs recomputation."""
-    for value in vars(ShapeEnv).values():
-        if callable(getattr(value, "cache_clear", None)):
-            value.cache_clear()

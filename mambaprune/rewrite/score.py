@@ -9,6 +9,11 @@ token stream crossing the site instead (the sum of its parts: ViM's hidden + res
 x; `y` when the crossing tensors are not one stream). Scores of a tensor in another layout are
 moved back to identity slots; a scan that folds several directions into one call (MultiTok) is
 scored per direction, each moved back from its own order.
+
+Scores are computed in float32 (token_index.token_scores casts what it reduces; a half-precision
+stream's parts and step sizes are cast before they are summed), so that in fp16 / bf16 the kept
+tokens depend on the model's rounding as little as they can; equal scores keep the lower original
+position (token_index.select_tokens).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from ..analysis import Block, Grid, MultiTok, fact_of
 from ..analysis.ops import argument
 from ..runtime import token_index as ti
 from .context import SiteContext
-from .gather import add, summed_stream
+from .gather import add, in_fp32, summed_stream
 
 
 def emit_scores(ctx: SiteContext, block: Block, stream: list) -> fx.Node:
@@ -37,7 +42,7 @@ def emit_scores(ctx: SiteContext, block: Block, stream: list) -> fx.Node:
 
 def _stream_scores(ctx: SiteContext, parts: list, metric: str) -> fx.Node:
     """The metric on the token stream crossing the site (the sum of its parts)."""
-    stream = summed_stream(ctx, parts, ctx.tables.latest_site())
+    stream = summed_stream(ctx, parts, ctx.tables.latest_site(), fp32=True)
     fact = fact_of(parts[0])
     if isinstance(fact, Grid):
         scores = ctx.call(ti.grid_token_scores, stream, fact.hdim, fact.wdim, metric)
@@ -50,10 +55,10 @@ def _delta_scores(ctx: SiteContext, block: Block) -> fx.Node:
     total = None
     for scan in block.scans:
         delta_node = argument(scan, "delta")
-        delta = ctx.env[delta_node]
+        delta = in_fp32(ctx, delta_node, ctx.env[delta_node])
         bias = argument(scan, "delta_bias")
         if bias is not None:
-            delta = ctx.call(_add_channel_bias, delta, ctx.env[bias])
+            delta = ctx.call(_add_channel_bias, delta, in_fp32(ctx, bias, ctx.env[bias]))
         if argument(scan, "delta_softplus", False):
             delta = ctx.call(F.softplus, delta)
         fact = fact_of(delta_node)

@@ -60,12 +60,22 @@ def scores_to_identity(scores: torch.Tensor, order: torch.Tensor | None) -> torc
 
 def select_tokens(scores: torch.Tensor, prev_idx: torch.Tensor, protected: torch.Tensor, keep: int,
                   sort: bool) -> torch.Tensor:
-    """Per-sample top-`keep` slots; protected original positions always win. Returns (B, keep) slots."""
+    """Per-sample top-`keep` slots; protected original positions always win, then the highest scores,
+    equal scores going to the lower original position. Returns (B, keep) slots."""
     is_protected = (prev_idx.unsqueeze(-1) == protected).any(-1) if protected.numel() else torch.zeros_like(prev_idx, dtype=torch.bool)
     ranked = torch.where(is_protected, torch.full_like(scores, math.inf), scores.float())
-    # ties (equal scores) are broken towards lower slots so that selection is deterministic
-    slots = torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :keep]
+    # equal scores: the lower ORIGINAL position wins, whatever the slot order (slots follow top-k
+    # order under none-unsorted) and the sort implementation: a stable sort by score of the slots
+    # listed by position (with slots already in position order, the first argsort is the identity)
+    by_position = torch.argsort(prev_idx, dim=1, stable=True)
+    order = torch.argsort(ranked.gather(1, by_position), dim=1, descending=True, stable=True)
+    slots = by_position.gather(1, order)[:, :keep]
     return torch.sort(slots, dim=1).values if sort else slots
+
+
+def to_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 (scores of a half-precision model are computed in fp32)."""
+    return x.float()
 
 
 def initial_positions(reference: torch.Tensor, token_dim: int) -> torch.Tensor:
