@@ -1,8 +1,5 @@
 """What the benchmarks compute besides calling the library: fidelity.py's paired comparison between
 schedules (exact McNemar test) and selection_oracle.py's eager pruning, which must be the library's."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,16 +7,10 @@ from mambaprune import compile_pruned
 from mambaprune.data import make_cluttered_digits
 from mambaprune.models.pretrained import load_pretrained
 
+from benchmark_modules import load_benchmark
 
-def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fidelity = _benchmark("fidelity")
-selection_oracle = _benchmark("selection_oracle")
+fidelity = load_benchmark("fidelity")
+selection_oracle = load_benchmark("selection_oracle")
 
 
 @pytest.mark.parametrize("wins, losses, expected", [

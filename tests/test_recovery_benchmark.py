@@ -1,18 +1,9 @@
 """benchmarks/recovery.py's own logic: which training-free setting it starts from, and its table."""
-import importlib.util
-from pathlib import Path
-
 from mambaprune.settings import Alignment
 
+from benchmark_modules import load_benchmark
 
-def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-recovery = _benchmark("recovery")
+recovery = load_benchmark("recovery")
 
 
 def test_it_starts_from_the_best_recorded_training_free_setting():
