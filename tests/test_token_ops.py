@@ -62,6 +62,20 @@ def test_pos_conv1d_matches_definition(width, left, with_bias):
     assert (got.double() - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("width,left", [(4, 3), (5, 2), (4, 0)])
+def test_pos_conv1d_agrees_across_layouts_over_many_vector_blocks(width, left):
+    # channel rows contiguous ((batch, C, K), the official mixers' layout) and a tokens-last view take
+    # different CPU kernels; 37 kept tokens span several vector blocks of either with a ragged tail
+    pos = random_positions(2, 37, 80)
+    rows = torch.randn(2, 20, 37, dtype=torch.float64)
+    view = rows.transpose(1, 2).contiguous().transpose(1, 2)
+    weight, bias = torch.randn(20, 1, width, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    expected = direct_pos_conv1d(rows, weight, bias, pos, left)
+    for x in (rows, view, rows.float(), view.float()):
+        got = pos_conv1d(x, weight.to(x.dtype), bias.to(x.dtype), pos, left)
+        assert got.is_contiguous() and (got.double() - expected).abs().max() <= (1e-12 if x.dtype == torch.float64 else 1e-5)
+
+
 def test_pos_conv1d_with_few_tokens_and_dense_runs():
     x = torch.randn(2, 3, 2)
     weight = torch.randn(3, 1, 7)

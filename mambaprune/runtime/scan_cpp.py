@@ -67,7 +67,7 @@ def _kernel_args(u, delta, A, B, C, D, z, delta_bias, gap) -> tuple[torch.dtype,
     dtype = compute_dtype_for(u, delta, A, B, C, D, z, delta_bias)
 
     def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if t is None else t.to(dtype)
+        return t if t is None or t.dtype == dtype else t.to(dtype)
 
     B4, C4 = (t.unsqueeze(1) if t.dim() == 3 else t for t in (B, C))
     return dtype, [cast(t) for t in (u, delta, A, B4, C4, D, z, delta_bias, gap)]
@@ -88,7 +88,7 @@ def selective_scan_cpp(
     """Mamba-1 selective scan (see ``selective_scan``) by the C++ kernel; contiguous (batch, D, L) in u's dtype."""
     _, (u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, gap_c) = _kernel_args(u, delta, A, B, C, D, z, delta_bias, gap)
     y = _kernels().scan_forward(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus), gap_c)
-    return y.to(u.dtype)
+    return y if y.dtype == u.dtype else y.to(u.dtype)
 
 
 def selective_scan_cpp_backward(

@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .cpu_kernels import load_cpu_kernels
+from .op_library import define_op
 from .scan_cpp import selective_scan_cpp, selective_scan_cpp_backward
 from .scan_reference import selective_scan_reference
 from .scan_sequential import selective_scan_sequential
@@ -78,26 +79,13 @@ def _differentiable_impl(u: torch.Tensor, dstate: int):
     return _IMPLEMENTATIONS[impl]
 
 
-@torch.library.custom_op("mambaprune::selective_scan", mutates_args=())
-def _selective_scan_op(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = False,
-    gap: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def _selective_scan_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, gap=None):
     impl = chosen_scan_impl(u, A.shape[-1])
     if impl == "triton":
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap)
     return _IMPLEMENTATIONS[impl](u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap)
 
 
-@_selective_scan_op.register_fake
 def _selective_scan_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, gap=None):
     # new_empty with a size is contiguous, like the real output.
     return u.new_empty(u.shape)
@@ -136,7 +124,15 @@ def _backward(ctx, grad_out):
     return (*(by_name.get(name) for name in _DIFFERENTIABLE), None, None, *(None,) * ctx.extra_inputs)
 
 
-_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+_selective_scan_op = define_op(
+    "selective_scan",
+    "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D=None, Tensor? z=None, "
+    "Tensor? delta_bias=None, bool delta_softplus=False, Tensor? gap=None) -> Tensor",
+    _selective_scan_kernel,
+    _selective_scan_fake,
+    _backward,
+    _setup_context,
+)
 # The Triton op called directly (torch.ops.mambaprune.selective_scan_triton) trains the same way.
 selective_scan_triton_op.register_autograd(_backward, setup_context=_setup_context)
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .token_ops_cpp import conv_grads, cpp_kernels_for
+from .op_library import define_op
+from .token_ops_cpp import conv_grads, cpu_conv_op
 from .validation import (
     check_path_order_args,
     check_pos_conv1d_args,
@@ -119,19 +120,11 @@ def pos_conv1d_composite(
     return out
 
 
-@torch.library.custom_op("mambaprune::pos_conv1d", mutates_args=())
-def _pos_conv1d_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pos: torch.Tensor, left: int
-) -> torch.Tensor:
-    kernels = cpp_kernels_for(x, weight, bias)
-    if kernels is not None:
-        return kernels.pos_conv1d_forward(x, weight, bias, pos, left)
+def _pos_conv1d_kernel(x, weight, bias, pos, left):
+    forward = cpu_conv_op("pos_conv1d_forward", x, weight, bias)
+    if forward is not None:
+        return forward(x, weight, bias, pos, left)
     return pos_conv1d_composite(x, weight, bias, pos, left).contiguous()
-
-
-@_pos_conv1d_op.register_fake
-def _pos_conv1d_fake(x, weight, bias, pos, left):
-    return x.new_empty(x.shape)
 
 
 def _pos_conv1d_setup_context(ctx, inputs, output):
@@ -142,9 +135,9 @@ def _pos_conv1d_setup_context(ctx, inputs, output):
 
 def _pos_conv1d_backward(ctx, grad_out):
     x, weight, bias, pos = ctx.saved_tensors
-    kernels = cpp_kernels_for(x, weight, bias)
-    if kernels is not None:
-        grads = kernels.pos_conv1d_backward(grad_out.to(x.dtype), x, weight, pos, ctx.left)
+    backward = cpu_conv_op("pos_conv1d_backward", x, weight, bias)
+    if backward is not None:
+        grads = backward(grad_out.to(x.dtype), x, weight, pos, ctx.left)
         return (*conv_grads(grads, ctx.needs_input_grad, bias), None, None)
     grads = _recompute_grads(
         lambda x_, w_, b_: pos_conv1d_composite(x_, w_, b_, pos, ctx.left),
@@ -155,7 +148,14 @@ def _pos_conv1d_backward(ctx, grad_out):
     return (*grads, None, None)
 
 
-_pos_conv1d_op.register_autograd(_pos_conv1d_backward, setup_context=_pos_conv1d_setup_context)
+_pos_conv1d_op = define_op(
+    "pos_conv1d",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor pos, int left) -> Tensor",
+    _pos_conv1d_kernel,
+    lambda x, weight, bias, pos, left: x.new_empty(x.shape),
+    _pos_conv1d_backward,
+    _pos_conv1d_setup_context,
+)
 
 
 @register_flop_formula(torch.ops.mambaprune.pos_conv1d)
@@ -203,25 +203,11 @@ def pos_conv2d_composite(
     return gather_tokens(out, pos, dim=1)
 
 
-@torch.library.custom_op("mambaprune::pos_conv2d", mutates_args=())
-def _pos_conv2d_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    pos: torch.Tensor,
-    height: int,
-    width: int,
-    padding: int,
-) -> torch.Tensor:
-    kernels = cpp_kernels_for(x, weight, bias)
-    if kernels is not None:
-        return kernels.pos_conv2d_forward(x, weight, bias, pos, height, width, padding)
+def _pos_conv2d_kernel(x, weight, bias, pos, height, width, padding):
+    forward = cpu_conv_op("pos_conv2d_forward", x, weight, bias)
+    if forward is not None:
+        return forward(x, weight, bias, pos, height, width, padding)
     return pos_conv2d_composite(x, weight, bias, pos, height, width, padding).contiguous()
-
-
-@_pos_conv2d_op.register_fake
-def _pos_conv2d_fake(x, weight, bias, pos, height, width, padding):
-    return x.new_empty(x.shape)
 
 
 def _pos_conv2d_setup_context(ctx, inputs, output):
@@ -232,9 +218,9 @@ def _pos_conv2d_setup_context(ctx, inputs, output):
 
 def _pos_conv2d_backward(ctx, grad_out):
     x, weight, bias, pos = ctx.saved_tensors
-    kernels = cpp_kernels_for(x, weight, bias)
-    if kernels is not None:
-        grads = kernels.pos_conv2d_backward(grad_out.to(x.dtype), x, weight, pos, *ctx.grid)
+    backward = cpu_conv_op("pos_conv2d_backward", x, weight, bias)
+    if backward is not None:
+        grads = backward(grad_out.to(x.dtype), x, weight, pos, *ctx.grid)
         return (*conv_grads(grads, ctx.needs_input_grad, bias), None, None, None, None)
     grads = _recompute_grads(
         lambda x_, w_, b_: pos_conv2d_composite(x_, w_, b_, pos, *ctx.grid),
@@ -245,7 +231,14 @@ def _pos_conv2d_backward(ctx, grad_out):
     return (*grads, None, None, None, None)
 
 
-_pos_conv2d_op.register_autograd(_pos_conv2d_backward, setup_context=_pos_conv2d_setup_context)
+_pos_conv2d_op = define_op(
+    "pos_conv2d",
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor pos, int height, int width, int padding) -> Tensor",
+    _pos_conv2d_kernel,
+    lambda x, weight, bias, pos, height, width, padding: x.new_empty(x.shape),
+    _pos_conv2d_backward,
+    _pos_conv2d_setup_context,
+)
 
 
 @register_flop_formula(torch.ops.mambaprune.pos_conv2d)
@@ -290,14 +283,9 @@ def path_order_by_argsort(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor
     return path.argsort()[pos].argsort(dim=1)
 
 
-@torch.library.custom_op("mambaprune::path_order", mutates_args=())
-def _path_order_op(path: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return path_order_by_argsort(path, pos)
-
-
-@_path_order_op.register_fake
-def _path_order_fake(path, pos):
-    return pos.new_empty(pos.shape)
+_path_order_op = define_op(
+    "path_order", "(Tensor path, Tensor pos) -> Tensor", path_order_by_argsort, lambda path, pos: pos.new_empty(pos.shape)
+)
 
 
 @register_flop_formula(torch.ops.mambaprune.path_order)

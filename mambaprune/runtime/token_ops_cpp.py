@@ -6,11 +6,12 @@ or scatter to a dense grid and back (conv2d), which the CPU pays in dispatch and
 The kernels build a (batch, K, taps) neighbour table from pos and run one channel-vectorised loop.
 
 The ``mambaprune_cpu`` schemas and fake kernels are defined here, so a compiled backward can trace
-them; the C++ library only adds their CPU kernels. ``cpp_kernels_for`` says when they apply.
+them; the C++ library only adds their CPU kernels. ``cpu_conv_op`` says when they apply.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -52,14 +53,23 @@ torch.library.register_fake("mambaprune_cpu::pos_conv1d_backward", _conv_backwar
 torch.library.register_fake("mambaprune_cpu::pos_conv2d_backward", _conv_backward_fake)
 
 
-def cpp_kernels_for(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """torch.ops.mambaprune_cpu when its convs apply (CPU, x, weight and bias all float32 or all
-    float64; other dtypes keep the composite's arithmetic), else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+def cpu_conv_op(name: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The C++ kernel ``torch.ops.mambaprune_cpu.<name>`` when it applies (CPU; x, weight and bias all
+    float32 or all float64: other dtypes keep the composite's arithmetic; the kernels built), else None."""
+    dtype = x.dtype
+    if x.device.type != "cpu" or dtype not in _KERNEL_DTYPES or weight.dtype != dtype:
         return None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if bias is not None and bias.dtype != dtype:
         return None
-    return load_cpu_kernels()
+    return _cpu_op(name) if load_cpu_kernels() is not None else None
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_op(name: str):
+    return getattr(torch.ops.mambaprune_cpu, name).default
 
 
 def conv_grads(grads, needs_input_grad, bias: Optional[torch.Tensor]) -> tuple:

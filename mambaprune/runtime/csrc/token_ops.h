@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 
 #include "common.h"
+#include "conv1d_rows.h"
 
 namespace mambaprune_cpu {
 
@@ -240,8 +241,11 @@ auto by_dtype(const at::Tensor& x, F&& f) {
 inline at::Tensor pos_conv1d_forward(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, const at::Tensor& pos, int64_t left) {
   check_conv_inputs("pos_conv1d", x, weight, bias);
-  const auto nb = conv1d_neighbours(pos, weight.size(-1), left);
   const at::Tensor w = weight.reshape({weight.size(0), -1});
+  if (x.stride(2) == 1) {  // channel rows contiguous (what the mixers pass): no transposes
+    return by_dtype(x, [&](auto t) { return conv1d_rows_forward<decltype(t)>(x, w, bias, pos, left); });
+  }
+  const auto nb = conv1d_neighbours(pos, weight.size(-1), left);
   const at::Tensor rows = tokens_last_rows(x, true);
   return by_dtype(x, [&](auto t) { return gathered_conv_forward<decltype(t)>(rows, w, bias, nb, false); });
 }
