@@ -87,7 +87,7 @@ def selective_scan_cpp(
 ) -> torch.Tensor:
     """Mamba-1 selective scan (see ``selective_scan``) by the C++ kernel; contiguous (batch, D, L) in u's dtype."""
     _, (u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, gap_c) = _kernel_args(u, delta, A, B, C, D, z, delta_bias, gap)
-    y = _kernels().scan_forward(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus), gap_c)
+    y = _kernels().scan_forward.default(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus), gap_c)
     return y if y.dtype == u.dtype else y.to(u.dtype)
 
 

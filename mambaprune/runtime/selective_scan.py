@@ -47,7 +47,10 @@ _IMPLEMENTATIONS = {
 
 
 def _forced_impl() -> Optional[str]:
-    forced = os.environ.get(IMPL_ENV_VAR, "").strip().lower()
+    forced = os.environ.get(IMPL_ENV_VAR)
+    if not forced:
+        return None
+    forced = forced.strip().lower()
     if forced and forced not in _IMPLS:
         raise ValueError(f"{IMPL_ENV_VAR} must be one of {_IMPLS}; got {forced!r}")
     return forced or None
