@@ -121,20 +121,33 @@ std::vector<T> taps_major(const at::Tensor& weight) {
 }
 
 // out[c] = init[c] (or 0) + sum over taps j with a kept neighbour of w[j, c] * rows[slot[j], c].
+// One vector of channels at a time, summed over (up to kTapGroup) taps in a register: out is written
+// once per group of taps (once for every Mamba conv; a 7x7 kernel has 49 taps).
+constexpr int64_t kTapGroup = 64;
+
 template <typename T>
 void gather_taps(const T* rows, int64_t C, const int64_t* slot, int64_t taps, const T* w, const T* init, T* out) {
   using Vec = Vectorized<T>;
-  if (init) std::copy(init, init + C, out);
-  else std::fill(out, out + C, T(0));
-  for (int64_t j = 0; j < taps; ++j) {
-    if (slot[j] < 0) continue;
-    const T *src = rows + slot[j] * C, *w_j = w + j * C;
+  const T* src[kTapGroup];
+  const T* w_j[kTapGroup];
+  int64_t j = 0;
+  do {
+    int64_t hits = 0;
+    for (; j < taps && hits < kTapGroup; ++j) {
+      if (slot[j] < 0) continue;
+      src[hits] = rows + slot[j] * C;
+      w_j[hits++] = w + j * C;
+    }
     for (int64_t c = 0; c < C; c += Vec::size()) {
       const int64_t lanes = std::min<int64_t>(Vec::size(), C - c);
-      at::vec::fmadd(Vec::loadu(w_j + c, lanes), Vec::loadu(src + c, lanes), Vec::loadu(out + c, lanes))
-          .store(out + c, lanes);
+      Vec acc = init ? Vec::loadu(init + c, lanes) : Vec(T(0));
+      for (int64_t h = 0; h < hits; ++h) {
+        acc = at::vec::fmadd(Vec::loadu(w_j[h] + c, lanes), Vec::loadu(src[h] + c, lanes), acc);
+      }
+      acc.store(out + c, lanes);
     }
-  }
+    init = out;  // a later group adds to what this one wrote
+  } while (j < taps);
 }
 
 // acc[c] += a[c] * b[c] (or += a[c] when b is null).
