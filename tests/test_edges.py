@@ -148,6 +148,19 @@ def test_torch_save_and_load_give_the_same_model(pruned):
     assert loaded(images(0)).shape == (0, 10)
 
 
+
+def test_the_state_dict_lists_each_weight_once_and_loads_back(pruned):
+    state = pruned.state_dict()
+    assert set(state) == {f"graph_module.{k}" for k in pruned.graph_module.state_dict()}
+    other = copy.deepcopy(pruned)
+    for tensor in other.state_dict().values():
+        if tensor.is_floating_point():
+            tensor.zero_()
+    other.load_state_dict(state)
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(other(x), pruned(x))
+
 # -- 7: the call signature -----------------------------------------------------------------------------
 class Scaled(nn.Module):
     def __init__(self):

@@ -27,7 +27,8 @@ class PrunedModel(torch.nn.Module):
         self.backend = Backend.parse(backend, "backend")
         self._input_spec = [(tuple(x.shape[1:]), x.dtype, x.device) if isinstance(x, torch.Tensor) else None
                             for x in example_inputs]
-        self._runner = _make_runner(self, self.backend)
+        # not a submodule: the runner is (or wraps) graph_module, whose weights state_dict lists once
+        self.__dict__["_runner"] = _make_runner(self, self.backend)
         self._empty = empty_outputs(graph_module)   # the result of a batch of 0 (None: not known)
 
     def forward(self, *args, **kwargs):
@@ -42,7 +43,7 @@ class PrunedModel(torch.nn.Module):
         """Pickling (torch.save, pickle, deepcopy): the graph as its node list (api/pickling.py); the
         backend's runner is rebuilt on load."""
         state = self.__dict__.copy()
-        state["_modules"] = {k: v for k, v in self._modules.items() if k not in ("_runner", "graph_module")}
+        state["_modules"] = {k: v for k, v in self._modules.items() if k != "graph_module"}
         state["_graph_state"] = graph_state(self.graph_module)
         state.pop("_runner", None)
         return state
@@ -51,7 +52,7 @@ class PrunedModel(torch.nn.Module):
         graph = graph_module_of(state.pop("_graph_state"))
         self.__dict__.update(state)
         self._modules["graph_module"] = graph
-        self._runner = _make_runner(self, self.backend)
+        self.__dict__["_runner"] = _make_runner(self, self.backend)
 
     def export(self, path, format=None, **options):
         """Write a deployable file; returns `path`.
