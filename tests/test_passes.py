@@ -151,3 +151,50 @@ def test_a_broken_invariant_names_its_pass_and_a_refusal_reaches_the_user_unwrap
         run_passes([AnnotateFlops([torch.randn(1, 4)]), Breaks()], gm)
     with pytest.raises(UnsupportedModelError, match="the user must read this"):
         run_passes([Refuses()], gm)
+
+
+# ----------------------------------------------------------------------------------- DropNoOps
+class Casts(torch.nn.Module):
+    """A `.float()` that does nothing on fp32 inputs and a `.half()` round trip that converts."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.a(x.float())
+        return y.half().float() + y
+
+
+def _targets(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_drop_no_ops_drops_checks_and_no_op_casts_only_and_leaves_its_input_alone(captured):
+    from mambaprune.rewrite import DropNoOps
+
+    casts = capture(Casts(), (torch.randn(2, 4),)).gm
+    for gm in (captured.gm, casts):
+        before, code = _targets(gm), gm.code
+        out = run_passes([DropNoOps()], gm).graph_module
+        assert out is not gm and _targets(gm) == before and gm.code == code
+        kept = _targets(out)
+        assert torch.ops.aten._assert_tensor_metadata.default not in kept
+        removed = len(before) - len(kept)
+        assert removed == 2 * before.count(torch.ops.aten._assert_tensor_metadata.default) - (gm is casts) * 2
+        x = torch.randn(3, *((3, 32, 32) if gm is captured.gm else (4,)))
+        with torch.no_grad():
+            assert all(map(torch.equal, run_graph(out, (x,)), run_graph(gm, (x,))))
+    # the .half() and its .float() back convert: both stay
+    assert _targets(run_passes([DropNoOps()], casts).graph_module).count(torch.ops.aten.to.dtype) == 2
+
+
+def test_a_pruned_model_runs_no_metadata_checks_and_no_op_casts():
+    from mambaprune import compile_pruned
+
+    x = torch.randn(2, 3, 32, 32)
+    for ratio in (0.0, 0.3):
+        pruned = compile_pruned(tiny_vim(), ratio=ratio, example_inputs=(x[:1],))
+        targets = _targets(pruned.graph_module)
+        assert torch.ops.aten._assert_tensor_metadata.default not in targets
+        assert torch.ops.aten.to.dtype not in targets   # every cast of this fp32 model is a no-op

@@ -1,6 +1,8 @@
-"""Rewrite: the token-pruning passes (prune, propagate meta) and the keep-all verification."""
+"""Rewrite: the token-pruning passes (prune, propagate meta), the keep-all verification and the clean-up of
+what the pruned model's input checks make redundant (drop no-ops)."""
+from .drop_no_ops import DropNoOps
 from .propagate_meta import PropagateMeta
 from .prune_tokens import PruneTokens, SiteSpec, prune_tokens
 from .verify import verify_rewrite
 
-__all__ = ["PropagateMeta", "PruneTokens", "SiteSpec", "prune_tokens", "verify_rewrite"]
+__all__ = ["DropNoOps", "PropagateMeta", "PruneTokens", "SiteSpec", "prune_tokens", "verify_rewrite"]
