@@ -10,12 +10,9 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..runtime.process_group import rank_and_world
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+__all__ = ["global_sum", "init_from_env", "rank_and_world", "wrap"]
 
 
 def init_from_env(device: torch.device | None = None) -> bool:

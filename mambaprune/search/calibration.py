@@ -15,6 +15,7 @@ from ..capture import flat_inputs, run_graph
 from ..pass_infra import run_passes
 from ..planning import Plan
 from ..rewrite import PruneTokens, SiteSpec
+from ..runtime.process_group import rank_and_world, sum_over_ranks
 from ..settings import PruneSettings
 
 
@@ -37,22 +38,31 @@ def plan_sites(plan: Plan) -> list:
 
 @dataclass
 class Calibration:
-    """The calibration batches (flat graph inputs) and the dense model's outputs on them."""
+    """This process's calibration batches (flat graph inputs), the dense model's outputs on them, and
+    how many batches all processes hold together.
+
+    Under torch.distributed (every rank passing the same calibration, as with `recover`'s data) rank r
+    of w evaluates batches r, r + w, ... and the discrepancies are summed over the ranks: the searches
+    cost 1/w as much per process and every rank reaches the same choice, the one a single process
+    reaches (up to the order of the float additions)."""
 
     batches: List[list]
     dense: List[list]
+    total: int
 
     @classmethod
     def of(cls, gm: fx.GraphModule, batches: List[list]) -> "Calibration":
+        rank, world = rank_and_world()
+        mine = batches[rank::world]
         with torch.no_grad():
-            return cls(batches, [run_graph(gm, flat) for flat in batches])
+            return cls(mine, [run_graph(gm, flat) for flat in mine], len(batches))
 
     def discrepancy(self, gm: fx.GraphModule, analysis: GraphAnalysis, plan: Plan, settings: PruneSettings) -> float:
-        """Mean ``output_discrepancy`` of ``plan`` rewritten with ``settings`` over the batches."""
+        """Mean ``output_discrepancy`` of ``plan`` rewritten with ``settings`` over all the batches."""
         pruned = run_passes([PruneTokens(analysis, plan_sites(plan), settings)], gm).graph_module
         with torch.no_grad():
-            return sum(output_discrepancy(d, run_graph(pruned, flat))
-                       for d, flat in zip(self.dense, self.batches)) / len(self.batches)
+            local = sum(output_discrepancy(d, run_graph(pruned, flat)) for d, flat in zip(self.dense, self.batches))
+        return sum_over_ranks([local])[0] / self.total
 
 
 def calibration_inputs(calibration: Iterable, expected: int) -> List[list]:
