@@ -140,7 +140,7 @@ def run(name: str, ratio: float, methods, args):
 
 def _key(row: dict) -> tuple:
     return (row["model"], row["ratio"], row["method"], row["steps"], row["lr"], row["temperature"], row["batch_size"],
-            row.get("augment", "none"))
+            row.get("augment", "none"), row.get("seed", 0))
 
 
 def merge(rows: list, new: dict) -> list:
@@ -150,16 +150,16 @@ def merge(rows: list, new: dict) -> list:
 def markdown(rows: list) -> str:
     lines = [("Top-1 / agreement with dense on 500 test images after recovery (steps along one run; wall time of the "
               "training so far on a 2-core CPU VM shared with other jobs, 1 thread: indicative only)\n"),
-             "| checkpoint | FLOPs | method | augment | steps | lr | T | dense | training-free | 100 steps | 300 steps "
-             "| 1000 steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| checkpoint | FLOPs | method | augment | steps | seed | lr | T | dense | training-free | 100 steps "
+             "| 300 steps | 1000 steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 9, r["ratio"],
                                          r["method"], r.get("augment", "none"), r["steps"], r["lr"],
-                                         r["temperature"] or 0)):
+                                         r["temperature"] or 0, r.get("seed", 0))):
         cells = {p["steps"]: f"{p['accuracy']:.3f} / {p['agreement']:.3f} ({p['seconds']:.0f} s)" for p in r["points"]}
         tf = r["training_free"]
         lines.append(f"| {r['model']} | -{100 * r['achieved']:.1f}% | {r['method']} | {r.get('augment', 'none')} | "
-                     f"{r['steps']} | {r['lr']:g} | "
+                     f"{r['steps']} | {r.get('seed', 0)} | {r['lr']:g} | "
                      f"{r['temperature'] if r['temperature'] is not None else '-'} | {r['dense']['accuracy']:.3f} | "
                      f"{tf['accuracy']:.3f} / {tf['agreement']:.3f} ({r['start']['alignment']}) | "
                      + " | ".join(cells.get(s, "not run" if s <= r["steps"] else "-") for s in (100, 300, 1000)) + " |")
