@@ -124,13 +124,14 @@ def run(name: str, ratio: float, methods, args):
         began = time.perf_counter()
         if method == "distill":
             recover(pruned, model, train.inputs, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                    temperature=args.temperature, seed=args.seed, progress=False, callback=along)
+                    temperature=args.temperature, seed=args.seed, augment=args.augment, progress=False, callback=along)
         else:
             fine_tune_with_labels(pruned, train, args.steps, args.lr, args.batch_size, args.seed, along)
         yield {"model": name, "ratio": ratio, "method": method, "achieved": round(pruned.report.achieved_ratio, 4),
                "start": {"schedule": best["schedule"], "alignment": best["alignment"], "metric": best["metric"]},
                "dense": evaluate(model, test, dense), "training_free": start_point, "points": along.points,
                "steps": args.steps, "lr": args.lr, "temperature": args.temperature if method == "distill" else None,
+               "augment": args.augment if method == "distill" else "none",
                "batch_size": args.batch_size, "seed": args.seed, "train_images": args.train_images,
                "test_images": args.test_images, "total_seconds": round(time.perf_counter() - began, 1),
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
@@ -138,7 +139,8 @@ def run(name: str, ratio: float, methods, args):
 
 
 def _key(row: dict) -> tuple:
-    return row["model"], row["ratio"], row["method"], row["steps"], row["lr"], row["temperature"], row["batch_size"]
+    return (row["model"], row["ratio"], row["method"], row["steps"], row["lr"], row["temperature"], row["batch_size"],
+            row.get("augment", "none"), row.get("seed", 0))
 
 
 def merge(rows: list, new: dict) -> list:
@@ -148,16 +150,19 @@ def merge(rows: list, new: dict) -> list:
 def markdown(rows: list) -> str:
     lines = [("Top-1 / agreement with dense on 500 test images after recovery (steps along one run; wall time of the "
               "training so far on a 2-core CPU VM shared with other jobs, 1 thread: indicative only)\n"),
-             "| checkpoint | FLOPs | method | lr | T | dense | training-free | 100 steps | 300 steps | 1000 steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| checkpoint | FLOPs | method | augment | steps | seed | lr | T | dense | training-free | 100 steps "
+             "| 300 steps | 1000 steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 9, r["ratio"],
-                                         r["method"], r["lr"])):
+                                         r["method"], r.get("augment", "none"), r["steps"], r["lr"],
+                                         r["temperature"] or 0, r.get("seed", 0))):
         cells = {p["steps"]: f"{p['accuracy']:.3f} / {p['agreement']:.3f} ({p['seconds']:.0f} s)" for p in r["points"]}
         tf = r["training_free"]
-        lines.append(f"| {r['model']} | -{100 * r['achieved']:.1f}% | {r['method']} | {r['lr']:g} | "
+        lines.append(f"| {r['model']} | -{100 * r['achieved']:.1f}% | {r['method']} | {r.get('augment', 'none')} | "
+                     f"{r['steps']} | {r.get('seed', 0)} | {r['lr']:g} | "
                      f"{r['temperature'] if r['temperature'] is not None else '-'} | {r['dense']['accuracy']:.3f} | "
                      f"{tf['accuracy']:.3f} / {tf['agreement']:.3f} ({r['start']['alignment']}) | "
-                     + " | ".join(cells.get(s, "not run") for s in (100, 300, 1000)) + " |")
+                     + " | ".join(cells.get(s, "not run" if s <= r["steps"] else "-") for s in (100, 300, 1000)) + " |")
     lines.append("\nCommands: " + "; ".join(sorted({f"`{r['command']}`" for r in rows})))
     return "\n".join(lines) + "\n"
 
@@ -174,7 +179,7 @@ def plot(rows: list, path: Path) -> None:
         for r in mine:
             points = [r["training_free"], *r["points"]]
             ax.plot([max(p["steps"], 1) for p in points], [p["accuracy"] for p in points], marker="o",
-                    label=f"{r['method']} (lr {r['lr']:g})")
+                    label=f"{r['method']} {r.get('augment', 'none')} ({r['steps']} st, lr {r['lr']:g})")
         ax.axhline(mine[0]["dense"]["accuracy"], color="k", ls="--", lw=1, label="dense")
         ax.set_xscale("log")
         ax.set(title=f"{model}, -{100 * mine[0]['achieved']:.0f}% FLOPs", xlabel="steps (1 = training-free)",
@@ -196,6 +201,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", default="none", choices=("none", "shift", "mixup", "mixup+shift"),
+                        help="distill only (recover's augment=); labels always trains on the images as they are")
     parser.add_argument("--train-images", type=int, default=2048)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--report-only", action="store_true")

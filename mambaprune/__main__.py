@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, METRICS, STAGE_FILLS
 from .errors import InvalidArgumentError, MambapruneError
+from .settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, METRICS, STAGE_FILLS
 
 DEMO_CHECKPOINT = "vim_digits"
 
@@ -90,7 +90,11 @@ def load_calibration(path: str) -> list:
 
 def compile_command(args) -> None:
     """Prune MODEL and export it (.onnx / .pt2 / .engine) to -o."""
-    from .runtime.backends.export import discard_temporary, reserve_temporary, resolve_format
+    from .runtime.backends.export import (
+        discard_temporary,
+        reserve_temporary,
+        resolve_format,
+    )
 
     resolve_format(args.output, None)
     discard_temporary(reserve_temporary(args.output))  # the folder is checked before the compile
@@ -106,7 +110,6 @@ def recover_command(args) -> None:
     """Prune MODEL, recover it by distillation on the images of --images, export it (rank 0) to -o."""
     from . import recover
     from .api import distributed
-
     from .data import image_folder
 
     started = distributed.init_from_env()
@@ -114,7 +117,7 @@ def recover_command(args) -> None:
         image_folder(args.images, 1, mean=args.mean, std=args.std, model=load_model_spec(args.model, args.img_size))
         model, pruned = _compile(args)   # the folder and the normalisation were checked before the slow work
         result = recover(pruned, model, _recovery_images(args, model, pruned), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         temperature=args.temperature, seed=args.seed)
+                         temperature=args.temperature, seed=args.seed, augment=args.augment)
         if distributed.rank_and_world()[0] == 0:
             record = result.report.recovery
             print(f"recovered {record.steps} steps in {record.seconds:.1f} s (final loss {record.losses[-1]:.4g}, "
@@ -283,7 +286,14 @@ def input_shape(text: str) -> tuple:
 
 
 def _add_recover_command(commands) -> None:
-    from .api.recover import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TEMPERATURE
+    from .api.augment import AUGMENTS
+    from .api.recover import (
+        DEFAULT_AUGMENT,
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_LR,
+        DEFAULT_STEPS,
+        DEFAULT_TEMPERATURE,
+    )
 
     run_recover = commands.add_parser("recover", help="prune MODEL, recover it by distillation on unlabelled images, "
                                       "export it (several processes with torchrun)")
@@ -294,6 +304,9 @@ def _add_recover_command(commands) -> None:
     run_recover.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch (all processes)")
     run_recover.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     run_recover.add_argument("--seed", type=int, default=0)
+    run_recover.add_argument("--augment", choices=AUGMENTS, default=DEFAULT_AUGMENT,
+                             help="augment every batch, the dense and the pruned model seeing the same images "
+                             f"(default {DEFAULT_AUGMENT})")
     for name in ("mean", "std"):
         run_recover.add_argument(f"--{name}", type=float, nargs=3, default=None,
                                  help=f"per-channel {name} of images in [0, 1] (default: the model's pretrained_cfg)")

@@ -25,7 +25,8 @@ def folder(tmp_path):
 def test_recover_writes_the_trained_model_and_says_what_it_did(folder, capsys):
     target = folder / "out" / "recovered.pt2"
     target.parent.mkdir()
-    argv = ["recover", TINY, "--ratio", "0.3", "--images", str(folder), "--steps", "2", "--batch-size", "4", "-o", str(target)]
+    argv = ["recover", TINY, "--ratio", "0.3", "--images", str(folder), "--steps", "2", "--batch-size", "4", "--augment", "mixup+shift",
+            "-o", str(target)]
     assert main(argv + NORMALISE) == 0
     out = capsys.readouterr()
     assert "recovered 2 steps in" in out.out and f"wrote {target}" in out.out

@@ -23,5 +23,10 @@ def test_the_table_marks_the_steps_that_were_not_run():
            "steps": 300, "batch_size": 32,
            "points": [{**point, "steps": 100, "seconds": 12.0, "accuracy": 0.95}]}
     table = recovery.markdown([row])
-    assert "| vim_digits | -30.1% | distill | 0.0003 | 1.0 | 0.958 | 0.900 / 0.910 (none) | 0.950 / 0.910 (12 s) | not run | not run |" in table
+    # rows before augment existed read as "none"; a step past the run's --steps is "-"
+    assert ("| vim_digits | -30.1% | distill | none | 300 | 0 | 0.0003 | 1.0 | 0.958 | 0.900 / 0.910 (none) | "
+            "0.950 / 0.910 (12 s) | not run | - |") in table
     assert len(recovery.merge([row], dict(row, lr=1e-3))) == 2 and len(recovery.merge([row], dict(row))) == 1
+    assert len(recovery.merge([row], dict(row, augment="mixup+shift"))) == 2
+    assert len(recovery.merge([row], dict(row, augment="none"))) == 1
+    assert len(recovery.merge([row], dict(row, seed=1))) == 2

@@ -24,12 +24,14 @@ class RecoveryRecord:
     batch_size: int                # global batch (all ranks together)
     seed: int
     world_size: int = 1            # processes that trained it together (torch.distributed)
+    augment: str = "none"          # what each batch went through first (api/augment.py)
 
     def __str__(self) -> str:
         first, last = (self.losses[0], self.losses[-1]) if self.losses else (float("nan"),) * 2
         ranks = f" on {self.world_size} processes" if self.world_size > 1 else ""
+        aug = f", augment {self.augment}" if self.augment != "none" else ""
         return (f"recovered: {self.steps} steps of label-free distillation from the dense model (KL at temperature "
-                f"{self.temperature:g}, AdamW lr {self.lr:g} cosine, batch {self.batch_size}, seed {self.seed}){ranks} "
+                f"{self.temperature:g}, AdamW lr {self.lr:g} cosine, batch {self.batch_size}, seed {self.seed}{aug}){ranks} "
                 f"in {self.seconds:.1f} s; loss {first:.4g} -> {last:.4g}")
 
 
