@@ -61,7 +61,7 @@ def _compile(args):
 
     model = load_model_spec(args.model, args.img_size)
     example = None if args.input_shape is None else (torch.randn(1, *args.input_shape),)
-    calibration = None if args.calibration is None else load_calibration(args.calibration)
+    calibration = None if args.calibration is None else load_calibration(args.calibration, model, example, args)
     return model, compile_pruned(model, ratio=args.ratio, example_inputs=example, schedule=args.schedule,
                                  alignment=args.alignment, metric=args.metric, stage_fill=args.stage_fill,
                                  calibration=calibration)
@@ -70,12 +70,15 @@ def _compile(args):
 CALIBRATION_BATCH = 8
 
 
-def load_calibration(path: str) -> list:
-    """A .pt / .safetensors file holding one tensor of model inputs (N, C, H, W) -> batches of 8."""
+def load_calibration(path: str, model=None, example=None, args=None) -> list:
+    """--calibration as batches of 8: a folder of images (read at the model's input size, normalised with
+    --mean / --std or the model's pretrained_cfg) or a .pt / .safetensors file of one tensor (N, C, H, W)."""
     file = Path(path)
+    if file.is_dir():
+        return _calibration_images(file, model, example, args)
     if not file.is_file():
-        raise InvalidArgumentError(f"--calibration {path}: no such file (a .pt or .safetensors file of one tensor "
-                                   "of input images, (N, C, H, W))")
+        raise InvalidArgumentError(f"--calibration {path}: no such file or folder (a folder of images, or a .pt or "
+                                   ".safetensors file of one tensor of input images, (N, C, H, W))")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
         tensors = list(load_file(str(file)).values())
@@ -86,6 +89,15 @@ def load_calibration(path: str) -> list:
         raise InvalidArgumentError(f"--calibration {path} must hold exactly one non-empty tensor of input images "
                                    "(N, C, H, W), saved with torch.save(x, path) or safetensors' save_file({'x': x}, path)")
     return list(tensors[0].float().split(CALIBRATION_BATCH))
+
+
+def _calibration_images(folder: Path, model, example, args) -> list:
+    from .capture.inputs import infer_example_inputs
+    from .data import image_folder
+
+    size = tuple((example or infer_example_inputs(model))[0].shape[-2:])
+    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
+    return list(image_folder(folder, size, mean=mean, std=std, model=model, batch_size=CALIBRATION_BATCH))
 
 
 def compile_command(args) -> None:
@@ -252,9 +264,13 @@ def _add_prune_options(command) -> None:
                          help="'auto' is searched on --calibration")
     command.add_argument("--alignment", default="hold", choices=ALIGNMENT_CHOICES,
                          help="'auto' is chosen on --calibration")
-    command.add_argument("--calibration", default=None, metavar="FILE",
-                         help="a .pt or .safetensors file of one tensor of input images (N, C, H, W), for "
-                              "--schedule auto / --alignment auto (used in batches of 8)")
+    command.add_argument("--calibration", default=None, metavar="FILE_OR_DIR",
+                         help="a folder of images (read like --images) or a .pt or .safetensors file of one tensor "
+                              "of input images (N, C, H, W), for --schedule auto / --alignment auto (batches of 8)")
+    for name in ("mean", "std"):
+        command.add_argument(f"--{name}", type=float, nargs=3, default=None,
+                             help=f"per-channel {name} of images in [0, 1] for folders of images (default: the "
+                                  "model's pretrained_cfg)")
     command.add_argument("--input-shape", type=input_shape, default=None, metavar="C,H,W",
                          help="example input shape without the batch (default: what the model declares)")
     command.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS)
@@ -307,9 +323,6 @@ def _add_recover_command(commands) -> None:
     run_recover.add_argument("--augment", choices=AUGMENTS, default=DEFAULT_AUGMENT,
                              help="augment every batch, the dense and the pruned model seeing the same images "
                              f"(default {DEFAULT_AUGMENT})")
-    for name in ("mean", "std"):
-        run_recover.add_argument(f"--{name}", type=float, nargs=3, default=None,
-                                 help=f"per-channel {name} of images in [0, 1] (default: the model's pretrained_cfg)")
     run_recover.add_argument("-o", "--output", required=True, help="model.onnx, model.pt2 or model.engine")
     run_recover.set_defaults(run=recover_command)
 

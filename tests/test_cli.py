@@ -104,3 +104,22 @@ def test_auto_alignment_on_a_calibration_file_with_an_input_shape(tmp_path, caps
     assert "calibration" in capsys.readouterr().err
     assert main(["report", TINY, "--alignment", "auto", "--calibration", str(tmp_path / "none.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_calibration_folder_is_read_like_the_same_images_in_a_tensor_file(tmp_path, capsys):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    folder, pixels = tmp_path / "images", np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    folder.mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    tensor = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25   # what the folder must give
+    torch.save(tensor, tmp_path / "same.pt")
+    common = ["report", TINY, "--alignment", "auto", "--input-shape", "3,32,32"]
+    outputs = []
+    for source in ([str(folder), "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"], [str(tmp_path / "same.pt")]):
+        assert main(common + ["--calibration", *source]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert "alignment='auto' chose" in outputs[0] and outputs[0] == outputs[1]

@@ -2,10 +2,10 @@
 
 The ops are defined with ``torch.library.Library`` rather than the ``torch.library.custom_op``
 decorator. Both give the same op to the dispatcher, torch.export, torch.compile and FlopCounterMode,
-but the decorator wraps every call in Python layers (an aliasing check, a dynamo guard, a dataclass
-per call): 16 us per call on the project's CPU VM against 9 us here (``python
-benchmarks/op_overhead.py``), paid 2-3 times per Mamba block. On the CPU the ops' arithmetic at
-batch 1 takes tens of microseconds, so that overhead was a visible share of a pruned model.
+but the decorator wraps every call in more Python (an aliasing check, a dynamo guard): at ViM-T's
+batch-1 shapes on the project's CPU VM, 57 against 51 us per pos_conv1d call and 38 against 25 us
+per path_order call (``python benchmarks/op_overhead.py``), paid 2-3 times per Mamba block, where the
+ops' arithmetic itself takes tens of microseconds.
 """
 
 from __future__ import annotations
