@@ -70,7 +70,7 @@ def _compile(args):
 CALIBRATION_BATCH = 8
 
 
-def load_calibration(path: str, model=None, example=None, args=None) -> list:
+def load_calibration(path: str, model, example, args) -> list:
     """--calibration as batches of 8: a folder of images (read at the model's input size, normalised with
     --mean / --std or the model's pretrained_cfg) or a .pt / .safetensors file of one tensor (N, C, H, W)."""
     file = Path(path)
@@ -96,8 +96,7 @@ def _calibration_images(folder: Path, model, example, args) -> list:
     from .data import image_folder
 
     size = tuple((example or infer_example_inputs(model))[0].shape[-2:])
-    mean, std = getattr(args, "mean", None), getattr(args, "std", None)
-    return list(image_folder(folder, size, mean=mean, std=std, model=model, batch_size=CALIBRATION_BATCH))
+    return list(image_folder(folder, size, mean=args.mean, std=args.std, model=model, batch_size=CALIBRATION_BATCH))
 
 
 def compile_command(args) -> None:

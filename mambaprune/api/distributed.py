@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..runtime.process_group import rank_and_world
+from ..runtime.process_group import global_sum, rank_and_world
 
 __all__ = ["global_sum", "init_from_env", "rank_and_world", "wrap"]
 
@@ -33,11 +33,3 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
-
-
-def global_sum(value: torch.Tensor) -> torch.Tensor:
-    """``value`` summed over the ranks (a detached copy; itself without a group)."""
-    value = value.detach().clone()
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(value)
-    return value

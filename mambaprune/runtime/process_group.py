@@ -16,12 +16,17 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def global_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the ranks (a detached copy; itself without a group)."""
+    value = value.detach().clone()
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(value)
+    return value
+
+
 def sum_over_ranks(values: list) -> list:
     """Each number summed over the ranks (float64, on the group's device); the numbers themselves alone."""
     if rank_and_world()[1] == 1:
         return [float(v) for v in values]
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return global_sum(torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)).tolist()
