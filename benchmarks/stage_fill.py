@@ -76,9 +76,9 @@ def run(steps: int, test_size: int, ratios) -> dict:
             for fill in STAGE_FILLS:
                 row = {"schedule": schedule_name, "ratio": ratio, "stage_fill": fill}
                 try:
-                    settings = PruneSettings(ratio, None, "hold", stage_fill=fill) if schedule is None else \
+                    settings = PruneSettings(ratio, None, "hold", fill=fill) if schedule is None else \
                         PruneSettings(0.0, {first_stage[0]: _first_stage_keep(prepared, first_stage[0], ratio)},
-                                      "hold", stage_fill=fill)
+                                      "hold", fill=fill)
                     pruned = build(prepared, settings)
                 except (UnreachableRatioError, ValueError) as err:
                     rows.append({**row, "unreachable": str(err)})

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidArgumentError, MambapruneError
-from .settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, METRICS, STAGE_FILLS
+from .settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, FILLS, METRICS
 
 DEMO_CHECKPOINT = "vim_digits"
 
@@ -63,7 +63,7 @@ def _compile(args):
     example = None if args.input_shape is None else (torch.randn(1, *args.input_shape),)
     calibration = None if args.calibration is None else load_calibration(args.calibration, model, example, args)
     return model, compile_pruned(model, ratio=args.ratio, example_inputs=example, schedule=args.schedule,
-                                 alignment=args.alignment, metric=args.metric, stage_fill=args.stage_fill,
+                                 alignment=args.alignment, metric=args.metric, fill=args.fill,
                                  calibration=calibration)
 
 
@@ -273,8 +273,9 @@ def _add_prune_options(command) -> None:
     command.add_argument("--input-shape", type=input_shape, default=None, metavar="C,H,W",
                          help="example input shape without the batch (default: what the model declares)")
     command.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS)
-    command.add_argument("--stage-fill", default="carry", choices=STAGE_FILLS,
-                         help="hierarchical models: what pruned cells hold when a stage's grid is restored")
+    command.add_argument("--fill", "--stage-fill", dest="fill", default="carry", choices=FILLS,
+                         help="what pruned positions hold where tokens are restored (token outputs such as feature "
+                              "maps, a stage's grid before its downsampling)")
     command.add_argument("--img-size", type=positive_int, default=None,
                          help="input size for registered architectures (an error for MODULE:FACTORY and checkpoints)")
 

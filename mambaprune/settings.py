@@ -1,7 +1,7 @@
 """The one settings object carried through the pipeline, validated once at the API boundary.
 
 Every stage after capture receives a `PruneSettings`: the planner its ratio and schedule, the
-rewrite its alignment, metric and stage fill, the API its backend. The choices are typed enums
+rewrite its alignment, metric and fill, the API its backend. The choices are typed enums
 whose values are the strings users pass (`Alignment("hold") is Alignment.HOLD`), so a setting is
 spelled once and a misspelling fails where it is made.
 """
@@ -57,11 +57,17 @@ class Alignment(Choice):
         return self in (Alignment.HOLD, Alignment.DECAY)
 
 
-class StageFill(Choice):
-    """What a pruned cell of a hierarchical model's stage holds when its grid is restored."""
+class Fill(Choice):
+    """What a pruned position holds where pruned tokens are restored to full length: a graph output
+    that carries tokens (a feature map), and a hierarchical model's stage before its downsampling
+    (rewrite/restore.py)."""
 
-    CARRY = "carry"
+    CARRY = "carry"        # the value the token had when it was pruned, through the same per-token ops
+    NEAREST = "nearest"    # the value of the nearest kept token
     ZEROS = "zeros"
+
+
+StageFill = Fill   # the name before outputs were restored with the same setting
 
 
 class Backend(Choice):
@@ -77,7 +83,8 @@ DEFAULT_METRIC = "novelty"
 ALIGNMENTS = tuple(a.value for a in Alignment if a is not Alignment.AUTO)
 # what compile_pruned accepts: a concrete alignment, or "auto"
 ALIGNMENT_CHOICES = Alignment.values()
-STAGE_FILLS = StageFill.values()
+FILLS = Fill.values()
+STAGE_FILLS = FILLS
 BACKENDS = Backend.values()
 # None is "paper": ToP's sites (blocks 5, 10, 15 of 24, scaled) with one keep rate solved for ratio.
 NAMED_SCHEDULES = ("top", "paper", "uniform", "auto")
@@ -93,7 +100,7 @@ class PruneSettings:
     metric: Metric = DEFAULT_METRIC
     backend: Backend = Backend.EAGER
     verify: bool = True
-    stage_fill: StageFill = StageFill.CARRY
+    fill: Fill = Fill.CARRY
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0 <= self.ratio < 1:
@@ -102,7 +109,7 @@ class PruneSettings:
         if not callable(self.metric) and self.metric not in METRICS:
             raise InvalidArgumentError(f"metric must be one of {METRICS} or a callable (y, token_dim) -> scores (B, L); "
                              f"got {self.metric!r}")
-        object.__setattr__(self, "stage_fill", StageFill.parse(self.stage_fill, "stage_fill"))
+        object.__setattr__(self, "fill", Fill.parse(self.fill, "fill"))
         object.__setattr__(self, "backend", Backend.parse(self.backend, "backend"))
         validate_schedule(self.schedule)
 

@@ -41,12 +41,12 @@ GOLDEN_DIR = os.path.join(HERE, "golden")
 FACTS_FILE = os.path.join(GOLDEN_DIR, "facts.json")
 OUTPUTS_FILE = os.path.join(GOLDEN_DIR, "outputs.safetensors")
 
-# (ratio, alignment, metric, stage_fill) per recorded build
+# (ratio, alignment, metric, fill) per recorded build
 SETTINGS = {
     "hold-novelty-0.3": dict(ratio=0.3, alignment="hold", metric="novelty"),
     "none-clip-0.3": dict(ratio=0.3, alignment="none", metric="clip"),
     "decay-l2-0.4": dict(ratio=0.4, alignment="decay", metric="l2"),
-    "unsorted-delta-0.2-zeros": dict(ratio=0.2, alignment="none-unsorted", metric="delta", stage_fill="zeros"),
+    "unsorted-delta-0.2-zeros": dict(ratio=0.2, alignment="none-unsorted", metric="delta", fill="zeros"),
 }
 
 

@@ -263,10 +263,11 @@ def test_carry_needs_a_stream_like_the_downsampling_input():
     model = arch.build("vmamba")
     model.stages[0]["downsample"] = nn.Sequential(arch.Linear2d(24, 32), nn.Conv2d(32, 48, 2, stride=2),
                                                   arch.LayerNorm2d(48))
-    with pytest.raises(UnsupportedModelError, match=r"stage_fill='carry' found no tensor like .*stage_fill='zeros'"):
+    with pytest.raises(UnsupportedModelError, match=r"fill='carry' found no tensor like .*fill='nearest' or fill='zeros'"):
         mambaprune.compile_pruned(model, schedule={1: 0.5})
-    fast = mambaprune.compile_pruned(model, schedule={1: 0.5}, stage_fill="zeros")
-    assert fast.report.sites == {1: 32}
+    for fill in ("zeros", "nearest"):
+        fast = mambaprune.compile_pruned(model, schedule={1: 0.5}, fill=fill)
+        assert fast.report.sites == {1: 32}
 
 
 def test_decay_is_refused_for_a_grouped_scan_in_several_orders(vmamba):

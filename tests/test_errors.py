@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import mambaprune
 from mambaprune import MambapruneError, UnreachableRatioError, UnsupportedModelError
-from mambaprune.settings import ALIGNMENTS, BACKENDS, METRICS, STAGE_FILLS
+from mambaprune.settings import ALIGNMENTS, BACKENDS, FILLS, METRICS
 from mambaprune.models import create_model
 
 
@@ -41,7 +41,7 @@ def test_ratio_outside_the_unit_interval(vim, ratio):
     ("alignment", "holdd", ("none", "none-unsorted", "hold", "decay")),
     ("alignment", None, ("none", "none-unsorted", "hold", "decay")),
     ("metric", "l3", METRICS),
-    ("stage_fill", "last", STAGE_FILLS),
+    ("fill", "last", FILLS),
     ("backend", "tensorflow", ("eager", "inductor")),
     ("backend", "Eager", ("eager", "inductor")),
 ])
@@ -49,7 +49,7 @@ def test_bad_option_names_list_the_choices(vim, option, value, choices):
     with pytest.raises(ValueError, match=f"{option} must be one of") as info:
         mambaprune.compile_pruned(vim, ratio=0.3, **{option: value})
     message = str(info.value)
-    documented = {"alignment": ALIGNMENTS, "metric": METRICS, "backend": BACKENDS, "stage_fill": STAGE_FILLS}[option]
+    documented = {"alignment": ALIGNMENTS, "metric": METRICS, "backend": BACKENDS, "fill": FILLS}[option]
     assert set(choices) <= set(documented)
     assert all(repr(choice) in message for choice in documented), message
     assert repr(value) in message

@@ -107,11 +107,11 @@ def works_or_documented(call):
 @examples(12)
 @given(ratio=ratios, schedule=schedules, alignment=alignments, metric=metrics, calibration=calibrations,
        backend=st.sampled_from(["eager", "inductor", "tensorflow", None]),
-       stage_fill=st.sampled_from(["carry", "zeros", "last"]))
-def test_compile_pruned_settings(ratio, schedule, alignment, metric, calibration, backend, stage_fill):
+       fill=st.sampled_from(["carry", "nearest", "zeros", "last"]))
+def test_compile_pruned_settings(ratio, schedule, alignment, metric, calibration, backend, fill):
     pruned = works_or_documented(lambda: mambaprune.compile_pruned(
         MODEL, ratio=ratio, schedule=schedule, alignment=alignment, metric=metric, calibration=calibration,
-        backend=backend, stage_fill=stage_fill))
+        backend=backend, fill=fill))
     if pruned is None or backend != "eager":
         return
     x = images(2)

@@ -50,6 +50,12 @@ class GraphAnalysis:
     def stage_end(self, key: int) -> Optional[StageEnd]:
         return self.sites[key].stage_end
 
+    def runs_dense(self, node: fx.Node, key: int) -> bool:
+        """Whether `node`, fed by site `key`, runs on dense tokens: after the downsampling that ends the site's
+        stage, or after the last token mixer on tokens restored to full length (sites.restored_tail)."""
+        site = self.sites[key]
+        return node in site.after_stage or node in site.restored
+
     def after_stage(self, key: int) -> set:
         """Nodes after the downsampling that ends site `key`'s stage (empty for an isotropic model)."""
         return self.sites[key].after_stage
@@ -58,20 +64,18 @@ class GraphAnalysis:
         return sum(1 for p in self.protected if p < length)
 
     def region(self, node: fx.Node, keys: list) -> int:
-        """How many of the sites `keys` lie upstream of `node` (0: the dense part). Placeholders and
-        constants belong to the dense part."""
-        if node.op in ("placeholder", "get_attr"):
-            return 0
-        return sum(1 for key in keys if node not in self.sites[key].cut)
+        """How many of the sites `keys` feed `node` (0: the dense part: everything upstream of the first
+        site, placeholders and constants, and values no site feeds, computed exactly as the model does)."""
+        return sum(1 for key in keys if node in self.sites[key].fed)
 
     def crossing_tokens(self, key: int) -> list:
-        """The token tensors computed before site `key` and used after it, in graph order: the token
-        stream the next block receives (one tensor, or a hidden and a residual part as in ViM)."""
-        cut, length = self.sites[key].cut, self.site_length(key)
+        """The token tensors computed before site `key` and read by what it feeds, in graph order: the
+        token stream the next block receives (one tensor, or a hidden and a residual part as in ViM)."""
+        site, length = self.sites[key], self.site_length(key)
         return [n for n in self.gm.graph.nodes
-                if n in cut and n.op == "call_function" and isinstance(fact_of(n), (Tok, Grid))
+                if n in site.cut and n.op == "call_function" and isinstance(fact_of(n), (Tok, Grid))
                 and fact_of(n).layout.length == length
-                and crosses(n, cut)]
+                and crosses(n, site.fed)]
 
     def stream_parts(self, key: int) -> list:
         """crossing_tokens(key) when they are parts of one stream (same token axis, order and shape:
@@ -93,8 +97,9 @@ def analyse(gm: fx.GraphModule, batch: Optional[int] = None) -> GraphAnalysis:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     blocks = [describe_block(i, members, graph, order) for i, members in enumerate(group_blocks(scans, graph, order))]
     sites, invalid = find_sites(gm, blocks, flow.barriers, graph, order)
+    dense_everywhere = set.intersection(*(site.restored for site in sites.values())) if sites else set()
     return GraphAnalysis(gm, blocks, max(lengths), set(flow.protected), set(flow.class_tokens),
-                         collect_not_understood(gm), list(flow.barriers), sites, invalid)
+                         collect_not_understood(gm, dense_everywhere), list(flow.barriers), sites, invalid)
 
 
 class AnalyseGraph(GraphPass):

@@ -14,8 +14,8 @@ import networkx as nx
 import torch.fx as fx
 
 from .blocks import Block, in_module
-from .facts import BatchTok, Grid, MultiTok, PaddedTok, Tok, Unknown, fact_of
-from .ops import LAYOUT_OPS, is_assert, op_name, shape_of
+from .facts import BatchTok, Grid, MultiTok, PaddedTok, Readout, Tok, Unknown, fact_of
+from .ops import LAYOUT_OPS, TOKEN_CONVS, is_assert, is_scan, looks_at_neighbours, op_name, shape_of
 
 
 @dataclass
@@ -30,12 +30,16 @@ class StageEnd:
 
 @dataclass
 class Site:
-    """A possible site: the dense part before it (`cut`, ancestor-closed), and for a site in a
-    stage of a hierarchical model, the stage's end and the nodes after that downsampling."""
+    """A possible site: the dense part before it (`cut`, ancestor-closed), the part it feeds (`fed`,
+    descendant-closed: see `fed_by_site`), and for a site in a stage of a hierarchical model, the
+    stage's end and the nodes after that downsampling. A node in neither (a feature map read before
+    the site, an auxiliary head on early blocks) is computed densely, exactly as the model does."""
     key: int
     cut: set
     stage_end: Optional[StageEnd] = None
     after_stage: set = field(default_factory=set)
+    fed: set = field(default_factory=set)
+    restored: set = field(default_factory=set)    # fed nodes that run densely on restored tokens (`restored_tail`)
 
 
 @dataclass
@@ -50,12 +54,14 @@ def module_of(node: fx.Node) -> str:
     return path or "<top level>"
 
 
-def collect_not_understood(gm: fx.GraphModule) -> list:
-    """One entry per first Unknown node (its descendants inherit the reason)."""
+def collect_not_understood(gm: fx.GraphModule, restored: set = frozenset()) -> list:
+    """One entry per first Unknown node (its descendants inherit the reason), but for those that run on
+    restored, full-length tokens whatever the sites (`restored`: a decoder's interpolation)."""
     out = []
     for node in gm.graph.nodes:
         fact = fact_of(node)
-        if not isinstance(fact, Unknown) or any(isinstance(fact_of(a), Unknown) for a in node.all_input_nodes):
+        if not isinstance(fact, Unknown) or node in restored \
+                or any(isinstance(fact_of(a), Unknown) for a in node.all_input_nodes):
             continue
         out.append(NotUnderstoodNode(module_of(node), f"{node.name}: {fact.reason}"))
     return out
@@ -77,9 +83,13 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
                             f"block {block.name}: its scan outputs never merge into one token tensor")
             continue
         cut = block_closure(block, gm, graph)
+        work = token_work(blocks[key:], cut, gm.graph.nodes)
+        fed = fed_by_site(cut, work, gm.graph.nodes)
+        restored = restored_tail(fed, work, gm.graph.nodes)
         end = next((b for b in barriers if b not in cut), None)
         after = nx.descendants(graph, end) if end is not None else set()
-        reason = site_problem(cut, [n for n in unknown if n not in after], block.token_length, gm.graph.nodes)
+        reason = site_problem(cut, fed, [n for n in unknown if n not in after and n not in restored],
+                              block.token_length, gm.graph.nodes) or restore_problem([n for n in gm.graph.nodes if n in restored], fed, batch_of(gm), block)
         stage_end = None
         if not reason and end is not None:
             stage_end = describe_stage_end(end, cut)
@@ -92,22 +102,126 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
         if reason:
             invalid[key] = reason
             continue
-        sites[key] = Site(key, cut, stage_end, after if stage_end is not None else set())
+        sites[key] = Site(key, cut, stage_end, after if stage_end is not None else set(), fed, restored)
     return sites, invalid
+
+
+def reaches(work: set, order: list) -> set:
+    """The nodes of `order` (graph order) on a path to a node of `work`, `work` included."""
+    reaching = set(work)
+    for node in reversed(order):
+        if node not in reaching and any(user in reaching for user in node.users):
+            reaching.add(node)
+    return reaching
+
+
+def restored_tail(fed: set, work: set, nodes) -> set:
+    """The fed nodes that run densely, on tokens restored to full length (rewrite/restore.py): each node after
+    the last token mixer that must see the whole map (a neck's or decoder's conv2d, an interpolation,
+    anything the token rules cannot follow: `runs_on_kept_tokens`), and everything computed from it. Before
+    them the kept tokens flow on (norms, projections, a pooling head), after them the model's own dense ops
+    run on a full feature map. `nodes` in graph order."""
+    order = list(nodes)
+    reaching = reaches(work, order)
+    restored = set()
+    for node in order:
+        if node not in fed or node in reaching:
+            continue
+        if any(arg in restored for arg in node.all_input_nodes) or not runs_on_kept_tokens(node):
+            restored.add(node)
+    return restored
+
+
+def runs_on_kept_tokens(node: fx.Node) -> bool:
+    """A node after the last token mixer that may run on the kept tokens alone: anything the token rules
+    follow (per-token ops, readouts, folded directions merged back), but not a conv that looks at
+    neighbours (a neck's or decoder's) nor what the rules cannot follow (an interpolation of the map)."""
+    if isinstance(fact_of(node), Unknown):
+        return False
+    return op_name(node) not in TOKEN_CONVS or not looks_at_neighbours(node)
+
+
+def is_per_token(node: fx.Node) -> bool:
+    """A node whose output token j depends on input token j only (a norm, a projection, a pointwise op, a
+    layout op): nothing that mixes tokens (a scan, a conv looking at neighbours, attention, a token reduction)."""
+    return isinstance(fact_of(node), (Tok, Grid)) and _mixes_nothing(node)
+
+
+def _mixes_nothing(node: fx.Node) -> bool:
+    if is_scan(node) or is_token_attention(node):
+        return False
+    return op_name(node) not in TOKEN_CONVS or not looks_at_neighbours(node)
+
+
+def restore_problem(restored: list, fed: set, batch, block: Block) -> Optional[str]:
+    """Why the tokens read by the restored part (`restored`, graph order) cannot be restored (None: they can):
+    only a token sequence or a grid of the model's batch (`batch`: the graph input's dim 0) comes back at
+    full length, from a site whose block runs on that batch (not on windows folded into it)."""
+    site_batch = (shape_of(block.y) or (None,))[0]
+    if restored and str(site_batch) != str(batch):
+        first = restored[0]
+        return (f"block {block.name} runs on windows folded into the batch ({site_batch} rows for a batch of "
+                f"{batch}), and the tokens it would prune cannot be restored for {module_of(first)} ({first.name})")
+    restored_set = set(restored)
+    for node in restored:
+        for arg in node.all_input_nodes:
+            if arg not in fed or arg in restored_set or fact_of(arg) is None or isinstance(fact_of(arg), Readout):
+                continue
+            shape = shape_of(arg)
+            if not isinstance(fact_of(arg), (Tok, Grid)) or not shape or str(shape[0]) != str(batch):
+                return (f"{module_of(node)} reads {arg.name} ({type(fact_of(arg)).__name__}, shape {tuple(shape or ())}) "
+                        "after the last token mixer, and only a token sequence or a grid of the model's batch can be "
+                        "restored to full length for it")
+    return None
+
+
+def batch_of(gm: fx.GraphModule):
+    """Dim 0 of the graph's first tensor input (a symbol when the batch is dynamic)."""
+    for node in gm.graph.nodes:
+        shape = shape_of(node) if node.op == "placeholder" else None
+        if shape:
+            return shape[0]
+    return None
+
+
+def token_work(later_blocks: list, cut: set, nodes) -> set:
+    """The token mixers a site's kept tokens are for: the scans of the blocks after it, and attention
+    on the tokens outside the dense part `cut` (MambaVision's attention blocks after its mixers)."""
+    work = {scan for block in later_blocks for scan in block.scans}
+    work.update(n for n in nodes if n not in cut and is_token_attention(n))
+    return work
+
+
+def fed_by_site(cut: set, work: set, nodes) -> set:
+    """The nodes a site after the dense part `cut` feeds: every computed node outside `cut` on a path to
+    the token mixers `work`, and everything computed from those. A value computed from the dense part
+    alone that reaches no later token mixer (a feature map read before the site, an auxiliary head) is
+    not fed, so it stays exactly the dense value. `nodes` in graph order."""
+    order = list(nodes)
+    reaching = reaches(work, order)
+    fed = set()
+    for node in order:
+        if node.op != "call_function" or node in cut:
+            continue
+        if node in reaching or any(arg in fed for arg in node.all_input_nodes):
+            fed.add(node)
+    return fed
 
 
 def works_after(cut: set, nodes) -> bool:
     """Whether attention runs on the tokens among `nodes` outside the dense part `cut` (a
     scaled_dot_product_attention, or a matmul of two token tensors): blocks without a scan, as
     MambaVision's attention blocks after its mixers, that would run on fewer tokens."""
-    for node in nodes:
-        if node in cut or not isinstance(fact_of(node), (Tok, Grid)):
-            continue
-        name = op_name(node)
-        if name == "aten::scaled_dot_product_attention" or (
-                name in ("aten::matmul", "aten::bmm") and all(fact_of(a) is not None for a in node.args[:2])):
-            return True
-    return False
+    return any(node not in cut and is_token_attention(node) for node in nodes)
+
+
+def is_token_attention(node: fx.Node) -> bool:
+    """A scaled_dot_product_attention on token tensors, or a matmul of two token tensors."""
+    if not isinstance(fact_of(node), (Tok, Grid)):
+        return False
+    name = op_name(node)
+    return name == "aten::scaled_dot_product_attention" or (
+        name in ("aten::matmul", "aten::bmm") and all(fact_of(a) is not None for a in node.args[:2]))
 
 
 def block_closure(block: Block, gm: fx.GraphModule, graph: nx.DiGraph) -> set:
@@ -144,7 +258,7 @@ def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, no
     if not isinstance(fact, (Tok, Grid)) or fact.layout.length != length or restore in cut:
         return (f"the downsampling {module_of(end)} reads {restore.name}, which is not the token stream of the "
                 "pruned stage: sites are possible inside the last stage only")
-    for node in (n for n in nodes if n in after):
+    for node in (n for n in nodes if n in after and n.op != "output"):   # outputs are restored on their own
         for arg in node.all_input_nodes:
             if arg is end or arg in after or arg in cut or arg.op != "call_function":
                 continue
@@ -169,20 +283,22 @@ def _strided_reads(end: fx.Node, nodes) -> Optional[str]:
             "(a strided conv2d downsampling, as VMamba v05_noz's, can be restored)")
 
 
-def crosses(node: fx.Node, cut: set) -> bool:
-    """Whether `node`, in the dense part `cut`, is read after it (metadata asserts do not count)."""
-    return any(u not in cut and not is_assert(u) for u in node.users)
+def crosses(node: fx.Node, fed: set) -> bool:
+    """Whether `node`, in the dense part of a site, is read by a node the site feeds (`fed`; metadata
+    asserts do not count)."""
+    return any(u in fed and not is_assert(u) for u in node.users)
 
 
-def site_problem(cut: set, unknown: list, length: int, nodes) -> Optional[str]:
-    """Why no site can follow the dense part `cut` (None: one can); `nodes` in graph order."""
-    later_unknown = [n for n in unknown if n not in cut]
+def site_problem(cut: set, fed: set, unknown: list, length: int, nodes) -> Optional[str]:
+    """Why no site can follow the dense part `cut` that feeds `fed` (None: one can); `nodes` in graph
+    order."""
+    later_unknown = [n for n in unknown if n in fed]
     if later_unknown:
         first = later_unknown[0]
         return f"after it, {module_of(first)} does something the compiler cannot rewrite ({fact_of(first).reason})"
     for node in (n for n in nodes if n in cut):
         fact = fact_of(node)
-        if not crosses(node, cut):
+        if not crosses(node, fed):
             continue
         if isinstance(fact, (PaddedTok, BatchTok, MultiTok)):
             return f"{node.name} crosses the site as a {type(fact).__name__}"

@@ -29,7 +29,7 @@ from .signature import CallSignature, call_signature
 def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: Optional[tuple] = None, *,
                    schedule=None, alignment: str = "hold", metric: str = DEFAULT_METRIC, backend: str = "eager",
                    verify: bool = True, calibration: Optional[Iterable] = None,
-                   stage_fill: str = "carry") -> PrunedModel:
+                   fill: str = "carry", stage_fill: Optional[str] = None) -> PrunedModel:
     """Prune tokens of a vision state-space model; returns a module with the model's call signature.
 
     Args:
@@ -59,9 +59,13 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
             of model inputs (each a tensor or a tuple of positional inputs); the schedule (a greedy
             per-block sensitivity search, ToP's sites and uniform sites) and alignment whose outputs
             stay closest to the dense model's on them win.
-        stage_fill: hierarchical models (stages with downsampling between them): what the pruned
-            cells of a stage's grid hold when the grid is restored before the downsampling:
-            "carry" (default: the value at the site where the cell was pruned) or "zeros".
+        fill: what a pruned position holds where pruned tokens come back at full length: a graph
+            output that carries tokens (feature maps of a detection / segmentation backbone) and, in
+            hierarchical models, a stage's grid before its downsampling: "carry" (default: the value
+            the token had at the site where it was pruned, through the same per-token ops as the
+            kept ones), "nearest" (the nearest kept token's value) or "zeros". Values no site feeds
+            (a feature map read before the first site) are the model's own, exactly.
+        stage_fill: the former name of `fill` (stage ends only); still accepted.
 
     Example::
 
@@ -69,8 +73,13 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         >>> fast = compile_pruned(create_model("vim_t"), ratio=0.3)
         >>> print(fast.report)
     """
+    if stage_fill is not None:
+        if fill != "carry" and fill != stage_fill:
+            raise InvalidArgumentError(f"fill={fill!r} and stage_fill={stage_fill!r} disagree: pass fill= only "
+                                       "(stage_fill is its former name)")
+        fill = stage_fill
     settings = PruneSettings(ratio=ratio, schedule=schedule, alignment=alignment, metric=metric, backend=backend,
-                             verify=verify, stage_fill=stage_fill)
+                             verify=verify, fill=fill)
     model = unwrap_model(model)
     if settings.needs_calibration != (calibration is not None):
         raise InvalidArgumentError("schedule='auto' / alignment='auto' and calibration= go together: pass "
@@ -116,9 +125,11 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
     with generated_code_released() as keep:
         plan, settings, schedule_search, alignment_search = choose_plan(prepared, settings, calibration)
         sites = plan_sites(plan)
-        pruned = captured.gm
+        pruned, restorations = captured.gm, []
         if sites:
-            rewritten = keep(run_passes([PruneTokens(analysis, sites, settings)], captured.gm).graph_module)
+            prune = PruneTokens(analysis, sites, settings)
+            rewritten = keep(run_passes([prune], captured.gm).graph_module)
+            restorations = prune.restorations
             check_metric(rewritten, prepared.flat, settings.metric)   # before the passes that run it
             passes = [PropagateMeta(prepared.flat), AnnotateFlops(prepared.flat, captured.static_batch or 1)]
             pruned = keep(run_passes(passes, rewritten).graph_module)
@@ -138,7 +149,8 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         alignment_search=None if alignment_search is None else (alignment_search.chosen, dict(alignment_search.scores)),
         site_lengths={key: analysis.site_length(key) for key in plan.kept}, static_batch=captured.static_batch,
         schedule=settings.schedule,
-        frozen_arguments=prepared.signature.frozen_arguments() if prepared.signature else {})
+        frozen_arguments=prepared.signature.frozen_arguments() if prepared.signature else {},
+        restorations=restorations, fill=str(settings.fill))
     return PrunedModel(pruned, report, prepared.example_inputs, settings.backend, captured.static_batch,
                        prepared.signature)
 

@@ -4,6 +4,11 @@ The loss is Hinton's: KL(teacher || student) of the logits softened at a tempera
 the gradients keep their size whatever T), summed over a rank's samples and divided by the GLOBAL
 batch: the mean over the global batch once DistributedDataParallel has averaged the ranks' gradients
 (``world`` ranks: each rank's sum is scaled by ``world`` first, DDP divides by it).
+
+Models with dense outputs (a tuple / list / dict of feature maps, per-pixel logits) are distilled on
+every floating output: a (batch, classes) output by the KL above, an output with more dims (feature
+maps, per-pixel logits) by its mean squared error relative to the teacher output's mean square
+(logit and feature matching: Ba & Caruana 2014, FitNets 2015), per sample, summed over outputs.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from ..errors import InvalidArgumentTypeError
 
@@ -18,13 +24,35 @@ WARMUP_FRACTION = 0.05   # of the steps, linear from 0 to the peak learning rate
 WEIGHT_DECAY = 0.0       # the pruned model starts from trained weights: nothing to decay towards
 
 
-def logits_of(output) -> torch.Tensor:
-    """A model's output -> its logits (the first tensor of a tuple / list output)."""
-    while isinstance(output, (tuple, list)):
-        output = output[0]
-    if not isinstance(output, torch.Tensor):
-        raise InvalidArgumentTypeError(f"recover needs models that return logits (a tensor); got {type(output).__name__}")
-    return output
+def outputs_of(output):
+    """A model's output as distillation reads it: a tensor of logits, or a tuple / list / dict of tensors."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list, dict)) and any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(output)):
+        return output
+    raise InvalidArgumentTypeError(f"recover needs models that return tensors (logits, or a tuple / list / dict of "
+                                   f"them); got {type(output).__name__}")
+
+
+def output_distillation_loss(student, teacher, temperature: float, global_batch: int, world: int = 1) -> torch.Tensor:
+    """The distillation loss of a model's whole output: one tensor of logits -> `distillation_loss`; a tuple,
+    list or dict -> the sum over its floating leaves with a batch dim (2-D: KL; more dims: `matching_loss`)."""
+    if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
+        return distillation_loss(student, teacher, temperature, global_batch, world)
+    pairs = [(s, t) for s, t in zip(pytree.tree_leaves(student), pytree.tree_leaves(teacher))
+             if isinstance(s, torch.Tensor) and s.is_floating_point() and s.dim() >= 2]
+    if not pairs:
+        raise InvalidArgumentTypeError("recover needs a model output with floating tensors of shape (batch, ...) to "
+                                       f"distil; got {type(student).__name__}")
+    return sum(distillation_loss(s, t, temperature, global_batch, world) if s.dim() == 2
+               else matching_loss(s, t, global_batch, world) for s, t in pairs)
+
+
+def matching_loss(student: torch.Tensor, teacher: torch.Tensor, global_batch: int, world: int = 1) -> torch.Tensor:
+    """Sum over samples of mean((student - teacher)^2) / mean(teacher^2), / global_batch * world."""
+    s, t = student.float().flatten(1), teacher.float().flatten(1)
+    per_sample = (s - t).pow(2).mean(1) / t.pow(2).mean(1).clamp_min(1e-12)
+    return per_sample.sum() * (world / global_batch)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, global_batch: int,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 from . import distributed
 from .augment import augment_batch, check_augment
-from .distill import distillation_loss, logits_of, optimiser
+from .distill import optimiser, output_distillation_loss, outputs_of
 from .pruned_model import PrunedModel
 from .recover_data import global_batches, shard
 from .report import RecoveryRecord
@@ -89,8 +89,8 @@ def recover(pruned: PrunedModel, teacher: torch.nn.Module, data, *, steps: int =
             if step == 0:
                 pruned.check_inputs((x,))
             with torch.no_grad():
-                target = logits_of(target_model(x))
-            loss = distillation_loss(logits_of(training(x)), target, temperature, len(batch), world)
+                target = outputs_of(target_model(x))
+            loss = output_distillation_loss(outputs_of(training(x)), target, temperature, len(batch), world)
             adam.zero_grad(set_to_none=True)
             loss.backward()
             adam.step()

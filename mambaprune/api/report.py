@@ -59,6 +59,8 @@ class PruneReport:
     recovery: RecoveryRecord | None = None  # set by mambaprune.recover: the training after pruning
     schedule: object = None  # the schedule asked for ("top" and {k: keep} set the keep rates: ratio unused)
     frozen_arguments: dict = field(default_factory=dict)  # non-tensor forward arguments compiled in as constants
+    restorations: list = field(default_factory=list)  # rewrite.restore.Restoration: outputs / stage ends restored
+    fill: str = "carry"            # what pruned positions hold where tokens are restored
 
     @property
     def uses_ratio(self) -> bool:
@@ -93,6 +95,10 @@ class PruneReport:
                 chosen, scores = search
                 scored = ", ".join(f"{name} {value:.4g}" for name, value in sorted(scores.items(), key=lambda kv: kv[1]))
                 lines.append(f"{option}='auto' chose {chosen} (calibration output discrepancy: {scored})")
+        if self.restorations:
+            restored = "; ".join(str(r) for r in self.restorations)
+            lines.append(f"token outputs restored to full length (fill={self.fill}): {restored}; outputs not listed "
+                         "are computed by the model's own dense ops")
         if self.static_batch is not None:
             lines.append(f"captured with the batch fixed at {self.static_batch} (torch.export: the model's code makes the "
                          f"batch a constant): the pruned model accepts only batches of {self.static_batch}")

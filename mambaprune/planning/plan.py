@@ -10,6 +10,7 @@ so that the reduction is closest to `ratio`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -20,6 +21,11 @@ from ..errors import InvalidArgumentError, UnreachableRatioError, UnsupportedMod
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
 TOP_KEEP = 0.8
+# A solved plan (a ratio with "paper", "uniform" or "auto") never keeps fewer than this fraction of a
+# stage's tokens at any site: reaching a target by keeping 2 of 64 tokens (or 1 of 196) leaves a model
+# that says nothing about the image. The ratio is reported unreachable instead. An explicit schedule
+# {k: keep_rate} sets what it sets.
+MIN_KEPT_FRACTION = 1 / 8
 
 
 @dataclass
@@ -36,8 +42,9 @@ class Plan:
 
 
 def estimate(analysis: GraphAnalysis, flops: dict, kept: dict) -> float:
-    """Estimated MACs when site k keeps kept[k] tokens: each node downstream of a site (and not after
-    the downsampling that ends its stage) scaled by K/L when its cost scales with the tokens."""
+    """Estimated MACs when site k keeps kept[k] tokens: each node downstream of a site scaled by K/L when
+    its cost scales with the tokens, except what runs on restored tokens (after the downsampling that ends
+    its stage, a neck or decoder reading a restored feature map: counted dense)."""
     keys = sorted(kept)
     total = 0.0
     for node, f in flops.items():
@@ -45,7 +52,7 @@ def estimate(analysis: GraphAnalysis, flops: dict, kept: dict) -> float:
             continue
         region = analysis.region(node, keys)
         key = keys[region - 1] if region else None
-        if key and node not in analysis.after_stage(key) and scales_with_tokens(node):
+        if key and not analysis.runs_dense(node, key) and scales_with_tokens(node):
             f *= kept[key] / analysis.site_length(key)
         total += f
     return total
@@ -129,27 +136,45 @@ def plan_for_sites(analysis: GraphAnalysis, flops: dict, sites: list, ratio: flo
     if ratio - achieved > 0.03:
         raise UnreachableRatioError(
             f"ratio {ratio} cannot be reached for this model: the maximum FLOPs reduction with pruning after "
-            f"blocks {sites} is {achieved:.3f} (too few blocks after the first site or too few tokens). "
-            "Use a smaller ratio or an explicit schedule with earlier sites.")
+            f"blocks {sites}, keeping at least 1/{round(1 / MIN_KEPT_FRACTION)} of the tokens at every site, is "
+            f"{achieved:.3f} (too few blocks after the first site, or work that stays dense: the layers before "
+            "the first site, restored feature maps and what reads them). Use a smaller ratio, or an explicit "
+            "schedule {block: keep_rate} with earlier sites or lower keep rates.")
     return best
+
+
+def keeps_enough(analysis: GraphAnalysis, plan: "Plan") -> bool:
+    """Every site of the plan keeps at least MIN_KEPT_FRACTION of its stage's tokens."""
+    return all(k >= min_kept(analysis, key) for key, k in plan.kept.items())
+
+
+def min_kept(analysis: GraphAnalysis, key: int) -> int:
+    """The fewest tokens a solved plan keeps at site `key`: the protected ones, plus MIN_KEPT_FRACTION of
+    its stage's tokens (at least one)."""
+    length = analysis.site_length(key)
+    return min(length, analysis.protected_below(length) + max(1, math.ceil(MIN_KEPT_FRACTION * length)))
 
 
 def solve_site_keep(analysis: GraphAnalysis, flops: dict, keeps: dict, site: int, ratio: float):
     """``keeps`` with the keep rate at ``site`` lowered (bisection) until the estimated reduction is
     closest to ``ratio`` (the caller checks how close that is)."""
     dense = sum(flops.values())
-    return _bisect(lambda rate: _plan(analysis, flops, {**keeps, site: rate}, dense), ratio, keeps.get(site, 1.0))
+    return _bisect(lambda rate: _plan(analysis, flops, {**keeps, site: rate}, dense), ratio, keeps.get(site, 1.0),
+                   lambda plan: keeps_enough(analysis, plan))
 
 
-def _bisect(plan_for_rate, ratio: float, highest: float, steps: int = 40) -> Plan:
-    """The plan closest to ``ratio`` among plan_for_rate(rate), rate in [0, highest] (the reduction
-    falls as the rate grows)."""
+def _bisect(plan_for_rate, ratio: float, highest: float, allowed=lambda plan: True, steps: int = 40) -> Plan:
+    """The allowed plan closest to ``ratio`` among plan_for_rate(rate), rate in [0, highest] (the
+    reduction falls as the rate grows; a plan is not allowed below some rate)."""
     lo, hi = 0.0, highest
-    best = None
+    best = plan_for_rate(highest)
     for _ in range(steps):
         mid = (lo + hi) / 2
         plan = plan_for_rate(mid)
-        if best is None or abs(plan.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
+        if not allowed(plan):
+            lo = mid
+            continue
+        if abs(plan.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
             best = plan
         if plan.estimated_ratio > ratio:
             lo = mid
@@ -164,11 +189,8 @@ def _plan(analysis, flops, keeps, dense) -> Plan:
 
 
 def _solve_uniform_keep(analysis, flops, sites, ratio, dense) -> Plan:
-    best = _bisect(lambda rate: _plan(analysis, flops, {s: rate for s in sites}, dense), ratio, 1.0)
-    smallest = _plan(analysis, flops, {s: 0.0 for s in sites}, dense)  # one free token per site
-    if smallest.estimated_ratio < ratio and abs(smallest.estimated_ratio - ratio) < abs(best.estimated_ratio - ratio):
-        best = smallest
-    return best
+    return _bisect(lambda rate: _plan(analysis, flops, {s: rate for s in sites}, dense), ratio, 1.0,
+                   lambda plan: keeps_enough(analysis, plan))
 
 
 def _schedule_keeps(analysis, schedule) -> dict:

@@ -20,6 +20,7 @@ class RewriteContext:
         self.analysis = analysis
         self.settings = settings
         self.env: dict = {}             # old node -> new node
+        self.restorations: list = []    # restore.Restoration, for the report
         self._tables: dict = {}
         current = None
         for key in site_keys:          # one IndexTables per stage: consecutive sites of one token count

@@ -25,7 +25,8 @@ from ..pass_infra import GraphPass, InvariantError, PassResult
 from ..settings import Alignment, PruneSettings
 from .context import RewriteContext, SiteContext
 from .gather import cut_constant, cut_grid_constant, cut_to_site
-from .rules import REWRITE_RULES, restore_output
+from .restore import emit_restored, restore_outputs
+from .rules import REWRITE_RULES
 from .score import current_dim, emit_scores
 from .select import emit_selection
 from .stage_end import emit_stage_end
@@ -42,6 +43,8 @@ class SiteSpec:
 class PruneTokens(GraphPass):
     """The token-pruning rewrite of a captured graph for `sites`, with `settings`' alignment,
     metric and stage fill."""
+
+    restorations: list = ()      # restore.Restoration: where the last rewrite restored pruned tokens, and how
 
     def __init__(self, analysis: GraphAnalysis, sites: list, settings: PruneSettings):
         self.analysis = analysis
@@ -79,6 +82,7 @@ class PruneTokens(GraphPass):
                 emit_site(ctx.at(sites[emitted].key), sites[emitted])
                 emitted += 1
             ctx.env[old] = emit_node(ctx, old, sites[r - 1].key if r else 0)
+        self.restorations = list(ctx.restorations)
         return ctx.builder.module()
 
 
@@ -86,7 +90,7 @@ def emit_node(ctx: RewriteContext, old: fx.Node, key: int) -> fx.Node:
     """The new node for `old`, which lies downstream of site `key` (0: the dense part)."""
     graph, env = ctx.builder.graph, ctx.env
     if old.op == "output":
-        return graph.output(restore_output(ctx, fx.node.map_arg(old.args[0], env.__getitem__)))
+        return graph.output(restore_outputs(ctx, old, ctx.restorations))
     if op_name(old) == "aten::_assert_tensor_metadata":
         return graph.node_copy(old, env.__getitem__)  # a dtype/device check of its input, as that input now is
     if key == 0 or old.op != "call_function" or old in ctx.analysis.after_stage(key):
@@ -94,6 +98,8 @@ def emit_node(ctx: RewriteContext, old: fx.Node, key: int) -> fx.Node:
     stage_end = ctx.analysis.stage_end(key)
     if stage_end is not None and (old is stage_end.downsampling or old in stage_end.chain):
         return emit_stage_end(ctx.at(key), old)
+    if ctx.analysis.runs_dense(old, key):
+        return emit_restored(ctx.at(key), old)    # after the last token mixer, on restored tokens
     return emit_pruned(ctx.at(key), old)
 
 

@@ -177,3 +177,30 @@ def expand_grid(x: torch.Tensor, hdim: int, wdim: int, height: int, width: int) 
     sizes = [-1] * x.dim()
     sizes[hdim], sizes[wdim] = height, width
     return x.expand(*sizes)
+
+
+def nearest_kept(index: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """(B, L): for every dense slot, the pruned slot (0..K-1) that holds the nearest kept token.
+
+    index: (B, K) dense slots of the kept tokens; coords: (L, c) float coordinates of the dense slots
+    (a sequence position, or a grid cell's row and column). Squared distances are computed exactly
+    (integer coordinates), so a kept slot is its own nearest; ties go to the lower pruned slot.
+    """
+    coords = coords.to(device=index.device)
+    kept = coords[index]                                              # (B, K, c)
+    distance = ((coords.unsqueeze(0).unsqueeze(2) - kept.unsqueeze(1)) ** 2).sum(-1)   # (B, L, K)
+    return distance.argmin(dim=-1)
+
+
+def nearest_tokens(x: torch.Tensor, index: torch.Tensor, coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """x's K slots along `dim` back at full length L: each dense slot takes the nearest kept token's value."""
+    return token_ops.gather_tokens(x, nearest_kept(index, coords), dim)
+
+
+def nearest_grid(x: torch.Tensor, index: torch.Tensor, coords: torch.Tensor, height: int, width: int,
+                 hdim: int, wdim: int) -> torch.Tensor:
+    """A pruned grid (K x 1 column, see ``gather_grid``) back at (height, width), each cell holding the value of
+    the nearest kept cell."""
+    cells = x.movedim((hdim, wdim), (-2, -1)).squeeze(-1)
+    dense = token_ops.gather_tokens(cells, nearest_kept(index, coords), cells.dim() - 1)
+    return dense.reshape(*dense.shape[:-1], height, width).movedim((-2, -1), (hdim, wdim))

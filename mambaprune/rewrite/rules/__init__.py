@@ -4,7 +4,7 @@ from .conv1d import DropConvSlice, PositionConv1d
 from .conv2d import NeighbourConv2d
 from .default import CopyNode
 from .permutation import ReorderTokens, leave_grid
-from .readout import RemapReadout, restore_output
+from .readout import RemapReadout
 from .scan_gaps import ScanGaps
 
 REWRITE_RULES = (
@@ -18,4 +18,4 @@ REWRITE_RULES = (
 )
 
 __all__ = ["REWRITE_RULES", "RewriteRule", "CopyNode", "DropConvSlice", "NeighbourConv2d", "PositionConv1d",
-           "ReorderTokens", "RemapReadout", "ScanGaps", "leave_grid", "restore_output"]
+           "ReorderTokens", "RemapReadout", "ScanGaps", "leave_grid"]
