@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import architectures as arch  # noqa: E402
 
 import mambaprune  # noqa: E402
-from mambaprune import UnsupportedModelError  # noqa: E402
+from mambaprune import UnreachableRatioError, UnsupportedModelError  # noqa: E402
 
 RATIO = 0.3
 TOL = 1e-5
@@ -58,8 +58,6 @@ LAST_OF_STAGE = "is the last of its stage"
 
 # name -> (description, fragment of the refusal reason)
 REFUSED = {
-    "mambavision_explicit_attn": ("MambaVision-style with explicit softmax(q @ k.transpose) attention",
-                                  "a matmul contracts or mixes the token axis"),
     "mambavision_windowed": ("MambaVision-style windowed (window_partition / window_reverse)",
                              "reshapes the token grid"),
 }
@@ -155,6 +153,20 @@ def test_hybrid_attention_runs_on_the_kept_tokens():
     _, pruned = ok("mambavision_int_padding", RATIO)
     assert list(pruned.report.sites) == [1]
     assert pruned.report.pruned_flops < pruned.report.dense_flops
+
+
+def test_explicit_attention_after_the_mixers_runs_on_restored_tokens():
+    """softmax(q @ k.transpose) written out is not followed by the token rules: the tokens are restored
+    (fill carry) before it and it runs densely, so pruning saves only the mixers' share."""
+    model = arch.build("mambavision_explicit_attn")
+    with pytest.raises(UnreachableRatioError, match="keeping at least 1/8 of the tokens"):
+        mambaprune.compile_pruned(model, ratio=RATIO)
+    pruned = mambaprune.compile_pruned(model, schedule={1: 0.5})
+    assert [r.what.split("'")[0] for r in pruned.report.restorations] == ["blocks.2.mixer"]
+    assert pruned.report.pruned_flops < pruned.report.dense_flops
+    keep_all = mambaprune.compile_pruned(model, schedule={1: 1.0})
+    with torch.no_grad():
+        assert max_diff(keep_all(images()), model(images())) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
