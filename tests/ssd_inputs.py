@@ -35,7 +35,8 @@ def ssd_inputs(dtype=torch.float32, batch=2, length=11, heads=6, headdim=5, grou
     if z:
         args["z"] = z_t
     if dt_bias:
-        args["dt_bias"] = r(heads) * 0.5
+        bias = r(heads) * 0.5
+        args["dt_bias"] = bias if dt_softplus else bias.abs()  # keep dt > 0: decaying states
     args["dt_softplus"] = bool(dt_softplus)
     if gap:
         args["gap"] = torch.randint(1, 4, (batch, length), generator=g)
