@@ -141,6 +141,24 @@ def test_float32_gradients_match_autograd_through_the_token_loop():
         assert max_error(ours[name].grad, leaves[name].grad) <= 1e-4, name
 
 
+@pytest.mark.parametrize("D", ["head", "channel"])
+def test_cpp_backward_equals_the_mamba1_route_in_float64_over_several_channel_blocks(D, monkeypatch):
+    """Two analytic backwards (the SSD kernel's; the Mamba-1 kernel's pulled back through the views)
+    on a head dim of 37 (five float64 vector blocks, the last partial) and 3 groups."""
+    needs_cpp()
+    args = ssd_inputs(torch.float64, heads=6, headdim=37, groups=3, dstate=5, length=17, D=D, z=True, dt_bias=True,
+                      dt_softplus=True, gap=True, views=True)
+    grads = {}
+    for impl in ("cpp", "sequential"):
+        monkeypatch.setenv("MAMBAPRUNE_SCAN_IMPL", impl)
+        leaves = {k: v.detach().clone().requires_grad_() if k in SSD_GRAD_NAMES else v for k, v in args.items()}
+        y = ssd_scan(**leaves)
+        grads[impl] = torch.autograd.grad(y, [leaves[k] for k in SSD_GRAD_NAMES], torch.cos(y.detach()))
+    for name, ours, theirs in zip(SSD_GRAD_NAMES, grads["cpp"], grads["sequential"]):
+        assert ours.shape == args[name].shape
+        torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10, msg=name)
+
+
 def test_only_the_needed_gradients_are_computed():
     args = ssd_inputs(D="head", z=True, dt_bias=True)
     args["dt"].requires_grad_()

@@ -11,11 +11,9 @@ Mamba-1 selective scan (``ssd_reference.as_selective_scan_args``) through that o
 implementations. ``MAMBAPRUNE_SCAN_IMPL`` forces one as for the Mamba-1 scan: ``reference`` is the
 direct token loop (ssd_reference), ``sequential`` the Mamba-1 route, ``cpp`` and ``triton`` the kernels.
 
-Backward: the gradients of the equivalent Mamba-1 scan, pulled back through the views and expands
-that build it (so dt's gradient sums its heads' channels, A's its channels and states). On the CPU
-with the C++ kernels that is the Mamba-1 kernel's analytic C++ backward (no forward rerun); elsewhere
-autograd through the Mamba-1 scan the selective_scan op would differentiate (the direct token loop
-when ``reference`` is forced).
+Backward: on the CPU with the C++ kernels, the SSD kernel's analytic backward (csrc/ssd.h); elsewhere
+autograd through the equivalent Mamba-1 scan that the selective_scan op would differentiate, pulled
+back through the views and expands that build it (the direct token loop when ``reference`` is forced).
 """
 
 from __future__ import annotations
@@ -27,9 +25,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .cpu_kernels import load_cpu_kernels
 from .op_library import define_op
-from .scan_cpp import selective_scan_cpp_backward
 from .selective_scan import _differentiable_impl, _forced_impl, _selective_scan_kernel
-from .ssd_cpp import ssd_scan_cpp
+from .ssd_cpp import ssd_scan_cpp, ssd_scan_cpp_backward
 from .ssd_reference import as_selective_scan_args, from_selective_scan_output, ssd_scan_reference
 from .ssd_triton import ssd_scan_triton, ssd_scan_triton_op
 from .scan_triton import triton_available
@@ -38,8 +35,6 @@ from .validation import check_ssd_scan_args
 # mamba_ssm's Mamba2 default chunk size: the FLOP formula counts the chunked algorithm with it.
 SSD_CHUNK_SIZE = 256
 _SSD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
-# Mamba-1 argument name of each SSD argument (the equivalent scan, ssd_reference).
-_MAMBA1_NAME = dict(x="u", dt="delta", A="A", B="B", C="C", D="D", z="z", dt_bias="delta_bias")
 
 
 def chosen_ssd_impl(x: torch.Tensor) -> str:
@@ -95,6 +90,9 @@ def _input_grads(grad_out, saved: dict, wanted: list, dt_softplus: bool, gap) ->
     """Gradients of sum(grad_out * ssd_scan(**saved)) w.r.t. the ``wanted`` arguments."""
     gap = None if gap is None else gap.detach()
     impl = chosen_ssd_impl(saved["x"])
+    if impl == "cpp":
+        by_name = ssd_scan_cpp_backward(grad_out, **saved, dt_softplus=dt_softplus, gap=gap)
+        return tuple(by_name[name] for name in wanted)
     with torch.enable_grad():
         leaves = {name: t.detach().requires_grad_(name in wanted) if t is not None else None for name, t in saved.items()}
         targets = [leaves[name] for name in wanted]
@@ -104,11 +102,6 @@ def _input_grads(grad_out, saved: dict, wanted: list, dt_softplus: bool, gap) ->
         mamba1 = as_selective_scan_args(**leaves, gap=gap)
         batch, length, heads, headdim = saved["x"].shape
         grad_mamba1 = grad_out.reshape(batch, length, heads * headdim).transpose(1, 2)
-        if impl == "cpp":
-            # The Mamba-1 kernel's analytic gradients w.r.t. its arguments, pulled back through the views.
-            by_name = selective_scan_cpp_backward(grad_mamba1, **mamba1, delta_softplus=dt_softplus)
-            pulled = [(mamba1[_MAMBA1_NAME[name]], by_name[_MAMBA1_NAME[name]]) for name in wanted]
-            return torch.autograd.grad([t for t, _ in pulled], targets, [g for _, g in pulled])
         y = _differentiable_impl(mamba1["u"], saved["B"].shape[-1])(**mamba1, delta_softplus=dt_softplus)
         return torch.autograd.grad(y, targets, grad_mamba1)
 

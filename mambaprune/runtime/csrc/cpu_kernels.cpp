@@ -14,6 +14,7 @@ TORCH_LIBRARY_IMPL(mambaprune_cpu, CPU, m) {
   m.impl("scan_forward", &mambaprune_cpu::scan_forward);
   m.impl("scan_backward", &mambaprune_cpu::scan_backward);
   m.impl("ssd_forward", &mambaprune_cpu::ssd_forward);
+  m.impl("ssd_backward", &mambaprune_cpu::ssd_backward);
   m.impl("pos_conv1d_forward", &mambaprune_cpu::pos_conv1d_forward);
   m.impl("pos_conv1d_backward", &mambaprune_cpu::pos_conv1d_backward);
   m.impl("pos_conv2d_forward", &mambaprune_cpu::pos_conv2d_forward);

@@ -1,6 +1,6 @@
-// SSD (Mamba-2) scan on the CPU: the forward, sequential over tokens, vectorised over channels.
+// SSD (Mamba-2) scan on the CPU: forward and analytic backward, sequential over tokens, vectorised over channels.
 //
-// The CPU kernel of torch.ops.mambaprune_cpu.ssd_forward (registered in cpu_kernels.cpp; schema and
+// The CPU kernel of torch.ops.mambaprune_cpu.ssd_forward / ssd_backward (registered in cpu_kernels.cpp; schema and
 // fake kernel in ssd_cpp.py). Layout of mamba_ssm's mamba_chunk_scan_combined: x, z (batch, L, H, P),
 // dt (batch, L, H), A (H,), B, C (batch, L, G, N), D (H, P) (the wrapper expands a per-head D),
 // dt_bias (H,), gap (batch, L); any strides; float or double (the wrapper casts).
@@ -12,14 +12,14 @@
 //   dt = softplus?(dt + bias)    a = exp(gap * dt * A_h)
 //   h_n = a * h_n + (dt x) B_n   y = sum_n C_n h_n + D x   (then y *= silu(z))
 //
-// The backward is not here: the op differentiates the equivalent Mamba-1 scan (scan.h's analytic
-// backward) through views of these tensors (ssd_reference.as_selective_scan_args).
+// The analytic backward (below) recomputes each block's states and walks the tokens backwards.
 
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 
 #include <cmath>
 
@@ -123,6 +123,153 @@ at::Tensor ssd_forward(const at::Tensor& x, const at::Tensor& dt, const at::Tens
     });
   });
   return y;
+}
+
+
+// ------------------------------------------------------------------------------------------ backward
+//
+// One task = one sample and one head, its channel blocks one after the other: the per-token scalars
+// that every channel of the head shares (the gradients of dt and of the decay) are then complete in
+// the task. Per block the forward is recomputed into a token-major tape (states, L * N vectors), then
+// the tokens are walked backwards with g_n = dL/dh_n:
+//
+//   g_n += C_n dy        dC_n += dy . h_n      dB_n += g_n . (dt x)      q += B_n g_n
+//   da  += g_n . h_{n, t-1}                    g_n *= a                  (then on to t - 1)
+//   dx = D dy + dt q     d dt = q . x + da a gap A      dA += da a gap dt
+//
+// ("." sums over channels). B and C are shared by the heads of a group: each task writes its head's
+// partial sums, (batch, H, L, N), which are added up per group at the end; A, D and dt_bias are
+// shared by the samples: per-sample partials, summed at the end.
+
+template <typename T>
+struct SsdGrads {
+  T *x, *dt, *z, *A, *D, *bias, *B, *C;  // x, z (batch, L, H, P); dt (batch, L, H); A, bias (batch, H);
+                                         // D (batch, H, P); B, C (batch, H, L, N)
+};
+
+template <typename T>
+void ssd_backward_head(const Ssd<T>& s, const View<T>& grad_out, const SsdGrads<T>& out, int64_t b, int64_t h) {
+  using Vec = Vectorized<T>;
+  const int64_t W = Vec::size(), N = s.dstate, L = s.length, P = s.headdim, H = s.heads;
+  const int64_t g = h / s.heads_per_group;
+  const T A_h = s.A.data[h * s.A.strides[0]];
+  const T bias_h = s.bias.present() ? s.bias.data[h * s.bias.strides[0]] : T(0);
+  const int64_t B_n = s.B.strides[3], C_n = s.C.strides[3];
+  std::vector<T> dts(L), decays(L), gaps(L), grad_decay(L, T(0)), grad_step(L, T(0));
+  for (int64_t t = 0; t < L; ++t) {
+    dts[t] = s.step(b, t, h, bias_h);
+    gaps[t] = s.gap_at(b, t);
+    decays[t] = std::exp(dts[t] * gaps[t] * A_h);
+  }
+  std::vector<Vec> states(L * N), pre_gate(L), grad_h(N), grad_B_lanes(L * N, Vec(T(0))), grad_C_lanes(L * N, Vec(T(0)));
+  for (int64_t j = 0; j < s.blocks; ++j) {
+    const int64_t p0 = j * W, lanes = std::min<int64_t>(W, P - p0);
+    const Vec D_v = s.D.present() ? load_lanes(s.D.data + h * s.D.strides[0] + p0 * s.D.strides[1], s.D.strides[1], lanes)
+                                  : Vec(T(0));
+    // The forward of this block, recorded.
+    std::fill(grad_h.begin(), grad_h.end(), Vec(T(0)));  // as the zero state h_{-1}
+    const Vec* previous = grad_h.data();
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec x = load_lanes(s.at4(s.x, b, t, h, p0), s.x.strides[3], lanes), dt_x = Vec(dts[t]) * x;
+      const Vec decay(decays[t]);
+      const T* B = s.B.data + b * s.B.strides[0] + t * s.B.strides[1] + g * s.B.strides[2];
+      const T* C = s.C.data + b * s.C.strides[0] + t * s.C.strides[1] + g * s.C.strides[2];
+      Vec* state = states.data() + t * N;
+      Vec acc(T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        state[n] = at::vec::fmadd(dt_x, Vec(B[n * B_n]), decay * previous[n]);
+        acc = at::vec::fmadd(state[n], Vec(C[n * C_n]), acc);
+      }
+      pre_gate[t] = at::vec::fmadd(D_v, x, acc);
+      previous = state;
+    }
+    // The reverse walk.
+    std::fill(grad_h.begin(), grad_h.end(), Vec(T(0)));
+    Vec grad_D(T(0));
+    for (int64_t t = L - 1; t >= 0; --t) {
+      const int64_t row = (b * L + t) * H + h;  // (batch, L, H) index
+      Vec gy = load_lanes(grad_out.data + b * grad_out.strides[0] + t * grad_out.strides[1] + h * grad_out.strides[2]
+                              + p0 * grad_out.strides[3], grad_out.strides[3], lanes);
+      const Vec x = load_lanes(s.at4(s.x, b, t, h, p0), s.x.strides[3], lanes), dt_x = Vec(dts[t]) * x;
+      if (s.z.present()) {
+        const Vec z = load_lanes(s.at4(s.z, b, t, h, p0), s.z.strides[3], lanes), sig = sigmoid(z);
+        const Vec grad_z = gy * pre_gate[t] * sig * (Vec(T(1)) + z * (Vec(T(1)) - sig));
+        grad_z.store(out.z + row * P + p0, lanes);
+        gy = gy * z * sig;
+      }
+      grad_D = at::vec::fmadd(gy, x, grad_D);
+      const T* B = s.B.data + b * s.B.strides[0] + t * s.B.strides[1] + g * s.B.strides[2];
+      const T* C = s.C.data + b * s.C.strides[0] + t * s.C.strides[1] + g * s.C.strides[2];
+      const Vec* state = states.data() + t * N;
+      const Vec decay(decays[t]);
+      Vec q(T(0)), grad_a(T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        grad_h[n] = at::vec::fmadd(gy, Vec(C[n * C_n]), grad_h[n]);  // now dL/dh_t
+        grad_C_lanes[t * N + n] = at::vec::fmadd(gy, state[n], grad_C_lanes[t * N + n]);
+        grad_B_lanes[t * N + n] = at::vec::fmadd(grad_h[n], dt_x, grad_B_lanes[t * N + n]);
+        q = at::vec::fmadd(grad_h[n], Vec(B[n * B_n]), q);
+        if (t > 0) grad_a = at::vec::fmadd(grad_h[n], state[n - N], grad_a);
+        grad_h[n] = grad_h[n] * decay;
+      }
+      (at::vec::fmadd(gy, D_v, q * Vec(dts[t]))).store(out.x + row * P + p0, lanes);
+      grad_step[t] += reduce_lanes(q * x);
+      grad_decay[t] += reduce_lanes(grad_a);
+    }
+    grad_D.store(out.D + (b * H + h) * P + p0, lanes);
+  }
+  T grad_A = T(0), grad_bias = T(0);
+  for (int64_t t = 0; t < L; ++t) {
+    const T grad_exponent = grad_decay[t] * decays[t];  // dL/d(gap dt A)
+    grad_A += grad_exponent * gaps[t] * dts[t];
+    T grad_dt = grad_step[t] + grad_exponent * gaps[t] * A_h;
+    if (s.softplus) {
+      const T pre = s.dt.data[b * s.dt.strides[0] + t * s.dt.strides[1] + h * s.dt.strides[2]] + bias_h;
+      if (pre <= T(20)) grad_dt *= T(1) / (T(1) + std::exp(-pre));
+    }
+    grad_bias += grad_dt;
+    out.dt[(b * L + t) * H + h] = grad_dt;
+  }
+  out.A[b * H + h] = grad_A;
+  out.bias[b * H + h] = grad_bias;
+  T* grad_B = out.B + (b * H + h) * L * N;
+  T* grad_C = out.C + (b * H + h) * L * N;
+  for (int64_t i = 0; i < L * N; ++i) {
+    grad_B[i] = reduce_lanes(grad_B_lanes[i]);
+    grad_C[i] = reduce_lanes(grad_C_lanes[i]);
+  }
+}
+
+// Gradients {x, dt, z (empty without z), A, D (H, P; zeros without D), dt_bias, B, C}.
+std::vector<at::Tensor> ssd_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& dt,
+                                     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                     const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                                     const std::optional<at::Tensor>& gap) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+              grad_out.scalar_type() == x.scalar_type(), "mambaprune_cpu::ssd_backward: float32 or float64 CPU tensors");
+  TORCH_CHECK(x.dim() == 4 && B.dim() == 4 && grad_out.sizes() == x.sizes() && (!D.has_value() || D->dim() == 2),
+              "mambaprune_cpu::ssd_backward: x and grad_out (batch, L, H, P), B and C (batch, L, G, N), D (H, P)");
+  const int64_t batch = x.size(0), L = x.size(1), H = x.size(2), P = x.size(3), G = B.size(2), N = B.size(3);
+  const auto options = x.options();
+  at::Tensor gx = at::empty({batch, L, H, P}, options), gdt = at::empty({batch, L, H}, options);
+  at::Tensor gz = z.has_value() ? at::empty({batch, L, H, P}, options) : at::empty({0}, options);
+  at::Tensor gA = at::empty({batch, H}, options), gbias = at::empty({batch, H}, options);
+  at::Tensor gD = at::empty({batch, H, P}, options);
+  at::Tensor gB = at::empty({batch, H, L, N}, options), gC = at::empty({batch, H, L, N}, options);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_backward", [&] {
+    const Ssd<scalar_t> s(x, dt, A, B, C, D, z, dt_bias, dt_softplus, gap);
+    const View<scalar_t> grad_view(grad_out);
+    const SsdGrads<scalar_t> out{gx.data_ptr<scalar_t>(), gdt.data_ptr<scalar_t>(),
+                                 z.has_value() ? gz.data_ptr<scalar_t>() : nullptr, gA.data_ptr<scalar_t>(),
+                                 gD.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), gB.data_ptr<scalar_t>(),
+                                 gC.data_ptr<scalar_t>()};
+    at::parallel_for(0, batch * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) ssd_backward_head(s, grad_view, out, task / H, task % H);
+    });
+  });
+  // Partial sums -> the gradients' shapes: B and C summed over the heads of each group, (batch, L, G, N).
+  auto per_group = [&](const at::Tensor& t) { return t.view({batch, G, H / G, L, N}).sum(2).permute({0, 2, 1, 3}).contiguous(); };
+  return {gx, gdt, gz, gA.sum(0), gD.sum(0), gbias.sum(0), per_group(gB), per_group(gC)};
 }
 
 }  // namespace mambaprune_cpu
