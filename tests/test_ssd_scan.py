@@ -179,14 +179,14 @@ def test_opcheck_schema_fake_kernel_and_autograd_registration(options):
 class TinySsdMixer(torch.nn.Module):
     """in_proj -> (z, x, B, C, dt) views -> ssd_scan -> out_proj, as mamba_ssm's Mamba2 lays it out."""
 
-    def __init__(self, dim=8, heads=4, headdim=4, groups=2, dstate=5):
+    def __init__(self, dim=8, heads=4, headdim=4, groups=2, dstate=5, D_per_channel=False):
         super().__init__()
         self.shape = (heads, headdim, groups, dstate)
         inner = heads * headdim
         self.in_proj = torch.nn.Linear(dim, 2 * inner + 2 * groups * dstate + heads)
         self.out_proj = torch.nn.Linear(inner, dim)
         self.A_log = torch.nn.Parameter(torch.rand(heads))
-        self.D = torch.nn.Parameter(torch.randn(heads))
+        self.D = torch.nn.Parameter(torch.randn(heads, headdim) if D_per_channel else torch.randn(heads))
         self.dt_bias = torch.nn.Parameter(torch.randn(heads) * 0.3)
 
     def forward(self, tokens, gap):
@@ -259,3 +259,29 @@ def test_wrong_arguments_name_the_argument_and_the_expected_shape(name, bad, mes
     args = dict(ssd_inputs(), **{name: bad})
     with pytest.raises(ValueError, match=message):
         ssd_scan(**args)
+
+
+@pytest.mark.parametrize("D_per_channel", [False, True])
+@pytest.mark.parametrize("scan_form", ["scan", "doubling"])
+def test_onnx_translation_runs_in_onnxruntime_like_the_op(scan_form, D_per_channel, tmp_path):
+    """Both ONNX forms of the SSD op (standard ops only), with every option, a dynamic batch and 13
+    tokens (not a power of two: the last doubling round)."""
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from mambaprune.runtime.backends.onnx_ops import custom_translation_table
+
+    model = TinySsdMixer(D_per_channel=D_per_channel)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, _mixer_inputs(2, length=13), dynamic_shapes=({0: batch}, {0: batch}))
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=custom_translation_table(scan_form),
+                                     opset_version=18)
+    path = str(tmp_path / "ssd.onnx")
+    onnx_program.save(path, external_data=False)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert ("Scan" in {n.op_type for n in onnx.load(path).graph.node}) == (scan_form == "scan")
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    tokens, gap = _mixer_inputs(5, length=13, seed=1)
+    names = [i.name for i in session.get_inputs()]
+    (got,) = session.run(None, dict(zip(names, (tokens.numpy(), gap.numpy()))))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(tokens, gap), atol=1e-5, rtol=1e-5)
