@@ -37,7 +37,8 @@ def as_float64(args):
 
 def max_error(got, expected) -> float:
     """Largest absolute error, relative to the output's scale once that exceeds 1."""
-    return float((got.double() - expected.double()).abs().max()) / max(1.0, float(expected.abs().max()))
+    got, expected = got.detach().double(), expected.detach().double()
+    return float((got - expected).abs().max()) / max(1.0, float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -81,6 +82,28 @@ def test_views_of_an_in_proj_output_are_read_in_place_with_the_same_bits():
     assert not args["x"].is_contiguous() and not args["B"].is_contiguous()
     copies = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     assert torch.equal(ssd_scan_cpp(**args), ssd_scan_cpp(**copies))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32_and_return_their_dtype(dtype):
+    args = ssd_inputs(dtype, D="head", z=True, dt_bias=True, dt_softplus=True, gap=True)
+    leaves = {k: v.requires_grad_() if k in SSD_GRAD_NAMES else v for k, v in args.items()}
+    y = ssd_scan(**leaves)
+    expected = ssd_scan_reference(**as_float64(args))
+    assert y.dtype == dtype and max_error(y, expected) <= 1e-2  # the rounding of the output alone
+    y.float().sum().backward()
+    assert all(leaves[k].grad.dtype == dtype for k in SSD_GRAD_NAMES if k in leaves)
+
+
+@pytest.mark.parametrize("batch,length", [(0, 7), (3, 1), (2, 0)])
+def test_empty_batch_and_tiny_lengths(batch, length):
+    args = ssd_inputs(batch=batch, length=length, D="channel", z=True, dt_bias=True, dt_softplus=True, gap=True)
+    leaves = {k: v.requires_grad_() if k in SSD_GRAD_NAMES else v for k, v in args.items()}
+    y = ssd_scan(**leaves)
+    assert y.shape == (batch, length, 6, 5)
+    torch.testing.assert_close(y, ssd_scan_reference(**args))
+    y.sum().backward()
+    assert all(leaves[k].grad.shape == leaves[k].shape for k in SSD_GRAD_NAMES)
 
 
 def test_default_implementation_on_the_cpu(monkeypatch):
