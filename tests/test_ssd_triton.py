@@ -57,11 +57,11 @@ for name, args in cases.items():
 
 # Backward of the op and of the triton op called directly, against autograd through the token loop.
 args = ssd_inputs(groups=2, **every)
-theirs = {k: v.detach().double().requires_grad_() if k in SSD_GRAD_NAMES and v is not None else v for k, v in args.items()}
+theirs = {k: v.detach().double().requires_grad_() if k in SSD_GRAD_NAMES else v for k, v in args.items()}
 ssd_scan_reference(**theirs).square().sum().backward()
 report["grad_err"] = {}
 for label, call in (("op", lambda a: ssd_scan(**a)), ("triton_op", lambda a: TRITON_OP(*ssd_positional(a), 4))):
-    ours = {k: v.detach().clone().requires_grad_() if k in SSD_GRAD_NAMES and v is not None else v for k, v in args.items()}
+    ours = {k: v.detach().clone().requires_grad_() if k in SSD_GRAD_NAMES else v for k, v in args.items()}
     call(ours).square().sum().backward()
     report["grad_err"][label] = {k: (ours[k].grad.double() - theirs[k].grad).abs().max().item()
                                  / max(1.0, theirs[k].grad.abs().max().item()) for k in SSD_GRAD_NAMES}

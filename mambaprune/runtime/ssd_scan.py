@@ -94,7 +94,7 @@ def _input_grads(grad_out, saved: dict, wanted: list, dt_softplus: bool, gap) ->
         by_name = ssd_scan_cpp_backward(grad_out, **saved, dt_softplus=dt_softplus, gap=gap)
         return tuple(by_name[name] for name in wanted)
     with torch.enable_grad():
-        leaves = {name: t.detach().requires_grad_(name in wanted) if t is not None else None for name, t in saved.items()}
+        leaves = {name: None if t is None else t.detach().requires_grad_(name in wanted) for name, t in saved.items()}
         targets = [leaves[name] for name in wanted]
         if impl == "reference":
             y = ssd_scan_reference(**leaves, dt_softplus=dt_softplus, gap=gap)

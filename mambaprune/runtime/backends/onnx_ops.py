@@ -2,7 +2,8 @@
 
 ``custom_translation_table(scan_form)`` maps ``torch.ops.mambaprune.selective_scan.default``,
 ``torch.ops.mambaprune.ssd_scan.default`` and ``torch.ops.mambaprune.pos_conv1d.default`` to
-onnxscript functions that emit standard ONNX ops only, so the exported file runs on any ONNX runtime without a custom-op library. The functions are
+onnxscript functions that emit standard ONNX ops only, so the exported file runs on any ONNX
+runtime without a custom-op library. The functions are
 traced by the exporter (not ``@script``-compiled): Python control flow runs at export time and can
 read the static sizes (token count L, channels D, state size N, groups G) from the symbolic inputs.
 The batch dimension is never read, so it stays dynamic.

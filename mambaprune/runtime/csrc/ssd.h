@@ -56,7 +56,14 @@ struct Ssd {
     const T value = dt.data[b * dt.strides[0] + t * dt.strides[1] + h * dt.strides[2]] + bias_h;
     return softplus && value <= T(20) ? std::log1p(std::exp(value)) : value;
   }
-  T gap_at(int64_t b, int64_t t) const { return gap.present() ? gap.data[b * gap.strides[0] + t * gap.strides[1]] : T(1); }
+  T gap_at(int64_t b, int64_t t) const {
+    return gap.present() ? gap.data[b * gap.strides[0] + t * gap.strides[1]] : T(1);
+  }
+  // D's lanes [p0, p0 + lanes) of head h, zeros without D.
+  Vectorized<T> D_lanes(int64_t h, int64_t p0, int64_t lanes) const {
+    if (!D.present()) return Vectorized<T>(T(0));
+    return load_lanes(D.data + h * D.strides[0] + p0 * D.strides[1], D.strides[1], lanes);
+  }
 };
 
 template <typename T>
@@ -66,8 +73,7 @@ void ssd_forward_block(const Ssd<T>& s, T* y, int64_t b, int64_t h, int64_t j) {
   const int64_t g = h / s.heads_per_group;
   const T A_h = s.A.data[h * s.A.strides[0]];
   const T bias_h = s.bias.present() ? s.bias.data[h * s.bias.strides[0]] : T(0);
-  const Vec D_v = s.D.present() ? load_lanes(s.D.data + h * s.D.strides[0] + p0 * s.D.strides[1], s.D.strides[1], lanes)
-                                : Vec(T(0));
+  const Vec D_v = s.D_lanes(h, p0, lanes);
   std::vector<Vec> state(N, Vec(T(0)));
   const int64_t B_n = s.B.strides[3], C_n = s.C.strides[3];
   T* out = y + ((b * s.length) * s.heads + h) * s.headdim + p0;  // y[b, 0, h, p0], contiguous
@@ -107,7 +113,8 @@ at::Tensor ssd_forward(const at::Tensor& x, const at::Tensor& dt, const at::Tens
                        const std::optional<at::Tensor>& gap) {
   TORCH_CHECK(x.device().is_cpu(), "mambaprune_cpu::ssd_forward: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "mambaprune_cpu::ssd_forward: float32 or float64 inputs (the Python wrapper casts), got ", x.scalar_type());
+              "mambaprune_cpu::ssd_forward: float32 or float64 inputs (the Python wrapper casts), got ",
+              x.scalar_type());
   TORCH_CHECK(x.dim() == 4 && B.dim() == 4 && (!D.has_value() || D->dim() == 2),
               "mambaprune_cpu::ssd_forward: x (batch, L, H, P), B and C (batch, L, G, N), D (H, P)");
   at::Tensor y = at::empty(x.sizes(), x.options());
@@ -161,11 +168,11 @@ void ssd_backward_head(const Ssd<T>& s, const View<T>& grad_out, const SsdGrads<
     gaps[t] = s.gap_at(b, t);
     decays[t] = std::exp(dts[t] * gaps[t] * A_h);
   }
-  std::vector<Vec> states(L * N), pre_gate(L), grad_h(N), grad_B_lanes(L * N, Vec(T(0))), grad_C_lanes(L * N, Vec(T(0)));
+  std::vector<Vec> states(L * N), pre_gate(L), grad_h(N);
+  std::vector<Vec> grad_B_lanes(L * N, Vec(T(0))), grad_C_lanes(L * N, Vec(T(0)));  // summed over the blocks
   for (int64_t j = 0; j < s.blocks; ++j) {
     const int64_t p0 = j * W, lanes = std::min<int64_t>(W, P - p0);
-    const Vec D_v = s.D.present() ? load_lanes(s.D.data + h * s.D.strides[0] + p0 * s.D.strides[1], s.D.strides[1], lanes)
-                                  : Vec(T(0));
+    const Vec D_v = s.D_lanes(h, p0, lanes);
     // The forward of this block, recorded.
     std::fill(grad_h.begin(), grad_h.end(), Vec(T(0)));  // as the zero state h_{-1}
     const Vec* previous = grad_h.data();
@@ -246,7 +253,8 @@ std::vector<at::Tensor> ssd_backward(const at::Tensor& grad_out, const at::Tenso
                                      const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
                                      const std::optional<at::Tensor>& gap) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
-              grad_out.scalar_type() == x.scalar_type(), "mambaprune_cpu::ssd_backward: float32 or float64 CPU tensors");
+              grad_out.scalar_type() == x.scalar_type(),
+              "mambaprune_cpu::ssd_backward: float32 or float64 CPU tensors");
   TORCH_CHECK(x.dim() == 4 && B.dim() == 4 && grad_out.sizes() == x.sizes() && (!D.has_value() || D->dim() == 2),
               "mambaprune_cpu::ssd_backward: x and grad_out (batch, L, H, P), B and C (batch, L, G, N), D (H, P)");
   const int64_t batch = x.size(0), L = x.size(1), H = x.size(2), P = x.size(3), G = B.size(2), N = B.size(3);
@@ -268,7 +276,9 @@ std::vector<at::Tensor> ssd_backward(const at::Tensor& grad_out, const at::Tenso
     });
   });
   // Partial sums -> the gradients' shapes: B and C summed over the heads of each group, (batch, L, G, N).
-  auto per_group = [&](const at::Tensor& t) { return t.view({batch, G, H / G, L, N}).sum(2).permute({0, 2, 1, 3}).contiguous(); };
+  auto per_group = [&](const at::Tensor& t) {
+    return t.view({batch, G, H / G, L, N}).sum(2).permute({0, 2, 1, 3}).contiguous();
+  };
   return {gx, gdt, gz, gA.sum(0), gD.sum(0), gbias.sum(0), per_group(gB), per_group(gC)};
 }
 
