@@ -11,7 +11,7 @@ from .capture import register_scan, unregister_scan
 from .errors import (BatchSizeError, ExportPathError, FrozenArgumentError, ImageFolderError, InputMismatchError,
                      InvalidArgumentError, InvalidArgumentTypeError, MambapruneError, MissingDependencyError,
                      TokenRuleError, UnreachableRatioError, UnsupportedModelError)
-from .runtime import selective_scan
+from .runtime import selective_scan, ssd_scan
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ def create_model(name: str, **overrides):
 
 
 __all__ = ["compile_pruned", "recover", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
-           "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError", "TokenRuleError",
-           "BatchSizeError", "InvalidArgumentError", "InvalidArgumentTypeError", "InputMismatchError",
+           "ssd_scan", "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError",
+           "TokenRuleError", "BatchSizeError", "InvalidArgumentError", "InvalidArgumentTypeError", "InputMismatchError",
            "FrozenArgumentError", "ExportPathError", "ImageFolderError",
            "__version__"]

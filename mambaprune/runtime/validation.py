@@ -214,3 +214,47 @@ def check_token_index(op: str, x, index, dim: int) -> int:
         _fail(op, f"index must have shape (batch, K) with batch={x.shape[0]}; got {_shape(index)}")
     require_same_device(op, "x", x, {"index": index})
     return axis
+
+
+# ----------------------------------------------------------------------------- SSD (Mamba-2) scan
+
+_SSD = "ssd_scan"
+
+
+def check_ssd_scan_args(x, dt, A, B, C, D, z, dt_bias, gap) -> None:
+    """Validate the arguments of ``ssd_scan`` (mamba_ssm's ``mamba_chunk_scan_combined`` layout)."""
+    required = {"x": x, "dt": dt, "A": A, "B": B, "C": C}
+    optional = {"D": D, "z": z, "dt_bias": dt_bias, "gap": gap}
+    for name, value in required.items():
+        require_tensor(_SSD, name, value)
+    for name, value in optional.items():
+        if value is not None:
+            require_tensor(_SSD, name, value)
+    for name, value in {**required, "D": D, "z": z, "dt_bias": dt_bias}.items():
+        if value is not None:
+            require_floating(_SSD, name, value)
+    if gap is not None and (gap.dtype == torch.bool or gap.is_complex()):
+        _fail(_SSD, f"gap must be a real integer or floating-point tensor; got dtype {gap.dtype}")
+    require_same_device(_SSD, "x", x, {**required, **optional})
+
+    require_rank(_SSD, "x", x, 4, "(batch, L, heads, headdim)")
+    batch, length, heads, headdim = x.shape
+    require_shape(_SSD, "dt", dt, (batch, length, heads), "(batch, L, heads)")
+    require_shape(_SSD, "A", A, (heads,), "(heads,) (one scalar decay per head)")
+    for name, t in (("B", B), ("C", C)):
+        require_rank(_SSD, name, t, 4, "(batch, L, groups, N)")
+        groups = t.shape[2]
+        if tuple(t.shape[:2]) != (batch, length) or groups == 0 or heads % groups:
+            _fail(_SSD, f"{name} must have shape (batch, L, groups, N) with batch={batch}, L={length} and "
+                        f"groups dividing heads={heads}; got {_shape(t)}")
+    if B.shape != C.shape:
+        _fail(_SSD, f"B and C must have the same shape (batch, L, groups, N); got {_shape(B)} and {_shape(C)}")
+    if D is not None and _shape(D) not in ((heads,), (heads, headdim)):
+        _fail(_SSD, f"D must have shape (heads,) = {(heads,)} or (heads, headdim) = {(heads, headdim)}; "
+                    f"got {_shape(D)}")
+    if z is not None:
+        require_shape(_SSD, "z", z, (batch, length, heads, headdim), "(batch, L, heads, headdim)")
+    if dt_bias is not None:
+        require_shape(_SSD, "dt_bias", dt_bias, (heads,), "(heads,)")
+    if gap is not None:
+        require_shape(_SSD, "gap", gap, (batch, length), "(batch, L)")

@@ -1,8 +1,9 @@
 """ONNX translations of the ``mambaprune::`` custom ops (for ``torch.onnx.export(..., dynamo=True)``).
 
-``custom_translation_table(scan_form)`` maps ``torch.ops.mambaprune.selective_scan.default`` and
-``torch.ops.mambaprune.pos_conv1d.default`` to onnxscript functions that emit standard ONNX ops
-only, so the exported file runs on any ONNX runtime without a custom-op library. The functions are
+``custom_translation_table(scan_form)`` maps ``torch.ops.mambaprune.selective_scan.default``,
+``torch.ops.mambaprune.ssd_scan.default`` and ``torch.ops.mambaprune.pos_conv1d.default`` to
+onnxscript functions that emit standard ONNX ops only, so the exported file runs on any ONNX
+runtime without a custom-op library. The functions are
 traced by the exporter (not ``@script``-compiled): Python control flow runs at export time and can
 read the static sizes (token count L, channels D, state size N, groups G) from the symbolic inputs.
 The batch dimension is never read, so it stays dynamic.
@@ -20,6 +21,9 @@ layout so that grouped B/C (batch, G, N, L) broadcast over the Dg channels of th
 - ``"doubling"``: Hillis-Steele log-depth prefix scan with static L: ceil(log2 L) rounds of
   (a, b) <- (a_t * a_{t-s}, a_t * b_{t-s} + b_t) on whole (batch, G, Dg, N, L) tensors (shifts by
   Slice + Pad). Every decay is in (0, 1], so the products cannot overflow. O(L log L) work.
+
+The SSD (Mamba-2) scan is written in the same layout and the same two forms, with Dg = heads per
+group * head dim and one decay per head: dA is (batch, G, Dg, 1, L), broadcast over N.
 
 Measured here (2-core CPU, no GPU, onnxruntime 1.32 CPUExecutionProvider, 2 intra-op threads, fp32,
 batch 8, median of 50 runs (tiny) / 5 runs (224); file = the saved .onnx with weights)::
@@ -206,7 +210,12 @@ def _selective_scan_doubling(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              gap=None):
     dA, dBu, C5, u_f, (groups, per_group, dstate, length, dim) = _scan_preamble(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap)
-    a, b = dA, dBu
+    y5 = op.ReduceSum(op.Mul(_doubling(dA, dBu, length), C5), _ints([3]), keepdims=0)  # (batch, G, Dg, L)
+    return _scan_epilogue(y5, u, u_f, D, z, dim, length)
+
+
+def _doubling(a, b, length: int):
+    """States of h_t = a_t h_{t-1} + b_t along the last axis of 5-D tensors (a may broadcast over b)."""
     one, zero = _float(1.0), _float(0.0)
     for round_ in range(math.ceil(math.log2(length)) if length > 1 else 0):
         step = 1 << round_
@@ -215,8 +224,65 @@ def _selective_scan_doubling(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         b = op.Add(op.Mul(a, b_prev), b)
         if (step << 1) < length:  # the last round does not need the composed decays
             a = op.Mul(a, a_prev)
-    y5 = op.ReduceSum(op.Mul(b, C5), _ints([3]), keepdims=0)  # (batch, G, Dg, L)
-    return _scan_epilogue(y5, u, u_f, D, z, dim, length)
+    return b
+
+
+# ----------------------------------------------------------------------------- SSD (Mamba-2) scan
+
+
+def _ssd_preamble(x, dt, A, B, C, D, z, dt_bias, dt_softplus, gap):
+    """The SSD scan in the selective scan's (batch, G, Dg, N, L) layout, Dg = heads per group * headdim:
+    -> (dA (batch, G, Dg, 1, L): one decay per head, broadcast over N; dBu; C5; x_f; shapes)."""
+    length, heads, headdim = _static_shape(x, "x")[1:]
+    groups, dstate = _static_shape(B, "B")[2:]
+    if None in (length, heads, headdim, groups, dstate):
+        raise ValueError("ONNX export of mambaprune::ssd_scan needs static tokens, heads, head dim, groups and "
+                         f"state size (got x {tuple(_static_shape(x, 'x'))}, B {tuple(_static_shape(B, 'B'))})")
+    per_group = heads // groups
+    x_f = _to_float(x)  # (batch, L, H, P)
+    step = _to_float(dt)  # (batch, L, H)
+    if dt_bias is not None:
+        step = op.Add(step, _to_float(dt_bias))
+    if dt_softplus:
+        step = _softplus(step)
+    decay_step = step if gap is None else op.Mul(step, op.Unsqueeze(_to_float(gap), _ints([2])))
+    to6 = _ints([0, groups, per_group, 1, 1, length])  # (batch, G, Hg, 1, 1, L); 0 copies the batch
+    to5 = _ints([0, groups, per_group * headdim, 1, length])
+    exponent = op.Reshape(op.Transpose(op.Mul(decay_step, _to_float(A)), perm=[0, 2, 1]), to6)
+    dA = op.Reshape(op.Expand(op.Exp(exponent), _ints([1, 1, 1, headdim, 1, 1])), to5)
+    x6 = op.Reshape(op.Transpose(x_f, perm=[0, 2, 3, 1]), _ints([0, groups, per_group, headdim, 1, length]))
+    dt_x = op.Reshape(op.Mul(op.Reshape(op.Transpose(step, perm=[0, 2, 1]), to6), x6), to5)
+    B5 = op.Unsqueeze(op.Transpose(_to_float(B), perm=[0, 2, 3, 1]), _ints([2]))  # (batch, G, 1, N, L)
+    C5 = op.Unsqueeze(op.Transpose(_to_float(C), perm=[0, 2, 3, 1]), _ints([2]))
+    return dA, op.Mul(dt_x, B5), C5, x_f, (heads, headdim, length)
+
+
+def _ssd_epilogue(y5, x, x_f, D, z, heads: int, headdim: int, length: int):
+    """(batch, G, Dg, L) -> (batch, L, H, P), + D x, * silu(z), in x's dtype."""
+    y = op.Transpose(op.Reshape(y5, _ints([0, heads, headdim, length])), perm=[0, 3, 1, 2])
+    if D is not None:
+        D_f = _to_float(D)
+        D_f = op.Unsqueeze(D_f, _ints([1])) if len(_static_shape(D, "D")) == 1 else D_f  # (H, 1) or (H, P)
+        y = op.Add(y, op.Mul(D_f, x_f))
+    if z is not None:
+        zf = _to_float(z)
+        y = op.Mul(y, op.Mul(zf, op.Sigmoid(zf)))
+    if getattr(x, "dtype", _FLOAT) != _FLOAT:
+        y = op.Cast(y, to=int(x.dtype))
+    return y
+
+
+def _ssd_scan_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, gap=None):
+    dA, dBu, C5, x_f, (heads, headdim, length) = _ssd_preamble(x, dt, A, B, C, D, z, dt_bias, dt_softplus, gap)
+    h0 = op.ReduceSum(op.Mul(dBu, _float(0.0)), _ints([4]), keepdims=0)  # zeros (batch, G, Dg, N)
+    _, y5 = _record_scan([h0, dA, dBu, C5], _scan_body(), 3, 4)  # the body broadcasts dA over N
+    return _ssd_epilogue(y5, x, x_f, D, z, heads, headdim, length)
+
+
+def _ssd_scan_doubling(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, gap=None):
+    dA, dBu, C5, x_f, (heads, headdim, length) = _ssd_preamble(x, dt, A, B, C, D, z, dt_bias, dt_softplus, gap)
+    y5 = op.ReduceSum(op.Mul(_doubling(dA, dBu, length), C5), _ints([3]), keepdims=0)
+    return _ssd_epilogue(y5, x, x_f, D, z, heads, headdim, length)
 
 
 # ----------------------------------------------------------------------------- pos_conv1d
@@ -281,8 +347,10 @@ def custom_translation_table(scan_form: str = DEFAULT_SCAN_FORM) -> dict:
         raise InvalidArgumentError(f"scan_form must be one of {SCAN_FORMS}; got {scan_form!r}")
     import mambaprune.runtime  # noqa: F401  registers the ops
     scan = _selective_scan_scan if scan_form == "scan" else _selective_scan_doubling
+    ssd = _ssd_scan_scan if scan_form == "scan" else _ssd_scan_doubling
     return {
         torch.ops.mambaprune.selective_scan.default: scan,
+        torch.ops.mambaprune.ssd_scan.default: ssd,
         torch.ops.mambaprune.pos_conv1d.default: _pos_conv1d,
         torch.ops.aten.sort.stable: _sort_stable,
         torch.ops.aten.sort.default: _sort_default,
