@@ -81,7 +81,7 @@ class ImageFolderError(MambapruneError, ValueError):
     exist, holds no image, or one of its image files cannot be read (the message names the file)."""
 
 
-class ServerStartError(MambapruneError, RuntimeError):
-    """An inference server (`mambaprune.deployment.triton.serve`) did not come up: it exited or was not
-    ready in time. The message quotes the end of the server's log (a model that failed to load, a
-    port in use)."""
+class ServerError(MambapruneError, RuntimeError):
+    """An inference server (`mambaprune.deployment.triton.serve`) did not come up (it exited, or was not
+    ready in time) or exited while serving. The message quotes the end of the server's log (a model
+    that failed to load, a port in use)."""

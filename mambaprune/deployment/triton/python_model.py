@@ -35,6 +35,7 @@ class TritonPythonModel:
         import torch
 
         import mambaprune.runtime  # noqa: F401  registers the mambaprune:: ops before the program loads
+        from mambaprune.deployment.triton.repository import TRITON_DTYPES
 
         if params.get("intra_op_threads"):
             torch.set_num_threads(int(params["intra_op_threads"]))
@@ -46,6 +47,10 @@ class TritonPythonModel:
         self.inputs = [tensor["name"] for tensor in config["input"]]
         self.outputs = [tensor["name"] for tensor in config["output"]]
         self.torch = torch
+        with torch.inference_mode():  # the first run loads kernels: done before the model reports ready
+            dtypes = {name: dtype for dtype, name in TRITON_DTYPES.items()}
+            self.module(*[torch.zeros(1, *map(int, tensor["dims"]), dtype=dtypes[tensor["data_type"]], device=self.device)
+                          for tensor in config["input"]])
 
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-import mambaprune
-
+from ...api.compile import compile_pruned
 from ...api.pruned_model import PrunedModel
 from ...errors import InvalidArgumentError, InvalidArgumentTypeError
 from .repository import write_model_repository
 from .server import TritonServer, start_tritonserver
 
 DEFAULT_RATIO = 0.3
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]   # the folder holding this mambaprune: the server imports it
 
 
 def serve(model, ratio: float | None = None, host: str = "127.0.0.1", http_port: int = 8000,
@@ -39,7 +39,7 @@ def serve(model, ratio: float | None = None, host: str = "127.0.0.1", http_port:
         repository.mkdir()
         write_model_repository(pruned, repository, name, max_batch_size=max_batch_size, instances=instances,
                                max_queue_delay_us=max_queue_delay_us, threads=threads,
-                               python_path=(Path(mambaprune.__file__).parents[1],))
+                               python_path=(PACKAGE_ROOT,))
         return start_tritonserver(repository, name, host=host, http_port=http_port, metrics_port=metrics_port,
                                   timeout=timeout, workdir=workdir, owns_workdir=True)
     except BaseException:
@@ -55,5 +55,5 @@ def _pruned(model, ratio, example_inputs, compile_options) -> PrunedModel:
         return model
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgumentTypeError(f"serve() takes an nn.Module or a PrunedModel; got {type(model).__name__}")
-    return mambaprune.compile_pruned(model, ratio=DEFAULT_RATIO if ratio is None else ratio,
-                                     example_inputs=example_inputs, **compile_options)
+    return compile_pruned(model, ratio=DEFAULT_RATIO if ratio is None else ratio,
+                          example_inputs=example_inputs, **compile_options)

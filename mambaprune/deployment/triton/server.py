@@ -21,13 +21,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import InvalidArgumentError, MissingDependencyError, ServerStartError
+from ...errors import InvalidArgumentError, MissingDependencyError, ServerError
 
 INSTALL_HINT = "pip install 'nvidia-pytriton==0.7.0' 'tritonclient[http]' (the extra mambaprune[serve])"
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -66,7 +67,7 @@ def shared_libpython_dir() -> Path:
     """The folder of this interpreter's libpython (the stub must load this one, see the module doc)."""
     libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
     if not libdir or not library or not (Path(libdir) / library).exists():
-        raise ServerStartError(f"this Python ({sys.executable}) has no shared libpython ({libdir}/{library}); the "
+        raise ServerError(f"this Python ({sys.executable}) has no shared libpython ({libdir}/{library}); the "
                                "Triton python backend stub loads one: use a Python built with --enable-shared")
     return Path(libdir)
 
@@ -133,6 +134,25 @@ class TritonServer:
             self._workdir = None
         atexit.unregister(self.stop)
 
+    def wait(self, duration: float | None = None) -> None:
+        """Block until `duration` seconds pass (None: forever), Ctrl-C or SIGTERM (in the main thread);
+        ServerError if the server exits meanwhile."""
+        stopped = []
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, lambda *_: stopped.append(True)) if main else None
+        deadline = None if duration is None else time.monotonic() + duration
+        try:
+            while not stopped and self.process.poll() is None and (deadline is None or time.monotonic() < deadline):
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            return
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+        if self.process.poll() is not None:
+            tail = "\n".join(self.log().splitlines()[-15:])
+            raise ServerError(f"tritonserver exited with status {self.process.returncode}; its log ends:\n{tail}")
+
     def __enter__(self):
         return self
 
@@ -148,7 +168,7 @@ def start_tritonserver(repository, model_name: str, host: str = "127.0.0.1", htt
                        metrics_port: int | None = 8002, timeout: float = 180.0, log_verbose: int = 0,
                        workdir: Path | None = None, owns_workdir: bool = False) -> TritonServer:
     """Run tritonserver on `repository` (HTTP on host:http_port, no gRPC; metrics on metrics_port or
-    none) and wait until /v2/health/ready; ServerStartError with the log's tail if it does not come up.
+    none) and wait until /v2/health/ready; ServerError with the log's tail if it does not come up.
     Port 0 picks a free port. `workdir` holds the backend folder and the log: a new temporary folder
     when None; stop() removes it when it is that one or `owns_workdir`."""
     install = find_tritonserver()
@@ -180,7 +200,7 @@ def start_tritonserver(repository, model_name: str, host: str = "127.0.0.1", htt
                    else f"was not ready after {timeout:.0f} s")
             tail = "\n".join(server.log().splitlines()[-25:])
             server.stop()
-            raise ServerStartError(f"tritonserver {why} (model {model_name!r}, {server.url}); its log ends:\n{tail}")
+            raise ServerError(f"tritonserver {why} (model {model_name!r}, {server.url}); its log ends:\n{tail}")
         time.sleep(0.25)
     return server
 
