@@ -155,7 +155,7 @@ def test_a_port_in_use_is_a_server_error_quoting_the_log(tmp_path):
         with pytest.raises(ServerError, match="exited with status") as info:
             start_tritonserver(tmp_path / "models", "none", host=HOST, http_port=taken.getsockname()[1],
                                metrics_port=None, timeout=60)
-    assert "its log ends" in str(info.value)
+    assert "its errors and last lines" in str(info.value)
 
 
 @needs_server
@@ -171,3 +171,14 @@ def test_a_bad_port_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "cli_factories:tiny_vim", "--http-port", "70000"])
     assert "expected a port number in [0, 65535]" in capsys.readouterr().err
+
+
+def test_the_benchmark_summary_uses_nearest_rank_percentiles():
+    from benchmark_modules import load_benchmark
+
+    row = load_benchmark("serve_triton").summary([0.004, 0.001, 0.003, 0.002] + [0.010] * 96, images=200, seconds=4.0)
+    assert row["images_per_s"] == 50.0 and row["requests"] == 100
+    assert row["p50_ms"] == pytest.approx(10.0)           # the 50th of 100 sorted latencies
+    assert row["p99_ms"] == pytest.approx(10.0)
+    low = load_benchmark("serve_triton").summary([0.001 * k for k in range(1, 101)], images=100, seconds=1.0)
+    assert (low["p50_ms"], low["p99_ms"]) == (pytest.approx(50.0), pytest.approx(99.0))

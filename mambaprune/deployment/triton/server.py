@@ -31,6 +31,7 @@ from pathlib import Path
 from ...errors import InvalidArgumentError, MissingDependencyError, ServerError
 
 INSTALL_HINT = "pip install 'nvidia-pytriton==0.7.0' 'tritonclient[http]' (the extra mambaprune[serve])"
+BENIGN = "CudaDriverHelper has not been initialized"   # logged as an error on every machine without CUDA
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 
@@ -150,8 +151,8 @@ class TritonServer:
             if main:
                 signal.signal(signal.SIGTERM, previous)
         if self.process.poll() is not None:
-            tail = "\n".join(self.log().splitlines()[-15:])
-            raise ServerError(f"tritonserver exited with status {self.process.returncode}; its log ends:\n{tail}")
+            raise ServerError(f"tritonserver exited with status {self.process.returncode}; its errors and last "
+                              f"lines:\n{log_summary(self.log())}")
 
     def __enter__(self):
         return self
@@ -198,11 +199,20 @@ def start_tritonserver(repository, model_name: str, host: str = "127.0.0.1", htt
         if process.poll() is not None or time.monotonic() > deadline:
             why = (f"exited with status {process.returncode}" if process.poll() is not None
                    else f"was not ready after {timeout:.0f} s")
-            tail = "\n".join(server.log().splitlines()[-25:])
+            summary = log_summary(server.log())
             server.stop()
-            raise ServerError(f"tritonserver {why} (model {model_name!r}, {server.url}); its log ends:\n{tail}")
+            raise ServerError(f"tritonserver {why} (model {model_name!r}, {server.url}); its errors and last lines:\n"
+                              f"{summary}")
         time.sleep(0.25)
     return server
+
+
+def log_summary(log: str, errors: int = 8, last: int = 5) -> str:
+    """A server log's error lines (glog 'E' lines, models UNAVAILABLE; 500 characters each) and last lines."""
+    lines = log.splitlines()
+    wrong = [line[:500] for line in lines if (line.startswith("E") and BENIGN not in line) or "UNAVAILABLE" in line]
+    wrong = wrong[:errors]
+    return "\n".join(wrong + ["..."] + lines[-last:]) if wrong else "\n".join(lines[-last:])
 
 
 def _check_port(label: str, port) -> None:
