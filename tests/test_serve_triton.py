@@ -159,12 +159,25 @@ def test_a_port_in_use_is_a_server_error_quoting_the_log(tmp_path):
 
 
 @needs_server
-def test_the_command_serves_until_its_duration_and_stops(capsys):
-    assert main(["serve", "cli_factories:tiny_vim", "--ratio", "0", "--http-port", "0", "--metrics-port", "0",
-                 "--threads", "1", "--duration", "0"]) == 0
+def test_the_command_serves_until_its_duration_and_stops(pruned, monkeypatch, capsys):
+    """The compile step of the command is test_cli.py's: here it returns the module's pruned model."""
+    import mambaprune.__main__ as cli
+
+    monkeypatch.setattr(cli, "_compile", lambda args: (None, pruned))
+    assert main(["serve", "tiny", "--http-port", "0", "--metrics-port", "0", "--threads", "1", "--duration", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("serving cli_factories:tiny_vim (FLOPs -0.0%) at http://127.0.0.1:")
+    flops = f"{100 * pruned.report.achieved_ratio:.1f}"
+    assert out[0].startswith(f"serving tiny (FLOPs -{flops}%) at http://127.0.0.1:") and "/v2/health/ready" in out[0]
     assert out[-1] == "stopped"
+
+
+def test_serve_checks_its_arguments_before_starting_anything(pruned):
+    from mambaprune.deployment.triton import serve
+
+    with pytest.raises(InvalidArgumentError, match="already compiled: leave out ratio"):
+        serve(pruned, ratio=0.3)
+    with pytest.raises(TypeError, match="nn.Module or a PrunedModel"):
+        serve("vim_t")
 
 
 def test_a_bad_port_is_one_line_and_exit_2(capsys):

@@ -170,7 +170,10 @@ def start_tritonserver(repository, model_name: str, host: str = "127.0.0.1", htt
                        workdir: Path | None = None, owns_workdir: bool = False) -> TritonServer:
     """Run tritonserver on `repository` (HTTP on host:http_port, no gRPC; metrics on metrics_port or
     none) and wait until /v2/health/ready; ServerError with the log's tail if it does not come up.
-    Port 0 picks a free port. `workdir` holds the backend folder and the log: a new temporary folder
+    The server has a session of its own (a terminal's Ctrl-C reaches this process, which stops it) and
+    gets SIGTERM when the thread that started it ends (Linux PR_SET_PDEATHSIG), so a killed client
+    leaves no server behind: start it from a thread that outlives it (the main thread). Port 0 picks a
+    free port. `workdir` holds the backend folder and the log: a new temporary folder
     when None; stop() removes it when it is that one or `owns_workdir`."""
     install = find_tritonserver()
     _check_port("http_port", http_port)
@@ -192,7 +195,8 @@ def start_tritonserver(repository, model_name: str, host: str = "127.0.0.1", htt
         command += [f"--metrics-address={host}", f"--metrics-port={metrics_port}"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=server_environment(install), start_new_session=True)
+                                   env=server_environment(install), start_new_session=True,
+                                   preexec_fn=_terminate_with_parent())
     server = TritonServer(process, host, http_port, metrics_port, model_name, log_path, workdir if own else None)
     deadline = time.monotonic() + timeout
     while not server.ready():
@@ -213,6 +217,17 @@ def log_summary(log: str, errors: int = 8, last: int = 5) -> str:
     wrong = [line[:500] for line in lines if (line.startswith("E") and BENIGN not in line) or "UNAVAILABLE" in line]
     wrong = wrong[:errors]
     return "\n".join(wrong + ["..."] + lines[-last:]) if wrong else "\n".join(lines[-last:])
+
+
+def _terminate_with_parent():
+    """A preexec_fn asking Linux to SIGTERM the child when its parent thread ends (None elsewhere);
+    the libc function is looked up before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, set_death_signal, sigterm = ctypes.CDLL(None, use_errno=True).prctl, 1, int(signal.SIGTERM)
+    return lambda: prctl(set_death_signal, sigterm)
 
 
 def _check_port(label: str, port) -> None:
