@@ -5,6 +5,7 @@ a timeout; the fixture stops the server whatever happens. Skipped, with the reas
 nvidia-pytriton or tritonclient is not installed. The repository writer's tests need no server.
 """
 import concurrent.futures
+import copy
 import json
 import socket
 import sys
@@ -19,7 +20,7 @@ from mambaprune import compile_pruned, create_model
 from mambaprune.__main__ import main
 from mambaprune.deployment.triton import write_model_repository
 from mambaprune.deployment.triton.python_model import parameters_of, split_sizes
-from mambaprune.errors import InvalidArgumentError, MissingDependencyError, ServerError
+from mambaprune.errors import BatchSizeError, InvalidArgumentError, MissingDependencyError, ServerError
 
 sys.path.insert(0, str(Path(__file__).parent))  # cli_factories is importable as a module
 
@@ -90,6 +91,10 @@ def test_repository_arguments_are_checked(pruned, tmp_path):
         write_model_repository(pruned, tmp_path, "vim", max_batch_size=0)
     with pytest.raises(TypeError, match="PrunedModel"):
         write_model_repository(torch.nn.Linear(2, 2), tmp_path, "vim")
+    fixed = copy.copy(pruned)
+    fixed.static_batch = 2   # as a model whose code fixes the batch under torch.export (MambaVision)
+    with pytest.raises(BatchSizeError, match="runs only batches of 2"):
+        write_model_repository(fixed, tmp_path, "vim")
     assert not any(tmp_path.iterdir())
 
 

@@ -16,6 +16,7 @@ custom ops before ``torch.export.load``); the ``python_path`` parameter prepends
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ...api.pruned_model import PrunedModel
-from ...errors import InvalidArgumentError, InvalidArgumentTypeError
+from ...errors import BatchSizeError, InvalidArgumentError, InvalidArgumentTypeError
 
 TRITON_DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16: "TYPE_BF16",
                  torch.float64: "TYPE_FP64", torch.int64: "TYPE_INT64", torch.int32: "TYPE_INT32",
@@ -86,8 +87,8 @@ def config_text(name: str, inputs: list, outputs: list, max_batch_size: int, ins
              "output [", ",\n".join(s.config() for s in outputs), "]",
              f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}",
              f"instance_group [ {{ kind: {kind} count: {instances} }} ]"]
-    for key, value in (parameters or {}).items():
-        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    for key, value in (parameters or {}).items():   # JSON string escapes are protobuf text-format escapes
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(str(value))} }} }}')
     return "\n".join(lines) + "\n"
 
 
@@ -107,6 +108,10 @@ def write_model_repository(pruned: PrunedModel, folder, name: str = "mambaprune"
         raise InvalidArgumentTypeError(f"write_model_repository takes a PrunedModel (compile_pruned's result); got "
                                        f"{type(pruned).__name__}")
     _check_name(name)
+    if pruned.static_batch is not None:
+        raise BatchSizeError(f"this pruned model runs only batches of {pruned.static_batch} (torch.export fixed the "
+                             "batch of the model's code), and Triton's dynamic batching needs any batch: serve a model "
+                             "captured with a dynamic batch")
     for label, value, least in (("max_batch_size", max_batch_size, 1), ("instances", instances, 1),
                                 ("max_queue_delay_us", max_queue_delay_us, 0), ("threads", threads or 1, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
