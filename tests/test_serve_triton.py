@@ -34,7 +34,7 @@ def tritonserver_missing() -> str:
         from mambaprune.deployment.triton import find_tritonserver
         find_tritonserver()
     except (ImportError, MissingDependencyError) as err:
-        return f"Triton Inference Server is not installed here ({err})"
+        return f"Triton Inference Server is not installed here ({err}): pip install 'mambaprune[serve]'"
     return ""
 
 
