@@ -10,7 +10,7 @@ from .api import PrunedModel, compile_pruned, recover
 from .capture import register_scan, unregister_scan
 from .errors import (BatchSizeError, ExportPathError, FrozenArgumentError, ImageFolderError, InputMismatchError,
                      InvalidArgumentError, InvalidArgumentTypeError, MambapruneError, MissingDependencyError,
-                     TokenRuleError, UnreachableRatioError, UnsupportedModelError)
+                     ServerError, TokenRuleError, UnreachableRatioError, UnsupportedModelError)
 from .runtime import selective_scan, ssd_scan
 
 __version__ = "0.1.0"
@@ -25,5 +25,5 @@ def create_model(name: str, **overrides):
 __all__ = ["compile_pruned", "recover", "PrunedModel", "register_scan", "unregister_scan", "selective_scan", "create_model",
            "ssd_scan", "MambapruneError", "UnsupportedModelError", "UnreachableRatioError", "MissingDependencyError",
            "TokenRuleError", "BatchSizeError", "InvalidArgumentError", "InvalidArgumentTypeError", "InputMismatchError",
-           "FrozenArgumentError", "ExportPathError", "ImageFolderError",
+           "FrozenArgumentError", "ExportPathError", "ImageFolderError", "ServerError",
            "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: ``mambaprune demo | compile | report | bench | recover`` (also ``python -m mambaprune``).
+"""Command line: ``mambaprune demo | compile | report | bench | recover | serve`` (also ``python -m mambaprune``).
 
 MODEL arguments are ``package.module:factory`` (called without arguments; it must return an
 nn.Module), the name of a shipped checkpoint (``vim_digits``, ...) or of a registered architecture
@@ -146,6 +146,30 @@ def _recovery_images(args, model, pruned):
     from .data import image_folder
     return image_folder(args.images, pruned._input_spec[0][0][-2:], mean=args.mean, std=args.std,
                         batch_size=args.batch_size, model=model, shuffle=True, seed=args.seed)
+
+
+def serve_command(args) -> None:
+    """Prune MODEL and serve it with Triton Inference Server until Ctrl-C, SIGTERM or --duration seconds."""
+    from .deployment.triton import serve
+
+    _, pruned = _compile(args)
+    with serve(pruned, host=args.host, http_port=args.http_port, metrics_port=args.metrics_port, name=args.name,
+               max_batch_size=args.max_batch_size, instances=args.instances, threads=args.threads) as server:
+        metrics = f", metrics {server.metrics_url}" if server.metrics_url else ""
+        print(f"serving {args.model} (FLOPs -{100 * pruned.report.achieved_ratio:.1f}%) at {server.url}/v2/models/"
+              f"{server.model_name}/infer (ready: {server.url}/v2/health/ready{metrics}); Ctrl-C stops", flush=True)
+        server.wait(args.duration)
+    print("stopped")
+
+
+def _add_serve_command(commands) -> None:
+    from .deployment.triton.cli import add_server_options
+
+    run_serve = commands.add_parser("serve", help="prune MODEL and serve it with NVIDIA Triton Inference Server "
+                                    "(dynamic batching, health and metrics endpoints)")
+    _add_prune_options(run_serve)
+    add_server_options(run_serve)
+    run_serve.set_defaults(run=serve_command)
 
 
 def report_command(args) -> None:
@@ -346,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_options(run_report)
     run_report.set_defaults(run=report_command)
     _add_recover_command(commands)
+    _add_serve_command(commands)
     run_bench = commands.add_parser("bench", help="dense vs pruned eager latency on this machine")
     run_bench.add_argument("model", help="package.module:factory, a shipped checkpoint or a registered model name")
     run_bench.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])

@@ -79,3 +79,9 @@ class ExportPathError(MambapruneError, OSError):
 class ImageFolderError(MambapruneError, ValueError):
     """A folder of images given to `mambaprune.data.image_folder` (or `recover`) cannot be used: it does not
     exist, holds no image, or one of its image files cannot be read (the message names the file)."""
+
+
+class ServerError(MambapruneError, RuntimeError):
+    """An inference server (`mambaprune.deployment.triton.serve`) did not come up (it exited, or was not
+    ready in time) or exited while serving. The message quotes the end of the server's log (a model
+    that failed to load, a port in use)."""

@@ -1,7 +1,7 @@
 """The package's imports go only downward through the pipeline's layers.
 
     foundation (errors, settings, meta_keys, pass_infra) and runtime/ (the leaf)
-    -> capture/ -> analysis/ -> planning/ -> rewrite/ -> search/ -> api/ -> the command line
+    -> capture/ -> analysis/ -> planning/ -> rewrite/ -> search/ -> api/ -> deployment/ -> the command line
 
 models/ and data/ stand beside the pipeline: they may use runtime/ and the foundation, and no stage
 of the pipeline imports them, except api/, which reads folders of images through data/ (`recover`). Every import of a mambaprune module (absolute or relative, at module
@@ -18,6 +18,7 @@ PIPELINE = ["capture", "analysis", "planning", "rewrite", "search", "api"]
 FOUNDATION = {"errors": set(), "meta_keys": set(), "runtime": {"errors"}, "pass_infra": {"errors"},
               "settings": {"runtime", "errors"}}
 BESIDE = {"models": {"runtime", "errors"}, "data": {"errors"}}
+DEPLOYMENT = "deployment"   # serving and packaging above the api: imports every layer below, none imports it
 TOP = {"__init__", "__main__", "visualize"}   # may import anything
 # api/ may read data/: `recover` takes a folder of images (data.image_folder); data/ imports no pipeline stage
 ACROSS = {"api": {"data"}}
@@ -30,8 +31,10 @@ def allowed(unit: str) -> set:
         return BESIDE[unit] | {unit}
     if unit in PIPELINE:
         return set(FOUNDATION) | set(PIPELINE[:PIPELINE.index(unit) + 1]) | ACROSS.get(unit, set())
+    if unit == DEPLOYMENT:
+        return set(FOUNDATION) | set(BESIDE) | set(PIPELINE) | {DEPLOYMENT}
     if unit in TOP:
-        return set(FOUNDATION) | set(BESIDE) | set(PIPELINE) | TOP
+        return set(FOUNDATION) | set(BESIDE) | set(PIPELINE) | {DEPLOYMENT} | TOP
     raise AssertionError(f"mambaprune/{unit} belongs to no layer: add it to tests/test_layers.py")
 
 
@@ -89,6 +92,7 @@ def test_the_checker_sees_upward_and_sideways_imports():
     assert imports_of("import mambaprune.models\n", "mambaprune.capture.probe") == [(1, "models")]
     assert "search" not in allowed("rewrite") and "models" not in allowed("capture")
     assert "analysis" in allowed("planning") and "runtime" in allowed("capture")
+    assert "api" in allowed("deployment") and all("deployment" not in allowed(u) for u in PIPELINE)
 
 
 def test_no_module_is_over_400_lines():

@@ -1,0 +1,1 @@
+"""Deployment above the api: serving and packaging a pruned model (triton/: NVIDIA Triton Inference Server)."""
