@@ -162,7 +162,8 @@ def test_explicit_attention_after_the_mixers_runs_on_restored_tokens():
     with pytest.raises(UnreachableRatioError, match="keeping at least 1/8 of the tokens"):
         mambaprune.compile_pruned(model, ratio=RATIO)
     pruned = mambaprune.compile_pruned(model, schedule={1: 0.5})
-    assert [r.what.split("'")[0] for r in pruned.report.restorations] == ["blocks.2.mixer"]
+    restored = {r.what.split("'")[0] for r in pruned.report.restorations}
+    assert restored and all(what.startswith("blocks.2") for what in restored), restored   # the attention block
     assert pruned.report.pruned_flops < pruned.report.dense_flops
     keep_all = mambaprune.compile_pruned(model, schedule={1: 1.0})
     with torch.no_grad():

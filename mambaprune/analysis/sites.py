@@ -160,8 +160,10 @@ def restore_problem(restored: list, fed: set, batch, block: Block) -> Optional[s
     site_batch = (shape_of(block.y) or (None,))[0]
     if restored and str(site_batch) != str(batch):
         first = restored[0]
+        why = f": {fact_of(first).reason}" if isinstance(fact_of(first), Unknown) else ""
         return (f"block {block.name} runs on windows folded into the batch ({site_batch} rows for a batch of "
-                f"{batch}), and the tokens it would prune cannot be restored for {module_of(first)} ({first.name})")
+                f"{batch}), and the tokens it would prune cannot be restored for {module_of(first)} "
+                f"({first.name}{why})")
     restored_set = set(restored)
     for node in restored:
         for arg in node.all_input_nodes:
@@ -185,9 +187,14 @@ def batch_of(gm: fx.GraphModule):
 
 
 def token_work(later_blocks: list, cut: set, nodes) -> set:
-    """The token mixers a site's kept tokens are for: the scans of the blocks after it, and attention
-    on the tokens outside the dense part `cut` (MambaVision's attention blocks after its mixers)."""
+    """What a site's kept tokens are for: the blocks after it (their scans, their block output, every node of
+    their repeated module: a gate branch's conv1d beside the scan), and attention on the tokens outside the
+    dense part `cut` (MambaVision's attention blocks after its mixers)."""
+    nodes = list(nodes)
     work = {scan for block in later_blocks for scan in block.scans}
+    work.update(block.y for block in later_blocks if block.y is not None)
+    containers = [block.container for block in later_blocks if block.container]
+    work.update(n for n in nodes if n not in cut and any(in_module(n, c) for c in containers))
     work.update(n for n in nodes if n not in cut and is_token_attention(n))
     return work
 
