@@ -67,10 +67,9 @@ def time_batch(model, variants: dict, size: int, batch: int, rounds: int) -> dic
             "max_abs_diff_package_vs_pruned": diffs}
 
 
-def run_cpp(package: Path, size: int, python_package, folder: Path, repeats: int) -> dict:
-    """Build examples/aoti_cpp and run the package from C++ at batch 1."""
+def run_cpp(package: Path, size: int, python_package, folder: Path, repeats: int, build: Path) -> dict:
+    """Build examples/aoti_cpp in `build` (incremental) and run the package from C++ at batch 1."""
     prefix = torch.utils.cmake_prefix_path
-    build = folder / "cpp_build"
     start = time.perf_counter()
     for command in (["cmake", f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release", "-S", str(EXAMPLE),
                      "-B", str(build)], ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1)]):
@@ -120,6 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cpp", action="store_true", help="also build and run examples/aoti_cpp")
+    parser.add_argument("--cpp-build", type=Path, help="cmake build folder for --cpp (default: a temporary one)")
     parser.add_argument("--out", help="results stem (default aoti_cpu, --quick: aoti_cpu_quick)")
     args = parser.parse_args(argv)
     setup = QUICK if args.quick else FULL
@@ -131,7 +131,8 @@ def main(argv=None) -> None:
         variants = build_variants(model, size, args.ratios, Path(tmp))
         rows = [time_batch(model, variants, size, b, args.rounds or setup["rounds"]) for b in args.batches or setup["batches"]]
         first = next(iter(variants.values()))
-        cpp = run_cpp(first[3], size, first[1], Path(tmp), repeats=args.rounds or setup["rounds"]) if args.cpp else None
+        cpp = run_cpp(first[3], size, first[1], Path(tmp), args.rounds or setup["rounds"],
+                      args.cpp_build or Path(tmp) / "cpp_build") if args.cpp else None
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": timing.cpu_description(),
               "command": "python benchmarks/aoti.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "quick": args.quick, "model": setup["model"], "img_size": size, "overrides": setup["overrides"],

@@ -67,8 +67,10 @@ def _batch_int(state: dict):
 
 
 def affine_in_batch(x: torch.SymFloat, batch) -> Optional[torch.SymInt]:
-    """int(x) as a SymInt of `batch` when x is exactly (p * batch + c) / q with integers p, c, q and
-    that value is an integer at the traced batch; else None."""
+    """int(x) as a SymInt of `batch` when x is exactly (p * batch + c) / q with integers p > 0, q > 0
+    and c >= -p (non-negative at every batch >= 1, where int's truncation is //'s floor); else None.
+    The value is the exact one: where float rounding would make int() of the model's own float
+    arithmetic one less (x / 3.0 * 3.0), the routed int is right and the model's was not."""
     if not isinstance(batch, torch.SymInt):
         return None
     symbol = batch.node.expr
@@ -83,8 +85,7 @@ def affine_in_batch(x: torch.SymFloat, batch) -> Optional[torch.SymInt]:
     p, c = builtins.int(slope * q), builtins.int(offset * q)
     if p <= 0:   # not the batch (a constant), or a decreasing one: the builtin
         return None
-    hint = batch.node.hint
-    if hint is None or (p * hint + c) % q or p * hint + c < 0:   # int() would truncate: leave it to the builtin
+    if p + c < 0:   # negative at batch 1, where int() truncates towards zero and // floors
         return None
     result = batch * p + c if p != 1 or c else batch
     return result // q if q != 1 else result
