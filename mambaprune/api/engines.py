@@ -52,8 +52,8 @@ def engine_for(backend: Backend) -> Optional[Engine]:
     if backend not in _ENGINES:
         _load_deployment()
     if backend not in _ENGINES:
-        raise InvalidArgumentError(f"no engine is registered for backend={backend.value!r}: "
-                                   f"import {DEPLOYMENT_PACKAGE} (it registers {Backend.values()[2:]})")
+        raise InvalidArgumentError(f"no engine is registered for backend={backend.value!r}: {DEPLOYMENT_PACKAGE} "
+                                   f"registers {sorted(b.value for b in _ENGINES)}")
     return _ENGINES[backend]
 
 

@@ -59,7 +59,7 @@ class PrunedModel(torch.nn.Module):
         """Write a deployable file; returns `path`.
 
         format: from the suffix (``.onnx``, ``.pt2``, ``.engine`` / ``.ts`` for TensorRT) or
-        ``format=`` "onnx", "pt2" or "tensorrt". An existing file is replaced atomically (temporary
+        ``format=`` "onnx", "pt2", "tensorrt" or "aoti". An existing file is replaced atomically (temporary
         file + rename), so a failed export leaves it as it was. Options: ONNX ``scan_form=``
         ("scan" or "doubling"), ``opset_version=``; TensorRT ``min_batch=``, ``opt_batch=``,
         ``max_batch=``, ``enabled_precisions=`` and other torch_tensorrt.dynamo.compile settings.
