@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     from mambaprune import compile_pruned
     from mambaprune.models import create_model
-    from mambaprune.runtime.backends.tensorrt_backend import TensorRTModule, compile_tensorrt
+    from mambaprune.deployment.tensorrt_backend import TensorRTModule, compile_tensorrt
 
     dtype = getattr(torch, DTYPES[args.dtype])
     torch.manual_seed(0)

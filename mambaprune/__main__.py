@@ -101,7 +101,7 @@ def _calibration_images(folder: Path, model, example, args) -> list:
 
 def compile_command(args) -> None:
     """Prune MODEL and export it (.onnx / .pt2 / .engine) to -o."""
-    from .runtime.backends.export import (
+    from .deployment.export import (
         discard_temporary,
         reserve_temporary,
         resolve_format,

@@ -556,6 +556,13 @@ def window_reverse_int(windows, window_size, H, W):
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, windows.shape[2], H, W)
 
 
+def window_reverse_floor(windows, window_size, H, W):
+    """As ``window_reverse_int`` with math.floor: a batch made constant in a way capture does not route."""
+    B = math.floor(windows.shape[0] / (H * W / window_size / window_size))
+    x = windows.reshape(B, H // window_size, W // window_size, window_size, window_size, -1)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, windows.shape[2], H, W)
+
+
 class MambaVisionStyle(nn.Module):
     """One hybrid stage: the first half of the blocks are Mamba mixers, the second half attention.
 

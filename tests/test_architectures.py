@@ -196,10 +196,23 @@ def test_refused_model_with_a_ratio_is_unsupported(name):
         assert max_diff(result(images()), result(images())) == 0
 
 
-def test_mambavision_window_reverse_with_int_batch_is_captured_with_the_example_batch():
-    """MambaVision's own window_reverse computes int(batch / windows): export specialises the batch, so
-    the model is captured with the example batch and any other batch is refused at call time."""
+def test_mambavision_window_reverse_with_int_batch_runs_every_batch():
+    """MambaVision's own window_reverse computes int(batch / windows): capture routes that int so the
+    batch stays symbolic (capture/batch_int.py); the compiled model runs every batch (several windows
+    per image: no site here; tests/test_mambavision.py prunes the real package at batches 1-3)."""
     model = arch.MambaVisionStyle(windowed=True, patch_size=4, conv_padding=1, reverse=arch.window_reverse_int)
+    dense = mambaprune.compile_pruned(model.eval(), ratio=0.0, example_inputs=(images(),))
+    assert dense.report.static_batch is None
+    for batch in (1, 2, 3):
+        x = images(batch=batch, seed=batch)
+        with torch.no_grad():
+            assert max_diff(dense(x), model(x)) <= TOL
+
+
+def test_a_batch_fixed_another_way_is_captured_with_the_example_batch():
+    """math.floor of the batch is not routed: export specialises the batch, so the model is captured
+    with the example batch and any other batch is refused at call time."""
+    model = arch.MambaVisionStyle(windowed=True, patch_size=4, conv_padding=1, reverse=arch.window_reverse_floor)
     x = images()
     pruned = mambaprune.compile_pruned(model.eval(), ratio=0.0, example_inputs=(x,))
     assert pruned.report.static_batch == x.shape[0]

@@ -16,7 +16,7 @@ from mambaprune.errors import (ExportPathError, FrozenArgumentError, InputMismat
                                MambapruneError, UnsupportedModelError)
 from mambaprune.api import build, prepare
 from mambaprune.models import create_model
-from mambaprune.runtime.backends import export as export_module
+from mambaprune.deployment import export as export_module
 
 
 def tiny_vim(depth=4):

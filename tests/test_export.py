@@ -15,13 +15,13 @@ from mambaprune import compile_pruned
 from mambaprune.api import PrunedModel
 from mambaprune.errors import MissingDependencyError
 from mambaprune.models import create_model
-from mambaprune.runtime.backends import export as export_module
+from mambaprune.deployment import export as export_module
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from mambaprune.runtime.backends.onnxruntime_backend import OnnxRuntimeModule, default_providers  # noqa: E402
+from mambaprune.deployment.onnxruntime_backend import OnnxRuntimeModule, default_providers  # noqa: E402
 
 VIM_TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=32)
 PLAIN_TINY = dict(img_size=64, depth=4, embed_dim=32)
@@ -184,7 +184,7 @@ class _ScanModule(torch.nn.Module):
 @pytest.mark.parametrize("scan_form", ["scan", "doubling"])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_selective_scan_translation(scan_form, grouped, tmp_path):
-    from mambaprune.runtime.backends.onnx_ops import custom_translation_table
+    from mambaprune.deployment.onnx_ops import custom_translation_table
     module = _ScanModule(grouped)
     length = 13  # not a power of two: exercises the last doubling round
 
@@ -212,7 +212,7 @@ def test_selective_scan_translation(scan_form, grouped, tmp_path):
 
 
 def test_scan_form_is_validated():
-    from mambaprune.runtime.backends.onnx_ops import custom_translation_table
+    from mambaprune.deployment.onnx_ops import custom_translation_table
     with pytest.raises(ValueError, match="scan_form"):
         custom_translation_table("unrolled-by-hand")
 

@@ -21,6 +21,7 @@ from ..search import Calibration, calibration_inputs, plan_sites, search_alignme
 from ..runtime.torch_logs import torch_logs_held
 from ..settings import DEFAULT_METRIC, Alignment, Backend, PruneSettings
 from .checks import calibration_batches, check_metric, unwrap_model
+from .engines import engine_for
 from .pruned_model import PrunedModel
 from .report import BlockReport, PruneReport
 from .signature import CallSignature, call_signature
@@ -173,10 +174,6 @@ def _calibration(prepared: Prepared, calibration: Iterable) -> Calibration:
 
 def require_backend(backend: Backend) -> None:
     """Fail before the slow work when the backend's optional package is missing."""
-    if backend is Backend.ONNXRUNTIME:
-        from ..runtime.backends.onnxruntime_backend import require_package
-        for package, module in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
-            require_package(package, module, 'compile_pruned(backend="onnxruntime")')
-    elif backend is Backend.TENSORRT:
-        from ..runtime.backends.tensorrt_backend import import_torch_tensorrt
-        import_torch_tensorrt()
+    engine = engine_for(backend)
+    if engine is not None:
+        engine.require()

@@ -10,6 +10,7 @@ from ..capture import flat_inputs
 from ..errors import BatchSizeError, InputMismatchError
 from ..meta_keys import KEPT_POSITIONS
 from ..settings import Backend
+from .engines import engine_for, exporter
 from .pickling import graph_module_of, graph_state
 from .signature import CallSignature
 
@@ -58,14 +59,14 @@ class PrunedModel(torch.nn.Module):
         """Write a deployable file; returns `path`.
 
         format: from the suffix (``.onnx``, ``.pt2``, ``.engine`` / ``.ts`` for TensorRT) or
-        ``format=`` "onnx", "pt2" or "tensorrt". An existing file is replaced atomically (temporary
+        ``format=`` "onnx", "pt2", "tensorrt" or "aoti". An existing file is replaced atomically (temporary
         file + rename), so a failed export leaves it as it was. Options: ONNX ``scan_form=``
         ("scan" or "doubling"), ``opset_version=``; TensorRT ``min_batch=``, ``opt_batch=``,
         ``max_batch=``, ``enabled_precisions=`` and other torch_tensorrt.dynamo.compile settings.
-        See mambaprune/runtime/backends/export.py.
+        AOTInductor: ``format="aoti"`` (a ``.pt2`` package, see mambaprune/deployment/aoti.py).
+        The formats live in mambaprune/deployment/ (reached through api/engines.py).
         """
-        from ..runtime.backends.export import export_pruned
-        return export_pruned(self, path, format, **options)
+        return exporter()(self, path, format, **options)
 
     @torch.no_grad()
     def kept_positions(self, *args, **kwargs) -> dict:
@@ -102,7 +103,7 @@ class PrunedModel(torch.nn.Module):
                 raise BatchSizeError(
                     f"input {position} has batch {arg.shape[0]}; this pruned model runs only batches of "
                     f"{self.static_batch}: torch.export could not capture the model with a dynamic batch (its code "
-                    f"makes the batch a constant, e.g. int(B) in MambaVision's window_reverse), so it was captured "
+                    f"makes the batch a constant in a way capture cannot keep symbolic, e.g. math.floor of it), so it was captured "
                     f"with the example batch. Compile again with example inputs of batch {arg.shape[0]}.")
             if arg.dtype != dtype:
                 raise InputMismatchError(f"input {position} has dtype {arg.dtype}; the model was compiled for {dtype}")
@@ -153,10 +154,5 @@ def empty_outputs(graph_module: fx.GraphModule):
 def _make_runner(pruned: PrunedModel, backend: Backend):
     if backend is Backend.INDUCTOR:
         return torch.compile(pruned.graph_module)
-    if backend is Backend.ONNXRUNTIME:
-        from ..runtime.backends.onnxruntime_backend import onnxruntime_module
-        return onnxruntime_module(pruned)
-    if backend is Backend.TENSORRT:
-        from ..runtime.backends.tensorrt_backend import tensorrt_module
-        return tensorrt_module(pruned)
-    return pruned.graph_module
+    engine = engine_for(backend)
+    return pruned.graph_module if engine is None else engine.runner(pruned)

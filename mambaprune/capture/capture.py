@@ -4,11 +4,14 @@ Known scan entry points (scan_registry) that the model's code refers to are rout
 `mambaprune::selective_scan` for the duration of the export (routing.py). The user's model itself
 is never touched: a deep copy is exported.
 
-A model whose code fixes the batch under torch.export (MambaVision's `window_reverse` computes it
-with `int(...)`) cannot be captured with a dynamic batch; it is then captured with the example
-inputs' batch (`Capture.static_batch`), and the pruned model accepts only that batch (a
-`BatchSizeError` at call time names it). Re-capturing per batch size was not chosen: a capture
-and its analysis cost seconds, which a call must not hide.
+A model whose code turns the batch into a Python int (MambaVision's `window_reverse`:
+``int(windows.shape[0] / (H * W / ws / ws))``) would fix the batch under torch.export; during the
+capture `int` in the model's modules is routed to one that keeps an affine function of the batch
+symbolic (batch_int.py), so such a model is captured, and pruned, for every batch. A model that
+fixes the batch some other way is captured with the example inputs' batch (`Capture.static_batch`),
+and the pruned model accepts only that batch (a `BatchSizeError` at call time names it).
+Re-capturing per batch size was not chosen: a capture and its analysis cost seconds, which a call
+must not hide.
 
 A capture runs under the compile lock (pass_infra.exclusive_compile: torch.export and the routing
 touch process-wide state), restores the backend switches torch.export flips, and releases the
@@ -25,6 +28,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 from ..pass_infra import backend_switches_preserved, exclusive_compile, release_shape_env_caches
+from .batch_int import symbolic_batch_int
 from .routing import route_scans
 
 MAX_BATCH = 1 << 16
@@ -65,7 +69,7 @@ def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
     private = copy.deepcopy(model).eval()
     export_inputs = tuple(_at_least_two(x) for x in example_inputs)
     static_batch = None
-    with route_scans(private) as routes:
+    with route_scans(private) as routes, symbolic_batch_int(private):
         try:
             program = torch.export.export(private, export_inputs, dynamic_shapes=_dynamic_batch(export_inputs),
                                           strict=False)

@@ -4,7 +4,9 @@ Formats (from the path's suffix, or ``format=``):
 
 - ``"pt2"`` (``.pt2``): ``torch.export.save`` of the pruned program re-exported with a dynamic batch
   (``torch.export.load(path).module()(x)`` runs it; our custom ops must be registered, i.e.
-  ``import mambaprune`` first).
+  ``import mambaprune.runtime.op_library`` first).
+- ``"aoti"`` (``format="aoti"``, a ``.pt2`` path): an AOTInductor package, compiled ahead of time
+  (``aoti.py``); a plain ``.pt2`` path stays ``"pt2"``: the two formats share torch's suffix.
 - ``"onnx"`` (``.onnx``): ``torch.onnx.export(dynamo=True)`` with our ops translated to standard ONNX
   (``onnx_ops``), dynamic batch, checked with ``onnx.checker.check_model``.
 - ``"tensorrt"`` (``.engine``, ``.ts``): torch-tensorrt with our ops left to PyTorch
@@ -22,38 +24,66 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 
-from ...errors import ExportPathError, InvalidArgumentError, InvalidArgumentTypeError
-from ..torch_logs import torch_logs_held
+from ..errors import ExportPathError, InvalidArgumentError, InvalidArgumentTypeError
+from ..runtime.torch_logs import torch_logs_held
 
 
-FORMATS = ("onnx", "pt2", "tensorrt")
-SUFFIXES = {".onnx": "onnx", ".pt2": "pt2", ".engine": "tensorrt", ".ts": "tensorrt"}
 EXPORT_BATCH = 2
 MAX_BATCH = 1 << 16
 
 
+@dataclass(frozen=True)
+class Format:
+    """An export format: ``write(pruned, tmp, path, **options)`` writes the file ``tmp`` (moved onto
+    ``path`` afterwards); ``suffixes`` mean this format when ``format=`` is left out; ``accepts``
+    are further suffixes it may be written to with ``format=`` (an AOTInductor package is a .pt2)."""
+
+    name: str
+    suffixes: tuple
+    write: Callable
+    accepts: tuple = ()
+
+
+_FORMATS: dict = {}
+
+
+def register_format(name: str, suffixes: tuple, write: Callable, accepts: tuple = ()) -> None:
+    """Add (or replace) an export format; a deployment subpackage calls it when imported."""
+    _FORMATS[name] = Format(name, tuple(s.lower() for s in suffixes), write, tuple(s.lower() for s in accepts))
+
+
+def formats() -> tuple:
+    return tuple(sorted(_FORMATS))
+
+
+def suffixes() -> dict:
+    """{suffix: the format it means}."""
+    return {suffix: f.name for f in _FORMATS.values() for suffix in f.suffixes}
+
+
 def resolve_format(path, format: Optional[str]) -> str:
-    suffix = Path(path).suffix.lower()
+    suffix, by_suffix = Path(path).suffix.lower(), suffixes()
     if format is not None:
-        if format not in FORMATS:
-            raise InvalidArgumentError(f"unknown export format {format!r}; expected one of {FORMATS} "
-                                       f"(or a path ending in one of {tuple(SUFFIXES)})")
-        if suffix in SUFFIXES and SUFFIXES[suffix] != format:
+        if format not in _FORMATS:
+            raise InvalidArgumentError(f"unknown export format {format!r}; expected one of {formats()} "
+                                       f"(or a path ending in one of {tuple(by_suffix)})")
+        if suffix in by_suffix and by_suffix[suffix] != format and suffix not in _FORMATS[format].accepts:
             raise InvalidArgumentError(
                 f"export format {format!r} disagrees with the path {str(path)!r}, whose suffix {suffix} means "
-                f"{SUFFIXES[suffix]!r}: give the path a suffix of that format or leave format= out")
+                f"{by_suffix[suffix]!r}: give the path a suffix of that format or leave format= out")
         return format
-    if suffix not in SUFFIXES:
+    if suffix not in by_suffix:
         raise InvalidArgumentError(f"cannot tell the export format from {str(path)!r}: the suffix must be one of "
-                         f"{tuple(SUFFIXES)} ({', '.join(f'{s} -> {f}' for s, f in SUFFIXES.items())}), "
-                         f"or pass format= one of {FORMATS}")
-    return SUFFIXES[suffix]
+                         f"{tuple(by_suffix)} ({', '.join(f'{s} -> {f}' for s, f in by_suffix.items())}), "
+                         f"or pass format= one of {formats()}")
+    return by_suffix[suffix]
 
 
 class ExportFolderError(ExportPathError, InvalidArgumentError, FileNotFoundError):
@@ -155,30 +185,37 @@ def reexport(pruned, batch: int = EXPORT_BATCH) -> torch.export.ExportedProgram:
 
 def export_pruned(pruned, path, format: Optional[str] = None, **options) -> str:
     """Write `pruned` to `path` in `format` (default: from the suffix); returns the path."""
-    fmt = resolve_format(path, format)
-    if fmt == "pt2":
-        _no_options("pt2", options)
+    fmt = _FORMATS[resolve_format(path, format)]
     tmp = reserve_temporary(path)  # fail before the (slow) conversion
     try:
-        if fmt == "pt2":
-            program = reexport(pruned)
-            return atomic_write(path, lambda tmp: torch.export.save(program, tmp), tmp)
-        if fmt == "onnx":
-            from .onnxruntime_backend import onnx_program
-            with torch_logs_held():
-                program = onnx_program(pruned, **options)
-            return atomic_write(path, lambda tmp: _save_onnx(program, tmp), tmp)
-        from .tensorrt_backend import save_tensorrt
-        suffix = Path(path).suffix.lower()
-        return atomic_write(path, lambda tmp: save_tensorrt(pruned, tmp, suffix=suffix, **options), tmp)
+        return atomic_write(path, lambda tmp: fmt.write(pruned, tmp, os.fspath(path), **options), tmp)
     finally:
         discard_temporary(tmp)
 
 
-def _save_onnx(program, tmp: str) -> None:
+def _write_pt2(pruned, tmp: str, path: str, **options) -> None:
+    _no_options("pt2", options)
+    program = reexport(pruned)
+    torch.export.save(program, tmp)
+
+
+def _write_onnx(pruned, tmp: str, path: str, **options) -> None:
+    from .onnxruntime_backend import onnx_program
+    with torch_logs_held():
+        program = onnx_program(pruned, **options)
     program.save(tmp, external_data=False)
+
+
+def _write_tensorrt(pruned, tmp: str, path: str, **options) -> None:
+    from .tensorrt_backend import save_tensorrt
+    save_tensorrt(pruned, tmp, suffix=Path(path).suffix.lower(), **options)
 
 
 def _no_options(fmt: str, options: dict) -> None:
     if options:
         raise InvalidArgumentTypeError(f"{fmt} export takes no options; got {sorted(options)}")
+
+
+register_format("pt2", (".pt2",), _write_pt2)
+register_format("onnx", (".onnx",), _write_onnx)
+register_format("tensorrt", (".engine", ".ts"), _write_tensorrt)

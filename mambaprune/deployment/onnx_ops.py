@@ -60,7 +60,7 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
 
-from ...errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 SCAN_FORMS = ("scan", "doubling")
 DEFAULT_SCAN_FORM = "scan"

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ...errors import InvalidArgumentError, missing_dependency
+from ..errors import InvalidArgumentError, missing_dependency
 from .export import example_inputs_for, reexport
 
 PURPOSE = "TensorRT export / backend='tensorrt'"

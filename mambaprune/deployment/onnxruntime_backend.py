@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ...errors import InputMismatchError, missing_dependency
+from ..errors import InputMismatchError, missing_dependency
 from .export import reexport
 
 
@@ -17,6 +17,12 @@ def require_package(package: str, module: str, purpose: str):
         return __import__(module)
     except ImportError as err:
         raise missing_dependency(package, "onnx", purpose) from err
+
+
+def require_onnxruntime() -> None:
+    """MissingDependencyError unless onnx, onnxscript and onnxruntime are installed."""
+    for package in ("onnx", "onnxscript", "onnxruntime"):
+        require_package(package, package, 'compile_pruned(backend="onnxruntime")')
 
 
 def onnx_program(pruned, scan_form: Optional[str] = None, opset_version: Optional[int] = None,
