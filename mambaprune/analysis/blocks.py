@@ -94,7 +94,8 @@ def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Nod
     downstream = [nx.descendants(graph, s) | {s} for s in scans]
     common = set.intersection(*downstream)
     reached = directions_reached(scans, set.union(*downstream), order)
-    merged = [n for n in sorted(common, key=order.__getitem__) if isinstance(fact_of(n), Tok) and reached[n]]
+    merged = [n for n in sorted(common, key=order.__getitem__) if isinstance(fact_of(n), Tok) and reached[n]
+              and not _batch_moved(n, scans[0])]
     if not merged:
         return None
     y = merged[0]
@@ -106,6 +107,12 @@ def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Nod
             break
         y = user
     return y
+
+
+def _batch_moved(node: fx.Node, scan: fx.Node) -> bool:
+    """Whether the batch is not dim 0 of `node` (directions stacked before it: torch.stack(ys).sum(0))."""
+    shape, reference = shape_of(node), shape_of(scan)
+    return shape is not None and reference is not None and str(shape[0]) != str(reference[0])
 
 
 def directions_reached(scans: list, nodes: set, order: dict) -> dict:
