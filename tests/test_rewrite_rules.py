@@ -17,8 +17,9 @@ from mambaprune.analysis import Grid, Layout, MultiTok, Readout, Tok
 from mambaprune.errors import UnsupportedModelError
 from mambaprune.meta_keys import CONV_LEFT, CONV_SLICE, PERMUTATION, TOKENS
 from mambaprune.rewrite.context import RewriteContext
+from mambaprune.rewrite.gather import cut_to_site
 from mambaprune.rewrite.rules import (REWRITE_RULES, CopyNode, DropConvSlice, NeighbourConv2d, PositionConv1d,
-                                      RemapReadout, ReorderTokens, ScanGaps, restore_output)
+                                      RemapReadout, ReorderTokens, RestoreBeforeMoving, ScanGaps, restore_output)
 from mambaprune.rewrite.state import SiteNodes
 from mambaprune.settings import PruneSettings
 
@@ -87,7 +88,31 @@ def kept_positions(seed=0, protected=()):
 
 def test_the_rules_are_tried_in_the_documented_order():
     assert [type(r) for r in REWRITE_RULES] == [RemapReadout, DropConvSlice, PositionConv1d, ReorderTokens,
-                                                NeighbourConv2d, ScanGaps, CopyNode]
+                                                RestoreBeforeMoving, NeighbourConv2d, ScanGaps, CopyNode]
+
+
+# ------------------------------------------------------------------------------------ restore
+def test_a_move_the_kept_tokens_cannot_follow_runs_on_the_restored_tensor():
+    """x.roll(1, dims=1) of a pruned tensor: the kept tokens go back to their dense slots (zeros at
+    pruned ones), the roll runs densely, and a reader gets the kept tokens in the rolled order."""
+    h = Harness()
+    rolled = Layout(np.roll(np.arange(L), 1))
+    x_old = h.source.placeholder("x")
+    x_old.meta[TOKENS] = Tok(1, IDENTITY)
+    old = h.old(aten.roll.default, [x_old, [1], [1]], (B, L, D), Tok(1, rolled))
+    x = h.pruned("x", Tok(1, IDENTITY))
+    assert not ReorderTokens().matches(h.ctx, old, (x, [1], [1]))
+    moved = h.emit(RestoreBeforeMoving(), old, [x, [1], [1]])
+    assert h.ctx.state.of(moved) is None                      # dense: whoever reads it gathers
+    kept = cut_to_site(h.ctx, old, moved, 1)
+    idx, values = kept_positions(4), torch.randn(B, K, D)
+    out, dense = h.run((kept, moved), idx=idx, x=values)
+    for b in range(B):
+        full = torch.zeros(L, D)
+        full[idx[b]] = values[b]
+        assert torch.equal(dense[b], full.roll(1, 0))
+        order = np.argsort(rolled.rank[idx[b].numpy()], kind="stable")   # kept tokens along the rolled path
+        assert torch.equal(out[b], values[b, order])
 
 
 # ------------------------------------------------------------------------------------ permutation
