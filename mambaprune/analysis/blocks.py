@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from .facts import Grid, MultiTok, PaddedTok, Tok, Unknown, fact_of
@@ -112,7 +113,12 @@ def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Nod
 def _batch_moved(node: fx.Node, scan: fx.Node) -> bool:
     """Whether the batch is not dim 0 of `node` (directions stacked before it: torch.stack(ys).sum(0))."""
     shape, reference = shape_of(node), shape_of(scan)
-    return shape is not None and reference is not None and str(shape[0]) != str(reference[0])
+    if shape is None or reference is None:
+        return False
+    a, b = shape[0], reference[0]
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr != b.node.expr
+    return type(a) is not type(b) or a != b
 
 
 def directions_reached(scans: list, nodes: set, order: dict) -> dict:

@@ -58,7 +58,75 @@ def is_movement(node: fx.Node) -> bool:
 
 
 def evaluate(node: fx.Node, ctx: RuleContext) -> Fact:
-    """The fact of a data-movement node, read from the op run on position tensors."""
+    """The fact of a data-movement node, read from the op run on position tensors.
+
+    Repeated blocks repeat their moves: a move already evaluated on inputs of the same shapes and
+    facts (and the same constant indices) gives the same fact without running again."""
+    key = _memo_key(node, ctx)
+    fact = ctx.evaluated.get(key) if key is not None else None
+    if fact is None:
+        fact = _evaluate(node, ctx)
+        if key is not None and _reusable(fact):
+            ctx.evaluated[key] = fact
+    _annotate_permutation(node, ctx, fact)
+    return fact
+
+
+def _reusable(fact) -> bool:
+    """Facts that do not name their node (a TokenMap names the op that made it)."""
+    return all(not isinstance(f, TokenMap) for f in (fact if isinstance(fact, tuple) else (fact,)))
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _memo_key(node: fx.Node, ctx: RuleContext):
+    index_nodes = _index_nodes(node)
+
+    def key_of(value):
+        if isinstance(value, fx.Node):
+            val = value.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                return ("size", concrete(val))
+            if value in index_nodes:
+                tensor = constant_tensor(ctx.gm, value)
+                if tensor is None or tensor.is_meta:
+                    raise _Unkeyable
+                return ("index", tuple(tensor.shape), tensor.detach().cpu().numpy().tobytes())
+            fact = ctx.fact(value)
+            if not _reusable(fact):
+                raise _Unkeyable
+            return ("tensor", tuple(str(s) for s in val.shape), fact)
+        if isinstance(value, (list, tuple)):
+            return tuple(key_of(v) for v in value)
+        if isinstance(value, torch.SymInt):
+            return ("sym", str(value))
+        return value
+
+    try:
+        key = (node.target, key_of(node.args), tuple((k, key_of(v)) for k, v in node.kwargs.items()))
+        hash(key)
+        return key
+    except (_Unkeyable, TypeError):
+        return None
+
+
+def _annotate_permutation(node: fx.Node, ctx: RuleContext, fact) -> None:
+    """A constant gather that permutes the tokens: the permutation of the slots (rewrite: ReorderTokens)."""
+    source = ctx.fact(node.args[0])
+    if op_name(node) in ("aten::index", "aten::index_select") and isinstance(fact, Tok) \
+            and isinstance(source, Tok) and fact.layout != source.layout:
+        ctx.annotate(node, PERMUTATION, source.layout.rank[fact.layout.path])
+
+
+def _index_nodes(node: fx.Node) -> set:
+    found = {argument(node, name) for name in _INDEX_ARGUMENTS}
+    return {i for group in found for i in (group if isinstance(group, (list, tuple)) else (group,))
+            if isinstance(i, fx.Node)}
+
+
+def _evaluate(node: fx.Node, ctx: RuleContext) -> Fact:
     encoded = _Encoding(node, ctx)
     args = fx.node.map_arg(node.args, encoded.value)
     kwargs = fx.node.map_arg(node.kwargs, encoded.value)
@@ -74,8 +142,7 @@ class _Encoding:
 
     def __init__(self, node: fx.Node, ctx: RuleContext):
         self.ctx, self.node = ctx, node
-        self.index_nodes = {argument(node, name) for name in _INDEX_ARGUMENTS}
-        self.index_nodes |= {i for group in self.index_nodes if isinstance(group, (list, tuple)) for i in group}
+        self.index_nodes = _index_nodes(node)
         self.positions, self.batch, self.parts = [], [], []
         self.facts = []
         self.size = 0
@@ -212,9 +279,9 @@ def _is_permutation(values: np.ndarray, length: int) -> bool:
 def _tok(node: fx.Node, ctx: RuleContext, encoded: _Encoding, dim: int, layout: Layout) -> Tok:
     source = encoded.facts[0] if encoded.facts else None
     if op_name(node) in ("aten::index", "aten::index_select") and isinstance(source, Tok) and layout != source.layout:
-        if source.dim != dim or any(isinstance(f, Grid) for f in encoded.facts):
+        indexed = [d for d, i in enumerate(argument(node, "indices") or []) if i is not None]
+        if source.dim != dim or (op_name(node) == "aten::index" and indexed != [source.dim]):
             raise NotUnderstood("advanced indexing that touches more than the token axis")
-        ctx.annotate(node, PERMUTATION, source.layout.rank[layout.path])
     return Tok(dim, layout)
 
 
