@@ -99,9 +99,9 @@ class LocalScanDirection(nn.Module):
 class LocalMambaMixer(nn.Module):
     DIRECTIONS = ("h", "h_flip", "v", "w2")
 
-    def __init__(self, dim: int, grid: int, d_state: int, directions=DIRECTIONS, expand: int = 2):
+    def __init__(self, dim: int, grid: int, d_state: int, directions=DIRECTIONS, expand: int = 2, combine="add"):
         super().__init__()
-        self.grid, self.directions = grid, tuple(directions)
+        self.grid, self.directions, self.combine = grid, tuple(directions), combine
         self.d_inner = expand * dim
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
         self.scans = nn.ModuleDict({d: LocalScanDirection(self.d_inner, d_state, math.ceil(dim / 16))
@@ -123,6 +123,11 @@ class LocalMambaMixer(nn.Module):
             return x.reshape(B, self.grid, self.grid, E).transpose(1, 2).flatten(1, 2)
         if d.startswith("w"):
             return x[:, getattr(self, f"{d}_order")]
+        if d.startswith("vw"):   # the same window-by-window order written as a view of the grid and a permute
+            B, L, E = x.shape
+            H = W = self.grid
+            w = int(d[2:])
+            return x.view(B, H // w, w, W // w, w, E).permute(0, 1, 3, 2, 4, 5).reshape(B, L, E)
         raise ValueError(d)
 
     def from_direction(self, y, d):
@@ -135,13 +140,26 @@ class LocalMambaMixer(nn.Module):
             return y.reshape(B, self.grid, self.grid, E).transpose(1, 2).flatten(1, 2)
         if d.startswith("w"):
             return y[:, getattr(self, f"{d}_inverse")]
+        if d.startswith("vw"):
+            B, L, E = y.shape
+            H = W = self.grid
+            w = int(d[2:])
+            return y.view(B, H // w, W // w, w, w, E).permute(0, 1, 3, 2, 4, 5).reshape(B, L, E)
         raise ValueError(d)
 
     def forward(self, x):
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        y = 0
-        for d in self.directions:
-            y = y + self.from_direction(self.scans[d](self.to_direction(xs, d)), d)
+        if self.combine == "add":
+            y = 0
+            for d in self.directions:
+                y = y + self.from_direction(self.scans[d](self.to_direction(xs, d)), d)
+            return self.out_proj(y * F.silu(z))
+        ys = [self.from_direction(self.scans[d](self.to_direction(xs, d)), d) for d in self.directions]
+        if self.combine == "stack_sum":        # torch.stack(...).sum(0)
+            y = torch.stack(ys).sum(0)
+        else:                                  # "cat_tokens": side by side on the token axis, a direction axis
+            B, L, E = ys[0].shape
+            y = torch.cat(ys, dim=1).reshape(B, len(ys), L, E).sum(1)
         return self.out_proj(y * F.silu(z))
 
 
@@ -149,14 +167,15 @@ class LocalMambaStyle(nn.Module):
     """Plain (isotropic) LocalVim-like model, no class token, mean pool."""
 
     def __init__(self, img_size=32, patch_size=8, embed_dim=32, depth=4, d_state=4, num_classes=10,
-                 directions=LocalMambaMixer.DIRECTIONS):
+                 directions=LocalMambaMixer.DIRECTIONS, combine="add"):
         super().__init__()
         self.img_size = img_size
         g = grid_of(img_size, patch_size)
         self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, g * g, embed_dim) * 0.02)
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in range(depth))
-        self.mixers = nn.ModuleList(LocalMambaMixer(embed_dim, g, d_state, directions) for _ in range(depth))
+        self.mixers = nn.ModuleList(LocalMambaMixer(embed_dim, g, d_state, directions, combine=combine)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
 
@@ -216,6 +235,36 @@ class DirectionalMixer(nn.Module):
             else:
                 raise ValueError(d)
         return self.out_proj((out / len(self.directions)).transpose(1, 2))
+
+
+class SlicedClassTokenVim(nn.Module):
+    """A class token in the middle of the stream that bypasses every mixer: sliced out before it
+    (`x[:, :M]`, `x[:, M + 1:]`) and concatenated back into the middle after it; read out beside
+    the mean of the tokens."""
+
+    def __init__(self, img_size=32, patch_size=8, embed_dim=32, depth=4, d_state=4, num_classes=10):
+        super().__init__()
+        self.img_size = img_size
+        g = grid_of(img_size, patch_size)
+        self.middle = g * g // 2
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, g * g + 1, embed_dim) * 0.02)
+        self.layers = nn.ModuleList(DirectionalMixer(embed_dim, d_state, g * g) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in range(depth))
+        self.norm_f = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, img):
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)
+        M = self.middle
+        x = torch.cat([x[:, :M], self.cls_token.expand(x.shape[0], -1, -1), x[:, M:]], dim=1) + self.pos_embed
+        for norm, mixer in zip(self.norms, self.layers):
+            tokens = torch.cat([x[:, :M], x[:, M + 1:]], dim=1)
+            tokens = tokens + mixer(norm(tokens))
+            x = torch.cat([tokens[:, :M], x[:, M:M + 1], tokens[:, M:]], dim=1)
+        pooled = torch.cat([x[:, :M], x[:, M + 1:]], dim=1).mean(1)
+        return self.head(self.norm_f(x[:, M] + pooled))
 
 
 class ClassTokenVim(nn.Module):
@@ -746,6 +795,11 @@ ZOO = {
     "localmamba": lambda: LocalMambaStyle(depth=3),
     "localmamba_7x7": lambda: LocalMambaStyle(img_size=56, patch_size=4, embed_dim=16, depth=3,
                                               directions=("h", "h_flip", "v", "w2", "w7")),
+    "localmamba_view_windows": lambda: LocalMambaStyle(depth=3, directions=("h", "vw2")),
+    "localmamba_stack_sum": lambda: LocalMambaStyle(depth=3, directions=("h", "h_flip", "v"), combine="stack_sum"),
+    "localmamba_cat_tokens": lambda: LocalMambaStyle(depth=3, directions=("h", "h_flip", "vw2"),
+                                                     combine="cat_tokens"),
+    "cls_sliced_middle": lambda: SlicedClassTokenVim(depth=3),
     "cls_head": lambda: ClassTokenVim(cls="head", depth=3),
     "cls_none_meanpool": lambda: ClassTokenVim(cls="none", depth=3),
     "cls_head_tail": lambda: ClassTokenVim(cls="head+tail", depth=3),

@@ -32,6 +32,15 @@ SUPPORTED = {
                    "own parameters each, summed", [f"mixers.{i}" for i in range(3)]),
     "localmamba_7x7": ("LocalMamba-style on a 14 x 14 grid: plain, flip, transpose, 2x2 and 7x7 windows",
                        [f"mixers.{i}" for i in range(3)]),
+    "localmamba_view_windows": ("LocalMamba-style window-by-window scan order written as x.view(B, H // w, w, W // w, "
+                                "w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, L, C), inverse after the scan",
+                                [f"mixers.{i}" for i in range(3)]),
+    "localmamba_stack_sum": ("LocalMamba-style directions combined with torch.stack(...).sum(0)",
+                             [f"mixers.{i}" for i in range(3)]),
+    "localmamba_cat_tokens": ("LocalMamba-style directions concatenated on the token axis, reshaped to "
+                              "(B, directions, L, C) and summed", [f"mixers.{i}" for i in range(3)]),
+    "cls_sliced_middle": ("class token in the middle, sliced out (x[:, :M], x[:, M + 1:]) before every mixer and "
+                          "concatenated back after it", [f"layers.{i}" for i in range(3)]),
     "cls_head": ("class token at the head, bidirectional", [f"layers.{i}" for i in range(3)]),
     "cls_none_meanpool": ("no class token, mean pool", [f"layers.{i}" for i in range(3)]),
     "cls_head_tail": ("two class tokens (head + tail), read out and concatenated", [f"layers.{i}" for i in range(3)]),
@@ -146,6 +155,42 @@ def test_localmamba_sees_every_direction():
     assert mixing.startswith("4 scans (identity, flip, permutation, permutation)")
     mixing = ok("localmamba_7x7", 0.0)[1].report.blocks[0].mixing
     assert mixing.startswith("5 scans (identity, flip, permutation, permutation, permutation)")
+
+
+# data movement understood by evaluation (analysis/tokens/movement.py): the token maps these styles build
+MOVED_TOKENS = ("localmamba_view_windows", "localmamba_stack_sum", "localmamba_cat_tokens", "cls_sliced_middle")
+
+
+@pytest.mark.parametrize("name", MOVED_TOKENS)
+def test_moved_tokens_keep_all_equals_dense_and_the_model_is_untouched(name):
+    model = arch.build(name)
+    x = inputs_for(model, batch=3, seed=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+    sites = list(ok(name, RATIO)[1].report.sites)
+    keep_all = mambaprune.compile_pruned(model, schedule={k: 1.0 for k in sites})
+    pruned = ok(name, RATIO)[1]
+    with torch.no_grad():
+        assert max_diff(keep_all(x), before) <= TOL
+        out = pruned(x)
+        assert torch.isfinite(out).all()
+        for i in range(3):
+            assert max_diff(pruned(x[i:i + 1])[0], out[i]) <= TOL
+        assert torch.equal(model(x), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_window_order_written_as_a_view_is_the_constant_window_order():
+    """x.view(...).permute(...).reshape(...) scans in the same order as x[:, window_order]."""
+    as_view = ok("localmamba_view_windows", 0.0)[1].report.blocks[0].mixing
+    assert as_view.startswith("2 scans (identity, permutation)"), as_view
+    model = arch.build("localmamba_view_windows")
+    x = torch.randn(2, 16, 4)
+    order = arch.window_order(4, 4, 2)
+    mixer = model.mixers[0]
+    assert torch.equal(mixer.to_direction(x, "vw2"), x[:, order])
+    assert torch.equal(mixer.from_direction(mixer.to_direction(x, "vw2"), "vw2"), x)
 
 
 def test_hybrid_attention_runs_on_the_kept_tokens():

@@ -17,8 +17,10 @@ from mambaprune.analysis import Grid, Layout, MultiTok, Readout, Tok
 from mambaprune.errors import UnsupportedModelError
 from mambaprune.meta_keys import CONV_LEFT, CONV_SLICE, PERMUTATION, TOKENS
 from mambaprune.rewrite.context import RewriteContext
+from mambaprune.rewrite.gather import cut_to_site
 from mambaprune.rewrite.rules import (REWRITE_RULES, CopyNode, DropConvSlice, NeighbourConv2d, PositionConv1d,
-                                      RemapReadout, ReorderTokens, ScanGaps, restore_output)
+                                      RemapReadout, ReorderTokens, RestoreBeforeMoving, ScanGaps)
+from mambaprune.rewrite.restore import nearest, scattered
 from mambaprune.rewrite.state import SiteNodes
 from mambaprune.settings import PruneSettings
 
@@ -87,7 +89,31 @@ def kept_positions(seed=0, protected=()):
 
 def test_the_rules_are_tried_in_the_documented_order():
     assert [type(r) for r in REWRITE_RULES] == [RemapReadout, DropConvSlice, PositionConv1d, ReorderTokens,
-                                                NeighbourConv2d, ScanGaps, CopyNode]
+                                                RestoreBeforeMoving, NeighbourConv2d, ScanGaps, CopyNode]
+
+
+# ------------------------------------------------------------------------------------ restore
+def test_a_move_the_kept_tokens_cannot_follow_runs_on_the_restored_tensor():
+    """x.roll(1, dims=1) of a pruned tensor: the kept tokens go back to their dense slots (zeros at
+    pruned ones), the roll runs densely, and a reader gets the kept tokens in the rolled order."""
+    h = Harness()
+    rolled = Layout(np.roll(np.arange(L), 1))
+    x_old = h.source.placeholder("x")
+    x_old.meta[TOKENS] = Tok(1, IDENTITY)
+    old = h.old(aten.roll.default, [x_old, [1], [1]], (B, L, D), Tok(1, rolled))
+    x = h.pruned("x", Tok(1, IDENTITY))
+    assert not ReorderTokens().matches(h.ctx, old, (x, [1], [1]))
+    moved = h.emit(RestoreBeforeMoving(), old, [x, [1], [1]])
+    assert h.ctx.state.of(moved) is None                      # dense: whoever reads it gathers
+    kept = cut_to_site(h.ctx, old, moved, 1)
+    idx, values = kept_positions(4), torch.randn(B, K, D)
+    out, dense = h.run((kept, moved), idx=idx, x=values)
+    for b in range(B):
+        full = torch.zeros(L, D)
+        full[idx[b]] = values[b]
+        assert torch.equal(dense[b], full.roll(1, 0))
+        order = np.argsort(rolled.rank[idx[b].numpy()], kind="stable")   # kept tokens along the rolled path
+        assert torch.equal(out[b], values[b, order])
 
 
 # ------------------------------------------------------------------------------------ permutation
@@ -225,11 +251,23 @@ def test_a_token_output_is_scattered_back_to_every_position():
     h = Harness()
     x = h.pruned("x", Tok(1, IDENTITY))
     idx, values = kept_positions(8), torch.randn(B, K, D)
-    out = h.run(restore_output(h.rewrite, x), idx=idx, x=values)
+    out = h.run(scattered(h.ctx, x, Tok(1, IDENTITY), h.ctx.tables.dense_index(1, IDENTITY)), idx=idx, x=values)
     expected = torch.zeros(B, L, D)
     for b in range(B):
         expected[b, idx[b]] = values[b]
     assert torch.equal(out, expected)
+
+
+def test_nearest_fills_every_position_with_the_nearest_kept_token():
+    h = Harness()
+    x = h.pruned("x", Tok(1, IDENTITY))
+    idx, values = kept_positions(9), torch.randn(B, K, D)
+    out = h.run(nearest(h.ctx, x, Tok(1, IDENTITY), h.ctx.tables.dense_index(1, IDENTITY)), idx=idx, x=values)
+    for b in range(B):
+        kept = idx[b].tolist()
+        for p in range(L):
+            q = min(kept, key=lambda k: (abs(k - p), k))
+            assert torch.equal(out[b, p], values[b, kept.index(q)])
 
 
 # ------------------------------------------------------------------------------------------ copy

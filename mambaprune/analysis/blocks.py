@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from .facts import Grid, MultiTok, PaddedTok, Tok, Unknown, fact_of
@@ -94,7 +95,8 @@ def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Nod
     downstream = [nx.descendants(graph, s) | {s} for s in scans]
     common = set.intersection(*downstream)
     reached = directions_reached(scans, set.union(*downstream), order)
-    merged = [n for n in sorted(common, key=order.__getitem__) if isinstance(fact_of(n), Tok) and reached[n]]
+    merged = [n for n in sorted(common, key=order.__getitem__) if isinstance(fact_of(n), Tok) and reached[n]
+              and not _batch_moved(n, scans[0])]
     if not merged:
         return None
     y = merged[0]
@@ -106,6 +108,17 @@ def block_output(scans: list, graph: nx.DiGraph, order: dict) -> Optional[fx.Nod
             break
         y = user
     return y
+
+
+def _batch_moved(node: fx.Node, scan: fx.Node) -> bool:
+    """Whether the batch is not dim 0 of `node` (directions stacked before it: torch.stack(ys).sum(0))."""
+    shape, reference = shape_of(node), shape_of(scan)
+    if shape is None or reference is None:
+        return False
+    a, b = shape[0], reference[0]
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr != b.node.expr
+    return type(a) is not type(b) or a != b
 
 
 def directions_reached(scans: list, nodes: set, order: dict) -> dict:

@@ -15,6 +15,10 @@ which raises `NotUnderstood` when the transform cannot be followed for that kind
 - `MultiGrid(hdim, wdim, gdim, layouts, height, width)`: folded directions whose token axis is
   viewed as an H x W grid (VMamba's `ys.view(B, K, -1, H, W)` before its cross-merge); only
   views back to a token axis (and pointwise ops) are understood on it.
+- `TokenMap(positions, parts, length, origin)`: data movement left the tokens spread over several axes,
+  or a subset of them beside slots that hold none (a token axis viewed as windows, a class token
+  cut out); only data movement is followed on it (tokens/movement.py), until a token axis comes
+  out again.
 - `Unknown(reason)`: something happens to the tokens that the compiler cannot rewrite.
 - `Readout(kind, position)`: the tokens end here (a pooling, or a read of one token).
 """
@@ -219,6 +223,35 @@ def multi(dim: int, gdim: int, layouts) -> Union[Tok, MultiTok]:
     return MultiTok(dim, gdim, layouts)
 
 
+@dataclass(frozen=True, eq=False)
+class TokenMap:
+    """`positions` (int64, the evaluated shape of the node: hint sizes for symbolic dims) holds, for
+    every element, the original position of the token it carries, -1 for none; `parts`, which input
+    tensor (and direction of it) it came from. Compared by identity."""
+
+    positions: object
+    parts: object
+    length: int
+    origin: str        # the op that made it, for a refusal ("aten::view (B, 16, 8) -> (B, 2, 2, 2, 2, 8)")
+
+    @property
+    def token_dims(self) -> tuple:
+        return tuple(d for d in range(self.positions.ndim) if varies(self.positions, d))
+
+    @property
+    def refusal(self) -> str:
+        return (f"{self.origin} leaves the tokens spread over several axes or mixed with slots that hold no "
+                "token; only data movement that brings back one token axis (or grid) of all the tokens is followed")
+
+
+def varies(values, dim: int) -> bool:
+    """Whether an array's values change along `dim`."""
+    if values.shape[dim] < 2:
+        return False
+    first = values.take([0], axis=dim)
+    return bool((values != first).any())
+
+
 @dataclass(frozen=True)
 class Unknown:
     reason: str
@@ -233,9 +266,9 @@ class Readout:
         raise NotUnderstood("permute of a token readout")
 
 
-TokenFact = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid]
-Fact = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid, Unknown, Readout, tuple, None]
-TOKEN_FACTS = (Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid)
+TokenFact = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid, TokenMap]
+Fact = Union[Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid, TokenMap, Unknown, Readout, tuple, None]
+TOKEN_FACTS = (Tok, BatchTok, PaddedTok, Grid, MultiTok, MultiGrid, TokenMap)
 
 
 def is_token_fact(fact) -> bool:

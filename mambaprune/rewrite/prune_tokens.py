@@ -27,7 +27,7 @@ from .context import RewriteContext, SiteContext
 from .gather import cut_constant, cut_grid_constant, cut_to_site
 from .restore import emit_restored, restore_outputs
 from .rules import REWRITE_RULES
-from .score import current_dim, emit_scores
+from .score import block_output, current_dim, emit_scores
 from .select import emit_selection
 from .stage_end import emit_stage_end
 
@@ -107,7 +107,7 @@ def emit_site(ctx: SiteContext, site: SiteSpec) -> None:
     """Score the tokens after block `site.key` and select the K to keep."""
     block = ctx.analysis.blocks[site.key - 1]
     scores = emit_scores(ctx, block, ctx.analysis.stream_parts(site.key))
-    y = ctx.env[block.y]
+    y = block_output(ctx, block)
     emit_selection(ctx, scores, y, current_dim(ctx, y, fact_of(block.y)), site.keep, ctx.analysis.protected)
 
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..analysis import Block, Grid, MultiTok, fact_of
+from ..analysis import Block, Grid, MultiTok, Tok, fact_of
 from ..analysis.ops import argument
 from ..runtime import token_index as ti
 from .context import SiteContext
-from .gather import add, in_fp32, summed_stream
+from .gather import add, cut_to_site, in_fp32, summed_stream
 
 
 def emit_scores(ctx: SiteContext, block: Block, stream: list) -> fx.Node:
@@ -33,11 +33,22 @@ def emit_scores(ctx: SiteContext, block: Block, stream: list) -> fx.Node:
         return _delta_scores(ctx, block)
     if metric == "novelty" and stream:
         return _stream_scores(ctx, stream, metric)
-    y = ctx.env[block.y]
+    y = block_output(ctx, block)
     fact = fact_of(block.y)
     dim = current_dim(ctx, y, fact)
     scores = ctx.call(_named(metric), y, dim) if callable(metric) else ctx.call(ti.token_scores, y, dim, metric)
     return _to_identity(ctx, scores, y, fact.layout)
+
+
+def block_output(ctx: SiteContext, block: Block) -> fx.Node:
+    """The block's `y` in the rewritten graph, holding the tokens present at the site. A block whose
+    moves ran on the restored dense tensor (rules/dense_moves.py) may leave `y` dense: it is then cut to
+    the tokens kept at the previous site."""
+    y = ctx.env[block.y]
+    previous = ctx.tables.latest_site()
+    if previous and ctx.state.of(y) is None and isinstance(fact_of(block.y), (Tok, Grid)):
+        return cut_to_site(ctx, block.y, y, previous)
+    return y
 
 
 def _stream_scores(ctx: SiteContext, parts: list, metric: str) -> fx.Node:

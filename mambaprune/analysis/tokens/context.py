@@ -26,6 +26,7 @@ class RuleContext:
         self.class_tokens: set = set()
         self.barriers: list = []           # nodes a pruning site must precede (downsampling between stages)
         self.input_dependent: set = set()  # nodes computed from the model's inputs
+        self.evaluated: dict = {}          # movement.py: facts of moves already evaluated, by op and inputs
         self._nodes = {node.name: node for node in gm.graph.nodes}
 
     # -- reading ---------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
+
 import torch.fx as fx
 
-from ..facts import BatchTok, Fact, Grid, MultiGrid, MultiTok, NotUnderstood, Tok
+from ..facts import BatchTok, Fact, Grid, MultiGrid, MultiTok, NotUnderstood, Tok, TokenMap
 from ..ops import IDENTITY_OPS, aten, op_name, tensor_args
 from .context import RuleContext
 from .registry import pointwise_rule, token_rule
@@ -36,6 +38,8 @@ def size_query(node: fx.Node, ctx: RuleContext) -> Fact:
 def pointwise(node: fx.Node, ctx: RuleContext) -> Fact:
     """Every token operand, broadcast to the output's rank, must agree on axis and order."""
     out_rank = len(ctx.shape(node))
+    if any(isinstance(ctx.fact(a), TokenMap) for a in tensor_args(node)):
+        return _spread(node, ctx)
     found = []
     for arg in tensor_args(node):
         fact = ctx.fact(arg)
@@ -48,3 +52,18 @@ def pointwise(node: fx.Node, ctx: RuleContext) -> Fact:
     if any(f != first for f in found[1:]):
         raise NotUnderstood(f"{op_name(node)} combines tensors whose tokens are in different orders")
     return first
+
+
+def _spread(node: fx.Node, ctx: RuleContext) -> TokenMap:
+    """A pointwise op on tokens spread by data movement (a stream with a class token cut out and put
+    back): every token operand must hold the same tokens in the same places."""
+    facts = [ctx.fact(a) for a in tensor_args(node) if ctx.fact(a) is not None]
+    if not all(isinstance(f, TokenMap) for f in facts):
+        raise NotUnderstood(f"{op_name(node)} combines tokens spread by data movement with a token tensor "
+                            f"({facts[0].refusal if isinstance(facts[0], TokenMap) else facts[-1].refusal})")
+    shape = np.broadcast_shapes(*(f.positions.shape for f in facts))
+    first = facts[0]
+    positions = np.broadcast_to(first.positions, shape)
+    if any(not np.array_equal(np.broadcast_to(f.positions, shape), positions) for f in facts[1:]):
+        raise NotUnderstood(f"{op_name(node)} combines tensors whose tokens are in different places")
+    return TokenMap(positions, np.broadcast_to(first.parts, shape), first.length, first.origin)

@@ -17,10 +17,10 @@ import torch.fx as fx
 
 from ...errors import TokenRuleError
 from ...meta_keys import TOKENS
-from ..facts import Fact, NotUnderstood, PaddedTok, Unknown, is_token_fact
-from ..ops import op_name, tensor_args
-from . import (combining, contractions, convolutions, elementwise, indexing, reductions, scans,  # noqa: F401
-               views)
+from ..facts import Fact, NotUnderstood, PaddedTok, TokenMap, Unknown, is_token_fact
+from ..ops import IDENTITY_OPS, is_pointwise, op_name, tensor_args
+from . import (combining, contractions, convolutions, elementwise, indexing, movement, reductions,  # noqa: F401
+               scans)
 from .context import RuleContext
 from .registry import rule_for
 from .seeds import seed
@@ -72,6 +72,9 @@ def apply_rule(node: fx.Node, ctx: RuleContext) -> Fact:
     first = ctx.fact(node.args[0]) if node.args else None
     if isinstance(first, PaddedTok) and op_name(node) not in ("aten::slice", "getitem"):
         raise NotUnderstood(f"{op_name(node)} on a padded conv1d output (expected the slice back to L tokens)")
+    spread = next((f for f in (ctx.fact(a) for a in tensor_args(node)) if isinstance(f, TokenMap)), None)
+    if spread is not None and not (movement.is_movement(node) or is_pointwise(node) or op_name(node) in IDENTITY_OPS):
+        raise NotUnderstood(f"{op_name(node)} on tokens it cannot follow: {spread.refusal}")
     rule = rule_for(node)
     if rule is None:
         raise NotUnderstood(f"{op_name(node)} on the token axis is not a rewrite the compiler knows")
