@@ -205,10 +205,14 @@ def test_vmamba_detection_backbone_is_pruned_in_its_stages_and_restored_at_each_
     assert fast.report.achieved_ratio == pytest.approx(0.3, abs=0.03)
     lengths = {prepared.analysis.site_length(s) for s in fast.report.sites}
     assert len(lengths) >= 2                      # sites inside more than one stage
-    restored = [r.what for r in fast.report.restorations]
-    assert {"output[0]", "output[1]", "output[2]"} <= set(restored)
+    restored = {r.what for r in fast.report.restorations}
+    stage_lengths = [d.shape[-1] * d.shape[-2] for d in run(model, x)]
+    pruned_stages = {stage_lengths.index(n) for n in lengths}
+    assert restored == {f"output[{i}]" for i in pruned_stages}   # the map of every stage with a site
     got, dense = run(fast, x), run(model, x)
     assert [g.shape for g in got] == [d.shape for d in dense]
+    for i in range(min(pruned_stages)):                          # maps read before the first site: exact
+        torch.testing.assert_close(got[i], dense[i], **EXACT)
     keep_all = build(prepared, PruneSettings(schedule={k: 1.0 for k in fast.report.sites}))
     for g, d in zip(run(keep_all, x), dense):
         torch.testing.assert_close(g, d, rtol=1e-5, atol=1e-5)
@@ -221,13 +225,14 @@ def test_a_segmentation_decoder_reads_restored_maps_and_counts_dense():
         prepared = prepare(model, (x[:1],))
         fast = build(prepared, PruneSettings(ratio=0.3))
         restored = [r.what for r in fast.report.restorations]
-        assert len(restored) == 4 and all(what.startswith("decode_head.proj.") for what in restored)
+        assert len(restored) == 4 and all(what.startswith("decode_head") for what in restored)   # before the resize
         assert "not understood" not in str(fast.report)
 
         def decoder_flops(gm):
             return sum(n.meta.get(FLOPS, 0) for n in gm.graph.nodes
                        if "decode_head" in str(n.meta.get("nn_module_stack", "")))
-        assert decoder_flops(fast.graph_module) == pytest.approx(decoder_flops(prepared.captured.gm)) > 0
+        assert decoder_flops(prepared.captured.gm) > 0
+        assert decoder_flops(fast.graph_module) == pytest.approx(decoder_flops(prepared.captured.gm))
         keep_all = build(prepared, PruneSettings(schedule={k: 1.0 for k in fast.report.sites}))
         torch.testing.assert_close(run(keep_all, x), run(model, x), rtol=1e-5, atol=1e-5)
         assert run(fast, x).shape == (2, 11, 32, 32)

@@ -55,8 +55,9 @@ def module_of(node: fx.Node) -> str:
 
 
 def collect_not_understood(gm: fx.GraphModule, restored: set = frozenset()) -> list:
-    """One entry per first Unknown node (its descendants inherit the reason), but for those that run on
-    restored, full-length tokens whatever the sites (`restored`: a decoder's interpolation)."""
+    """One entry per first Unknown node (its descendants inherit the reason), but for those that never run
+    on kept tokens (`restored`: dense before every site, or on restored tokens after it: a decoder's
+    interpolation)."""
     out = []
     for node in gm.graph.nodes:
         fact = fact_of(node)
