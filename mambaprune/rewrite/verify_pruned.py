@@ -12,7 +12,7 @@ kept, and checks every graph output (tuple / list / dict outputs flattened):
 2. under `hold` and `decay`, an output a site feeds equals the second formulation of the alignment
    (masked_hold.MaskedHold: the dense graph with the pruned tokens masked) at the positions kept by
    the last site that feeds it (token outputs) or wholly (pooled and read-out outputs, and values
-   after a restored stage), within `verify_tolerance`. Outputs behind something the formulation
+   after a restored stage), within MASKED_TOLERANCE in fp32, `verify_tolerance` in halves. Outputs behind something the formulation
    does not define (attention over tokens, a scan of operands in different orders, ...) and every
    output under the `none` alignments are not compared: the result says which and why.
 Besides, the kept positions of every site must be valid: K distinct positions in range per sample,
@@ -35,6 +35,10 @@ from .masked_hold import MaskedHold, fed_by_site, mask_like
 from .verify import relative_difference, verify_tolerance
 
 DENSE_TOLERANCE = 1e-6    # fp32 and wider: values no site feeds
+# fp32 and wider: pruned run vs masked run. Measured on the test models (2026-12-06): at most about
+# 2e-7 of the output's magnitude (the gathers and the shorter scans reassociate sums); the keep-all
+# check's 1e-4 would hide a small fault (decay's gaps ignored moved a tiny ViM's logits by 8e-5).
+MASKED_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,7 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, ana
         select = select.expand_as(expected)
         where = f"the positions kept by the site after block {key}"
     want, have = (masked, got) if select is None else (masked[select], got[select])
-    tolerance = verify_tolerance(expected.dtype)
+    tolerance = MASKED_TOLERANCE if _is_wide(expected.dtype) else verify_tolerance(expected.dtype)
     difference = relative_difference(want, have)
     if not difference <= tolerance:
         _refuse(index, name, f"its definition under alignment='{settings.alignment}' (the dense graph run with "
