@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..analysis import GraphAnalysis, Grid, Readout, Tok, fact_of
 from ..analysis.facts import MultiTok, is_token_fact
-from ..analysis.ops import argument, call_argument, is_scan, op_name, with_argument
+from ..analysis.ops import argument, call_argument, is_scan, looks_at_neighbours, op_name, with_argument
 from ..settings import Alignment, StageFill
 
 SCAN_TOKEN_OPERANDS = ("u", "delta", "B", "C", "z")
@@ -111,6 +111,14 @@ def path_gaps_dense(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, slots - before, torch.ones_like(slots)).to(torch.float32)
 
 
+def _looks_at_neighbours(node: fx.Node) -> bool:
+    """A conv1d along the tokens with a window wider than one token, or a conv2d that reads neighbours."""
+    name = op_name(node)
+    if name == "aten::conv1d":
+        return argument(node, "weight").meta["val"].shape[-1] > 1
+    return name == "aten::conv2d" and looks_at_neighbours(node)
+
+
 class MaskedHold(fx.Interpreter):
     """Run the dense graph `analysis.gm` with the tokens each site prunes masked (module docstring).
 
@@ -119,11 +127,12 @@ class MaskedHold(fx.Interpreter):
     (or that depend on one) to the reason, and `site_of` maps every node a site's mask applies to
     to the latest such site of its stage."""
 
-    def __init__(self, analysis: GraphAnalysis, keep: dict, alignment: Alignment, stage_fill: StageFill):
+    def __init__(self, analysis: GraphAnalysis, keep: dict, alignment: Alignment, stage_fill: StageFill,
+                 fed: Optional[dict] = None):
         super().__init__(analysis.gm, garbage_collect_values=False)
         self.analysis, self.keep, self.alignment, self.stage_fill = analysis, keep, alignment, stage_fill
         keys = sorted(keep)
-        self.fed = {key: fed_by_site(analysis, key) for key in keys}
+        self.fed = fed if fed is not None else {key: fed_by_site(analysis, key) for key in keys}
         self.site_of: dict = {}
         for key in keys:    # later sites win: within a stage their kept tokens are a subset
             for node in self.fed[key]:
@@ -173,7 +182,7 @@ class MaskedHold(fx.Interpreter):
         keep, name = self.keep[key], op_name(n)
         if is_scan(n):
             return self._scan(n, keep, args, kwargs)
-        if name in ("aten::conv1d", "aten::conv2d") and not self._is_downsampling(n):
+        if _looks_at_neighbours(n) and not self._is_downsampling(n):
             x = args[0]
             mask = mask_like(fact_of(n.args[0]), tuple(x.shape), keep)
             if mask is None:

@@ -12,9 +12,10 @@ kept, and checks every graph output (tuple / list / dict outputs flattened):
 2. under `hold` and `decay`, an output a site feeds equals the second formulation of the alignment
    (masked_hold.MaskedHold: the dense graph with the pruned tokens masked) at the positions kept by
    the last site that feeds it (token outputs) or wholly (pooled and read-out outputs, and values
-   after a restored stage), within MASKED_TOLERANCE in fp32, `verify_tolerance` in halves. Outputs behind something the formulation
-   does not define (attention over tokens, a scan of operands in different orders, ...) and every
-   output under the `none` alignments are not compared: the result says which and why.
+   after a restored stage), within MASKED_TOLERANCE in fp32, `verify_tolerance` in halves. Outputs
+   behind something the formulation does not define (attention over tokens, a scan of operands in
+   different orders, ...) and every output under the `none` alignments are not compared: the
+   result says which and why.
 Besides, the kept positions of every site must be valid: K distinct positions in range per sample,
 the protected ones among them, sorted (but under `none-unsorted`), within a subset of the previous
 site's of the same stage.
@@ -87,20 +88,20 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
         check_kept_positions(kept, sites, analysis, settings.alignment)
         keep = {key: _keep_mask(kept[key], analysis.site_length(key)) for key in keys}
         dense = fx.Interpreter(gm).run(*flat)
-        masked_run = None
+        fed = {key: fed_by_site(analysis, key) for key in keys}
+        masked_run, masked = None, None
         if settings.alignment in (Alignment.HOLD, Alignment.DECAY):
-            masked_run = MaskedHold(analysis, keep, settings.alignment, settings.stage_fill)
-            masked = masked_run.run(*flat)
+            masked_run = MaskedHold(analysis, keep, settings.alignment, settings.stage_fill, fed)
+            masked = pytree.tree_leaves(masked_run.run(*flat))
     outputs = _output_nodes(gm)
     dense, got = pytree.tree_leaves(dense), pytree.tree_leaves(got)
-    masked = pytree.tree_leaves(masked) if masked_run is not None else [None] * len(dense)
+    masked = masked if masked is not None else [None] * len(dense)
     if not (len(outputs) == len(dense) == len(got) == len(masked)):
         raise UnsupportedModelError(f"the pruned graph returns {len(got)} values, the model {len(dense)}: "
                                     "please report the model")
     checks = []
-    fed = {key: fed_by_site(analysis, key) for key in keys}
     for index, (node, e, g, m) in enumerate(zip(outputs, dense, got, masked)):
-        checks.append(_check_output(index, node, e, g, m, fed, keep, masked_run, analysis, settings))
+        checks.append(_check_output(index, node, e, g, m, fed, keep, masked_run, settings))
     return PrunedRunCheck(str(settings.alignment), {s.key: s.keep for s in sites}, tuple(checks),
                           time.perf_counter() - started)
 
@@ -160,7 +161,7 @@ def check_kept_positions(kept: dict, sites: list, analysis: GraphAnalysis, align
                 "bug in mambaprune; please report the model (verify=False skips the check at your own risk).")
 
 
-def _check_output(index, node, expected, got, masked, fed, keep, masked_run, analysis, settings) -> OutputCheck:
+def _check_output(index, node, expected, got, masked, fed, keep, masked_run, settings) -> OutputCheck:
     name = node.name if isinstance(node, fx.Node) else repr(node)
     if not isinstance(expected, torch.Tensor) or not isinstance(node, fx.Node):
         return OutputCheck(index, name, "", "", skipped="not a tensor")
