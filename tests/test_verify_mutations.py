@@ -65,6 +65,8 @@ MODELS = {
     "features": TokenFeatures,                              # token outputs restored at full length
     "vmamba": lambda: arch.VMambaStyle(depths=(2, 3)),     # cross-scan, conv2d, a stage end
     "hierarchical_vim": lambda: arch.HierarchicalVim(depths=(3, 3)),   # two sites in a stage, carry fill
+    "plainmamba": lambda: create_model("plainmamba_l1", img_size=32, patch_size=4, depth=6, embed_dim=32,
+                                       d_state=4, num_classes=10),     # zig-zag scans, dt/B/C in raster order
 }
 CONFIGS = {   # model, settings
     "vim-hold": ("vim", dict(schedule={2: 0.6, 4: 0.7})),
@@ -73,6 +75,7 @@ CONFIGS = {   # model, settings
     "vmamba-hold": ("vmamba", dict(schedule={3: 0.5})),
     "vmamba-stage": ("vmamba", dict(schedule={1: 0.6})),
     "hierarchical-carry": ("hierarchical_vim", dict(schedule={1: 0.7, 2: 0.7})),
+    "plainmamba-hold": ("plainmamba", dict(schedule={2: 0.6, 4: 0.7})),
 }
 
 
@@ -84,7 +87,7 @@ def prepared():
         if name not in cache:
             torch.manual_seed(0)
             model = MODELS[name]().eval()
-            size = 64 if name in ("vim", "features") else model.img_size
+            size = {"vim": 64, "features": 64, "plainmamba": 32}.get(name) or model.img_size
             cache[name] = prepare(model, (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),))
         return cache[name]
     return get
@@ -208,6 +211,7 @@ FAULTS = {
     "conv1d at compacted positions": Fault(conv1d_at_compacted_positions, "vim-hold", False),
     "conv1d window off by one": Fault(conv1d_window_off_by_one, "vim-hold", True),
     "conv2d at compacted cells": Fault(conv2d_at_compacted_cells, "vmamba-hold", False),
+    "plainmamba conv2d at compacted cells": Fault(conv2d_at_compacted_cells, "plainmamba-hold", False),
     "scan order not inverted": Fault(scan_order_not_inverted, "vmamba-hold", False),
     "readout of the compacted slot": Fault(readout_of_compacted_slot, "vim-hold", False),
     "output restored at compacted slots": Fault(output_restored_at_compacted_slots, "features-hold", False),

@@ -114,12 +114,15 @@ def test_what_cannot_be_compared_is_said():
     assert attention.unchecked == [attention.outputs[0]] and "not compared" in attention.describe()
 
 
-def test_official_plainmamba_scans_are_not_masked():
+def test_official_plainmamba_zipped_scans_are_compared():
+    """u in zig-zag order, dt / B / C in raster order: the masked run pairs the j-th kept token of each."""
     with installed():
         import official_plainmamba
         torch.manual_seed(0)
-        _, _, check = check_of(official_plainmamba.tiny_classifier(), images(32), ratio=0.2)
-    assert "a scan whose operands are in different token orders" in check.outputs[0].skipped
+        model = official_plainmamba.tiny_classifier()
+        for alignment in ("hold", "decay"):
+            _, _, check = check_of(model, images(32), ratio=0.2, alignment=alignment)
+            assert [o.compared_with for o in check.outputs] == ["masked"], check.describe()
 
 
 # -------------------------------------------------------------------------- the masked formulation

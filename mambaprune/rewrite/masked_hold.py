@@ -6,7 +6,10 @@ without any gather, index table or rewrite rule, on the dense graph of the same 
 - a selective scan step at a pruned token has delta = 0: its state passes unchanged
   (exp(0 * A) = 1, Bx = delta * B * u = 0). The mask is laid out in the order of the scan
   operand's own token layout (a flip, a zig-zag, a cross-scan direction); under `decay` the kept
-  steps also decay across the gap to the previous kept step of that path (the scan's `gap`);
+  steps also decay across the gap to the previous kept step of that path (the scan's `gap`). A
+  scan whose operands are in different orders (PlainMamba's official mixer: u in zig-zag order,
+  dt, B, C in raster order) pairs the j-th kept token of each operand's order at step j: every
+  operand is first moved to u's slots that way, then masked as above;
 - a conv1d along the tokens or a conv2d on the grid sees zeros at pruned neighbours (its input
   multiplied by the mask);
 - a pooled readout (mean / sum / max over the tokens, a global average pool) reads kept tokens only;
@@ -22,8 +25,8 @@ closure of the block, `Site.cut`). An early feature map that no site feeds is th
 
 Where the formulation does not apply, the run goes on densely and the node (and everything it
 feeds) is marked `untrusted` with the reason: a scan whose operands are in different token orders
-(PlainMamba's official mixer, docs/architecture.md), attention over the tokens, `decay` on
-directions folded into one scan, a pooling we do not model, a fill we do not model.
+and folded directions, attention over the tokens, `decay` on directions folded into one scan, a
+pooling we do not model, a fill we do not model.
 """
 from __future__ import annotations
 
@@ -99,6 +102,31 @@ def scan_operands_agree(node: fx.Node) -> bool:
     groups = int(np.lcm.reduce([len(getattr(f, "layouts", (None,))) for f in facts]))
     expanded = {_per_group_layouts(f, groups) for f in facts}
     return len(expanded) == 1 and None not in expanded
+
+
+def _zipped_to_u(n: fx.Node, keep: torch.Tensor, args, kwargs) -> Optional[tuple]:
+    """(args, kwargs) of a scan whose operands are in different orders (a zip, analysis/tokens/scans.py)
+    with every operand moved to u's slots: the j-th kept token of each operand's own order goes to
+    the slot of the j-th kept token of u's order (step j of the pruned scan pairs them; docs/
+    architecture.md "Scans whose operands are in different orders"); None when an operand is not
+    one token axis in one order."""
+    u_fact = fact_of(argument(n, "u"))
+    if not isinstance(u_fact, Tok):
+        return None
+    args, kwargs = tuple(args), dict(kwargs)
+    to = keep[:, _path(u_fact.layout)]
+    for name in SCAN_TOKEN_OPERANDS:
+        fact = fact_of(argument(n, name))
+        if fact is None or fact == u_fact:
+            continue
+        if not isinstance(fact, Tok):
+            return None
+        value = call_argument(n.target, args, kwargs, name)
+        source, moved = keep[:, _path(fact.layout)], torch.zeros_like(value)
+        for b in range(value.shape[0]):
+            moved[b][..., to[b]] = value[b][..., source[b]]
+        args, kwargs = with_argument(n.target, args, kwargs, name, moved)
+    return args, kwargs
 
 
 def path_gaps_dense(mask: torch.Tensor) -> torch.Tensor:
@@ -199,11 +227,15 @@ class MaskedHold(fx.Interpreter):
 
     def _scan(self, n: fx.Node, keep: torch.Tensor, args, kwargs) -> tuple:
         call = lambda a=args, k=kwargs: n.target(*a, **k)        # noqa: E731
+        target, delta_fact = n.target, fact_of(argument(n, "delta"))
         if not scan_operands_agree(n):
-            return call(), f"{n.name}: a scan whose operands are in different token orders"
-        target = n.target
+            zipped = _zipped_to_u(n, keep, args, kwargs)
+            if zipped is None:
+                return call(), f"{n.name}: a scan whose operands are in different token orders, not all of one axis"
+            args, kwargs = zipped
+            delta_fact = fact_of(argument(n, "u"))
         delta_value = call_argument(target, args, kwargs, "delta")
-        mask = mask_like(fact_of(argument(n, "delta")), tuple(delta_value.shape), keep)
+        mask = mask_like(delta_fact, tuple(delta_value.shape), keep)
         if mask is None:
             return call(), f"{n.name}: the scan's step sizes could not be masked"
         bias = call_argument(target, args, kwargs, "delta_bias")
