@@ -73,7 +73,7 @@ def mask_like(fact, shape: tuple, keep: torch.Tensor) -> Optional[torch.Tensor]:
             fact.height, fact.width) and fact.hdim < fact.wdim:
         view[fact.hdim], view[fact.wdim] = fact.height, fact.width
         return keep[:, _path(fact.layout)].reshape(view)
-    if isinstance(fact, MultiTok) and fact.gdim < fact.dim and all(l.length == length for l in fact.layouts) \
+    if isinstance(fact, MultiTok) and fact.gdim < fact.dim and all(layout.length == length for layout in fact.layouts) \
             and shape[fact.dim] == length and shape[fact.gdim] % len(fact.layouts) == 0:
         parts = torch.stack([keep[:, _path(layout)] for layout in fact.layouts], dim=1)   # (B, G, L)
         parts = parts.repeat_interleave(shape[fact.gdim] // len(fact.layouts), dim=1)
