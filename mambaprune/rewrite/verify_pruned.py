@@ -14,8 +14,8 @@ kept, and checks every graph output (tuple / list / dict outputs flattened):
    the last site that feeds it (token outputs) or wholly (pooled and read-out outputs, and values
    after a restored stage), within MASKED_TOLERANCE in fp32, `verify_tolerance` in halves. Outputs
    behind something the formulation does not define (attention over tokens, directions folded into
-   one scan whose operands are in different orders, ...) and every output under the `none` alignments are not compared: the
-   result says which and why.
+   one scan whose operands are in different orders, ...) and every output under the `none`
+   alignments are not compared: the result says which and why.
 Besides, the kept positions of every site must be valid: K distinct positions in range per sample,
 the protected ones among them, sorted (but under `none-unsorted`), within a subset of the previous
 site's of the same stage.
