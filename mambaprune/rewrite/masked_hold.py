@@ -151,7 +151,7 @@ class MaskedHold(fx.Interpreter):
     """Run the dense graph `analysis.gm` with the tokens each site prunes masked (module docstring).
 
     `keep`: {site key: (B, L) bool, True at the original positions kept there}, as the pruned graph
-    chose them. After `run`, `untrusted` maps nodes whose value the formulation does not define
+    chose them (a site of `fed` missing from it: nodes it feeds are untrusted). After `run`, `untrusted` maps nodes whose value the formulation does not define
     (or that depend on one) to the reason, and `site_of` maps every node a site's mask applies to
     to the latest such site of its stage."""
 
@@ -159,8 +159,8 @@ class MaskedHold(fx.Interpreter):
                  fed: Optional[dict] = None):
         super().__init__(analysis.gm, garbage_collect_values=False)
         self.analysis, self.keep, self.alignment, self.stage_fill = analysis, keep, alignment, stage_fill
-        keys = sorted(keep)
-        self.fed = fed if fed is not None else {key: fed_by_site(analysis, key) for key in keys}
+        self.fed = fed if fed is not None else {key: fed_by_site(analysis, key) for key in keep}
+        keys = sorted(self.fed)     # a site in `fed` but not in `keep`: its kept positions are unknown
         self.site_of: dict = {}
         for key in keys:    # later sites win: within a stage their kept tokens are a subset
             for node in self.fed[key]:
@@ -207,6 +207,8 @@ class MaskedHold(fx.Interpreter):
         call = lambda a=args, k=kwargs: n.target(*a, **k)        # noqa: E731
         if key is None:
             return call(), None
+        if key not in self.keep:
+            return call(), f"the pruned graph does not compute the positions the site after block {key} keeps"
         keep, name = self.keep[key], op_name(n)
         if is_scan(n):
             return self._scan(n, keep, args, kwargs)
@@ -278,6 +280,8 @@ class MaskedHold(fx.Interpreter):
         """(the restored stream with the stage fill at pruned cells, reason it is not defined or None)."""
         end, keys = self.stage_ends[restore]
         fact = fact_of(restore)
+        if any(key not in self.keep for key in keys):
+            return value, f"{restore.name}: the positions kept in its stage are unknown"
         masks = [mask_like(fact, tuple(value.shape), self.keep[key]) for key in keys]
         if any(m is None for m in masks):
             return value, f"{restore.name}: the stage's stream could not be masked before {end.downsampling.name}"

@@ -16,7 +16,8 @@ kept, and checks every graph output (tuple / list / dict outputs flattened):
    behind something the formulation does not define (attention over tokens, directions folded into
    one scan whose operands are in different orders, ...) and every output under the `none`
    alignments are not compared: the result says which and why.
-Besides, the kept positions of every site must be valid: K distinct positions in range per sample,
+Besides, the kept positions of every site the pruned graph computes them for (a site followed by
+attention only may not need them) must be valid: K distinct positions in range per sample,
 the protected ones among them, sorted (but under `none-unsorted`), within a subset of the previous
 site's of the same stage.
 """
@@ -86,7 +87,7 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
     with torch.no_grad():
         got, kept = _run_pruned(pruned, flat)
         check_kept_positions(kept, sites, analysis, settings.alignment)
-        keep = {key: _keep_mask(kept[key], analysis.site_length(key)) for key in keys}
+        keep = {key: _keep_mask(kept[key], analysis.site_length(key)) for key in keys if key in kept}
         dense = fx.Interpreter(gm).run(*flat)
         fed = {key: fed_by_site(analysis, key) for key in keys}
         masked_run, masked = None, None
@@ -137,9 +138,9 @@ def check_kept_positions(kept: dict, sites: list, analysis: GraphAnalysis, align
     for site in sorted(sites, key=lambda s: s.key):
         length, positions = analysis.site_length(site.key), kept.get(site.key)
         problem = None
-        if positions is None:
-            problem = "the pruned graph computes no kept positions for it"
-        elif positions.shape[1] != site.keep:
+        if positions is None:   # nothing in the pruned graph reads them (a site followed by attention only)
+            continue
+        if positions.shape[1] != site.keep:
             problem = f"it keeps {positions.shape[1]} tokens, the plan {site.keep}"
         elif positions.min() < 0 or positions.max() >= length:
             problem = f"a kept position is outside 0..{length - 1}"
@@ -183,6 +184,9 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, set
     if node in masked_run.untrusted:
         return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}: {masked_run.untrusted[node]}")
     key = masked_run.site_of.get(node)
+    if key is not None and key not in keep:
+        return OutputCheck(index, name, "", "", skipped=f"the positions kept by the site after block {key} are "
+                           "not computed by the pruned graph")
     fact = fact_of(node)
     where, select = "all positions", None
     if key is not None and isinstance(fact, (Tok, Grid)):
