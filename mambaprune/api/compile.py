@@ -16,7 +16,7 @@ from ..capture.diagnosis import no_scan_message
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..pass_infra import generated_code_released, run_passes
 from ..planning import AnnotateFlops, make_plan, node_flops, total_flops
-from ..rewrite import DropNoOps, PropagateMeta, PruneTokens, verify_rewrite
+from ..rewrite import DropNoOps, PropagateMeta, PruneTokens, verify_pruned_run, verify_rewrite
 from ..search import Calibration, calibration_inputs, plan_sites, search_alignment, search_schedule
 from ..runtime.torch_logs import torch_logs_held
 from ..settings import DEFAULT_METRIC, Alignment, Backend, PruneSettings
@@ -136,6 +136,7 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
             pruned = keep(run_passes(passes, rewritten).graph_module)
         if settings.verify and sites:
             verify_rewrite(captured.gm, analysis, sites, prepared.flat, settings)
+            verify_pruned_run(captured.gm, pruned, analysis, sites, prepared.flat, settings)
         pruned = keep(run_passes([DropNoOps()], pruned).graph_module)   # what the inputs' checks make redundant
     report = PruneReport(
         blocks=[BlockReport(b.index, b.name, b.mixing, t) for b, t in zip(analysis.blocks, plan.tokens_per_block)],

@@ -1,0 +1,306 @@
+"""A second formulation of `hold` (and `decay`): the DENSE graph run with the pruned tokens masked.
+
+The pruned graph computes every block on the K kept tokens only. What it must compute can be said
+without any gather, index table or rewrite rule, on the dense graph of the same model (DESIGN.md,
+"Outputs, restoration and verification"): downstream of a site,
+- a selective scan step at a pruned token has delta = 0: its state passes unchanged
+  (exp(0 * A) = 1, Bx = delta * B * u = 0). The mask is laid out in the order of the scan
+  operand's own token layout (a flip, a zig-zag, a cross-scan direction); under `decay` the kept
+  steps also decay across the gap to the previous kept step of that path (the scan's `gap`). A
+  scan whose operands are in different orders (PlainMamba's official mixer: u in zig-zag order,
+  dt, B, C in raster order) pairs the j-th kept token of each operand's order at step j: every
+  operand is first moved to u's slots that way, then masked as above;
+- a conv1d along the tokens or a conv2d on the grid sees zeros at pruned neighbours (its input
+  multiplied by the mask);
+- a pooled readout (mean / sum / max over the tokens, a global average pool) reads kept tokens only;
+- the grid restored before a downsampling holds the kept tokens, and at pruned cells the fill
+  `stage_fill` defines (rewrite/stage_end.py): "carry" = the stream crossing the site at which the
+  cell was pruned (the sum of the stream's parts), "zeros" = 0.
+The values of the masked run at kept positions are then what the pruned graph must compute there;
+pooled and readout values wholly.
+
+Which nodes a site's mask applies to does not use the rewrite's regions: a node is fed by site k
+when it descends from block k's scored output `y` and is not part of block k (the analysis'
+closure of the block, `Site.cut`). An early feature map that no site feeds is therefore dense.
+
+Where the formulation does not apply, the run goes on densely and the node (and everything it
+feeds) is marked `untrusted` with the reason: a scan whose operands are in different token orders
+and folded directions, attention over the tokens, `decay` on directions folded into one scan, a
+pooling we do not model, a fill we do not model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..analysis import GraphAnalysis, Grid, Readout, Tok, fact_of
+from ..analysis.facts import MultiTok, is_token_fact
+from ..analysis.ops import argument, call_argument, is_scan, looks_at_neighbours, op_name, with_argument
+from ..settings import Alignment, StageFill
+
+SCAN_TOKEN_OPERANDS = ("u", "delta", "B", "C", "z")
+_ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
+_MASKED_REDUCTIONS = ("aten::mean", "aten::sum", "aten::amax")
+
+
+def fed_by_site(analysis: GraphAnalysis, key: int) -> set:
+    """The nodes site `key` feeds: descendants of block `key`'s scored output y outside the block."""
+    start = analysis.blocks[key - 1].y
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen - analysis.sites[key].cut
+
+
+def mask_like(fact, shape: tuple, keep: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (broadcastable) bool mask of a tensor of `shape` with token fact `fact`, True where the
+    slot holds a kept token; `keep` (B, L) is True at the kept original positions. None when the
+    fact is not one the mask can be laid on (or the token count is another stage's)."""
+    batch, length = keep.shape
+    view = [batch] + [1] * (len(shape) - 1)
+    if isinstance(fact, Tok) and fact.layout.length == length and shape[fact.dim] == length:
+        view[fact.dim] = length
+        return keep[:, _path(fact.layout)].reshape(view)
+    if isinstance(fact, Grid) and fact.layout.length == length and (shape[fact.hdim], shape[fact.wdim]) == (
+            fact.height, fact.width) and fact.hdim < fact.wdim:
+        view[fact.hdim], view[fact.wdim] = fact.height, fact.width
+        return keep[:, _path(fact.layout)].reshape(view)
+    if isinstance(fact, MultiTok) and fact.gdim < fact.dim and all(layout.length == length for layout in fact.layouts) \
+            and shape[fact.dim] == length and shape[fact.gdim] % len(fact.layouts) == 0:
+        parts = torch.stack([keep[:, _path(layout)] for layout in fact.layouts], dim=1)   # (B, G, L)
+        parts = parts.repeat_interleave(shape[fact.gdim] // len(fact.layouts), dim=1)
+        view[fact.gdim], view[fact.dim] = shape[fact.gdim], length
+        return parts.reshape(view)
+    return None
+
+
+def _path(layout) -> torch.Tensor:
+    return torch.from_numpy(layout.path.copy())
+
+
+def _per_group_layouts(fact, groups: int) -> Optional[tuple]:
+    layouts = (fact.layout,) if isinstance(fact, Tok) else getattr(fact, "layouts", None)
+    if layouts is None or groups % len(layouts):
+        return None
+    return tuple(layout for layout in layouts for _ in range(groups // len(layouts)))
+
+
+def scan_operands_agree(node: fx.Node) -> bool:
+    """Whether every token operand of the scan holds, per channel group, the tokens in one order
+    (so that step t of every operand is the same token); False for a zip of different orders."""
+    facts = [fact_of(argument(node, name)) for name in SCAN_TOKEN_OPERANDS if argument(node, name) is not None]
+    if not all(isinstance(f, (Tok, MultiTok)) for f in facts):
+        return False
+    groups = int(np.lcm.reduce([len(getattr(f, "layouts", (None,))) for f in facts]))
+    expanded = {_per_group_layouts(f, groups) for f in facts}
+    return len(expanded) == 1 and None not in expanded
+
+
+def _zipped_to_u(n: fx.Node, keep: torch.Tensor, args, kwargs) -> Optional[tuple]:
+    """(args, kwargs) of a scan whose operands are in different orders (a zip, analysis/tokens/scans.py)
+    with every operand moved to u's slots: the j-th kept token of each operand's own order goes to
+    the slot of the j-th kept token of u's order (step j of the pruned scan pairs them; docs/
+    architecture.md "Scans whose operands are in different orders"); None when an operand is not
+    one token axis in one order."""
+    u_fact = fact_of(argument(n, "u"))
+    if not isinstance(u_fact, Tok):
+        return None
+    args, kwargs = tuple(args), dict(kwargs)
+    to = keep[:, _path(u_fact.layout)]
+    for name in SCAN_TOKEN_OPERANDS:
+        fact = fact_of(argument(n, name))
+        if fact is None or fact == u_fact:
+            continue
+        if not isinstance(fact, Tok):
+            return None
+        value = call_argument(n.target, args, kwargs, name)
+        source, moved = keep[:, _path(fact.layout)], torch.zeros_like(value)
+        for b in range(value.shape[0]):
+            moved[b][..., to[b]] = value[b][..., source[b]]
+        args, kwargs = with_argument(n.target, args, kwargs, name, moved)
+    return args, kwargs
+
+
+def path_gaps_dense(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) float32: at each kept slot of a path, the steps since the previous kept slot (the first:
+    its slot + 1); pruned slots get 1 (their delta is 0 anyway)."""
+    slots = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    marked = torch.where(mask, slots, torch.full_like(slots, -1))
+    last = torch.cummax(marked, dim=-1).values
+    before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=-1)
+    return torch.where(mask, slots - before, torch.ones_like(slots)).to(torch.float32)
+
+
+def _looks_at_neighbours(node: fx.Node) -> bool:
+    """A conv1d along the tokens with a window wider than one token, or a conv2d that reads neighbours."""
+    name = op_name(node)
+    if name == "aten::conv1d":
+        return argument(node, "weight").meta["val"].shape[-1] > 1
+    return name == "aten::conv2d" and looks_at_neighbours(node)
+
+
+class MaskedHold(fx.Interpreter):
+    """Run the dense graph `analysis.gm` with the tokens each site prunes masked (module docstring).
+
+    `keep`: {site key: (B, L) bool, True at the original positions kept there}, as the pruned graph
+    chose them (a site of `fed` missing from it: nodes it feeds are untrusted). After `run`, `untrusted` maps nodes whose value the formulation does not define
+    (or that depend on one) to the reason, and `site_of` maps every node a site's mask applies to
+    to the latest such site of its stage."""
+
+    def __init__(self, analysis: GraphAnalysis, keep: dict, alignment: Alignment, stage_fill: StageFill,
+                 fed: Optional[dict] = None):
+        super().__init__(analysis.gm, garbage_collect_values=False)
+        self.analysis, self.keep, self.alignment, self.stage_fill = analysis, keep, alignment, stage_fill
+        self.fed = fed if fed is not None else {key: fed_by_site(analysis, key) for key in keep}
+        keys = sorted(self.fed)     # a site in `fed` but not in `keep`: its kept positions are unknown
+        self.site_of: dict = {}
+        for key in keys:    # later sites win: within a stage their kept tokens are a subset
+            for node in self.fed[key]:
+                if node not in analysis.after_stage(key):
+                    self.site_of[node] = key
+        self.stage_ends: dict = {}    # restore node -> (StageEnd, [keys of the stage, in order])
+        for key in keys:
+            end = analysis.stage_end(key)
+            if end is not None:
+                self.stage_ends.setdefault(end.restore, (end, []))[1].append(key)
+        # the node that reads a stage's stream into its downsampling -> the stream (restore node)
+        self._fill_readers = {(end.chain[0] if end.chain else end.downsampling): restore
+                              for restore, (end, _) in self.stage_ends.items()}
+        self.untrusted: dict = {}
+        self._filled: dict = {}       # restore node -> its value with the stage fill at pruned cells
+
+    def feeds(self, node: fx.Node) -> list:
+        """The sites that feed `node`."""
+        return [key for key, nodes in self.fed.items() if node in nodes]
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run_node(self, n: fx.Node):
+        inherited = next((self.untrusted[a] for a in n.all_input_nodes if a in self.untrusted), None)
+        key = self.site_of.get(n)
+        reason = None
+        if n.op != "call_function" or (key is None and n not in self._fill_readers):
+            value = super().run_node(n)
+        else:
+            restore = self._fill_readers.get(n)
+            fetch = lambda a: self._filled[a] if a is restore else self.env[a]      # noqa: E731
+            with self._set_current_node(n):
+                args, kwargs = fx.node.map_arg(n.args, fetch), fx.node.map_arg(n.kwargs, fetch)
+                value, reason = self._masked_call(n, key, args, kwargs)
+        if n in self.stage_ends:
+            self._filled[n], fill_reason = self._fill(n, value)
+            if fill_reason:
+                self.untrusted.setdefault(self.stage_ends[n][0].downsampling, fill_reason)
+        if reason or inherited or n in self.untrusted:
+            self.untrusted[n] = self.untrusted.get(n) or reason or inherited
+        return value
+
+    def _masked_call(self, n: fx.Node, key: Optional[int], args, kwargs) -> tuple:
+        """(value, reason the formulation does not define it or None)."""
+        call = lambda a=args, k=kwargs: n.target(*a, **k)        # noqa: E731
+        if key is None:
+            return call(), None
+        if key not in self.keep:
+            return call(), f"the pruned graph does not compute the positions the site after block {key} keeps"
+        keep, name = self.keep[key], op_name(n)
+        if is_scan(n):
+            return self._scan(n, keep, args, kwargs)
+        if _looks_at_neighbours(n) and not self._is_downsampling(n):
+            x = args[0]
+            mask = mask_like(fact_of(n.args[0]), tuple(x.shape), keep)
+            if mask is None:
+                return call(), f"{n.name}: a convolution whose token axis could not be masked"
+            return call((x * mask,) + tuple(args[1:])), None
+        if isinstance(fact_of(n), Readout) and fact_of(n).kind == "pool":
+            return self._pool(n, keep, args, kwargs)
+        if name in _ATTENTION and sum(is_token_fact(fact_of(a)) for a in n.all_input_nodes) >= 2:
+            return call(), f"{n.name}: attention over the tokens (no masked formulation)"
+        return call(), None
+
+    def _is_downsampling(self, n: fx.Node) -> bool:
+        return any(end.downsampling is n for end, _ in self.stage_ends.values())
+
+    def _scan(self, n: fx.Node, keep: torch.Tensor, args, kwargs) -> tuple:
+        call = lambda a=args, k=kwargs: n.target(*a, **k)        # noqa: E731
+        target, delta_fact = n.target, fact_of(argument(n, "delta"))
+        if not scan_operands_agree(n):
+            zipped = _zipped_to_u(n, keep, args, kwargs)
+            if zipped is None:
+                return call(), f"{n.name}: a scan whose operands are in different token orders, not all of one axis"
+            args, kwargs = zipped
+            delta_fact = fact_of(argument(n, "u"))
+        delta_value = call_argument(target, args, kwargs, "delta")
+        mask = mask_like(delta_fact, tuple(delta_value.shape), keep)
+        if mask is None:
+            return call(), f"{n.name}: the scan's step sizes could not be masked"
+        bias = call_argument(target, args, kwargs, "delta_bias")
+        dt = delta_value.float() + (bias.float()[:, None] if bias is not None else 0)
+        if call_argument(target, args, kwargs, "delta_softplus", False):
+            dt = F.softplus(dt)
+        dt = (dt * mask).to(delta_value.dtype)
+        args, kwargs = with_argument(target, tuple(args), dict(kwargs), "delta", dt)
+        args, kwargs = with_argument(target, args, kwargs, "delta_bias", None)
+        args, kwargs = with_argument(target, args, kwargs, "delta_softplus", False)
+        if self.alignment is Alignment.DECAY:
+            if not isinstance(fact_of(n), Tok):
+                return call(), f"{n.name}: decay across the gaps of directions folded into one scan"
+            gap = path_gaps_dense(keep[:, _path(fact_of(n).layout)])
+            args, kwargs = with_argument(target, args, kwargs, "gap", gap)
+        return n.target(*args, **kwargs), None
+
+    def _pool(self, n: fx.Node, keep: torch.Tensor, args, kwargs) -> tuple:
+        x, name = args[0], op_name(n)
+        mask = mask_like(fact_of(n.args[0]), tuple(x.shape), keep)
+        if name in ("aten::adaptive_avg_pool2d", "aten::adaptive_avg_pool1d"):
+            dims, keepdim, name = list(range(x.dim() - (2 if "2d" in name else 1), x.dim())), True, "aten::mean"
+        else:
+            dims = argument(n, "dim", None)
+            dims = list(range(x.dim())) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+            keepdim = argument(n, "keepdim", False)
+        if mask is None or name not in _MASKED_REDUCTIONS or n.kwargs.get("dtype") is not None:
+            return n.target(*args, **kwargs), f"{n.name}: a pooling of the tokens ({name}) with no masked formulation"
+        mask = mask.expand_as(x)
+        if name == "aten::amax":
+            value = torch.where(mask, x, torch.full_like(x, -torch.inf)).amax(dims, keepdim=keepdim)
+        else:
+            value = (x * mask).sum(dims, keepdim=keepdim)
+            if name == "aten::mean":
+                value = value / mask.to(x.dtype).sum(dims, keepdim=keepdim)
+        return value, None
+
+    # -- stage ends ------------------------------------------------------------------------------
+    def _fill(self, restore: fx.Node, value: torch.Tensor) -> tuple:
+        """(the restored stream with the stage fill at pruned cells, reason it is not defined or None)."""
+        end, keys = self.stage_ends[restore]
+        fact = fact_of(restore)
+        if any(key not in self.keep for key in keys):
+            return value, f"{restore.name}: the positions kept in its stage are unknown"
+        masks = [mask_like(fact, tuple(value.shape), self.keep[key]) for key in keys]
+        if any(m is None for m in masks):
+            return value, f"{restore.name}: the stage's stream could not be masked before {end.downsampling.name}"
+        if self.stage_fill is StageFill.ZEROS:
+            return torch.where(masks[-1], value, torch.zeros_like(value)), None
+        if self.stage_fill is not StageFill.CARRY:
+            return value, f"{restore.name}: stage_fill={self.stage_fill} has no masked formulation"
+        streams = [self._stream(restore, key) for key in keys]
+        if any(s is None for s in streams):
+            return value, f"{restore.name}: no stream like it crosses a site of its stage (stage_fill='carry')"
+        filled = streams[0]
+        for before, stream in zip(masks, streams[1:]):    # a cell pruned at a later site carries that site's stream
+            filled = torch.where(before, stream, filled)
+        return torch.where(masks[-1], value, filled), None
+
+    def _stream(self, restore: fx.Node, key: int) -> Optional[torch.Tensor]:
+        """The masked run's stream at site `key`: the sum of the tensors like `restore` crossing it."""
+        wanted = (fact_of(restore), tuple(restore.meta["val"].shape[1:]))
+        parts = [self.env[n] for n in self.analysis.crossing_tokens(key)
+                 if (fact_of(n), tuple(n.meta["val"].shape[1:])) == wanted]
+        return sum(parts[1:], parts[0]) if parts else None
+
