@@ -24,8 +24,7 @@ import architectures as arch  # noqa: E402
 
 import mambaprune.rewrite.rules.conv1d as conv1d_rule  # noqa: E402
 import mambaprune.rewrite.rules.conv2d as conv2d_rule  # noqa: E402
-import mambaprune.rewrite.rules.readout as readout_rule  # noqa: E402
-import mambaprune.rewrite.stage_end as stage_end  # noqa: E402
+import mambaprune.rewrite.restore as restore  # noqa: E402
 from mambaprune.api.compile import build, prepare  # noqa: E402
 from mambaprune.errors import UnsupportedModelError  # noqa: E402
 from mambaprune.models import create_model  # noqa: E402
@@ -142,30 +141,28 @@ def readout_of_compacted_slot(mp):
 
 
 def output_restored_at_compacted_slots(mp):
-    """A token output scattered back to slots 0..K-1 instead of the kept tokens' positions."""
-    original = readout_rule.scatter_tokens
-
-    def scatter_tokens(x, index, length, dim):
-        return original(x, _compacted(index), length, dim)
-    mp.setattr(readout_rule, "scatter_tokens", scatter_tokens)
+    """A token output put back at slots 0..K-1 instead of the kept tokens' positions."""
+    mp.setattr(restore, "scatter_tokens", lambda x, index, length, dim, _f=restore.scatter_tokens:
+               _f(x, _compacted(index), length, dim))
+    mp.setattr(restore, "put_tokens", lambda base, x, index, dim, _f=restore.put_tokens:
+               _f(base, x, _compacted(index), dim))
 
 
 def output_restored_one_slot_off(mp):
-    """A token output scattered back with every kept token at its neighbour's position."""
-    original = readout_rule.scatter_tokens
-
-    def scatter_tokens(x, index, length, dim):
-        return original(x, index.roll(1, dims=1), length, dim)
-    mp.setattr(readout_rule, "scatter_tokens", scatter_tokens)
+    """A token output put back with every kept token at its neighbour's position."""
+    mp.setattr(restore, "scatter_tokens", lambda x, index, length, dim, _f=restore.scatter_tokens:
+               _f(x, index.roll(1, dims=1), length, dim))
+    mp.setattr(restore, "put_tokens", lambda base, x, index, dim, _f=restore.put_tokens:
+               _f(base, x, index.roll(1, dims=1), dim))
 
 
 def restore_fills_zeros(mp):
-    """The restore before the downsampling ignores stage_fill='carry': pruned cells hold zeros."""
-    original = stage_end._crossing_stream
+    """The restore before the downsampling ignores fill='carry': pruned cells hold zeros."""
+    original = restore.crossing_stream
 
-    def crossing_stream(ctx, end, key):
-        return ctx.call(torch.zeros_like, original(ctx, end, key))
-    mp.setattr(stage_end, "_crossing_stream", crossing_stream)
+    def crossing_stream(ctx, like, key, at):
+        return ctx.call(torch.zeros_like, original(ctx, like, key, at))
+    mp.setattr(restore, "crossing_stream", crossing_stream)
 
 
 def restore_carries_first_site(mp):

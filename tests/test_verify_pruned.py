@@ -23,7 +23,7 @@ from mambaprune.rewrite import SiteSpec, verify_pruned_run  # noqa: E402
 from mambaprune.rewrite.masked_hold import MaskedHold, mask_like, path_gaps_dense  # noqa: E402
 from mambaprune.rewrite.verify_pruned import check_kept_positions  # noqa: E402
 from mambaprune.runtime import selective_scan  # noqa: E402
-from mambaprune.settings import Alignment, PruneSettings, StageFill  # noqa: E402
+from mambaprune.settings import Alignment, Fill, PruneSettings  # noqa: E402
 
 
 def images(size, batch=1, seed=1):
@@ -63,10 +63,6 @@ def check_of(model, x, **settings):
 
 
 # ---------------------------------------------------------------------- early feature maps stay dense
-@pytest.mark.xfail(strict=True, raises=UnsupportedModelError, reason=(
-    "issue 25 bug on this branch: a feature map computed before the only site (h + residual after block 2, "
-    "not an ancestor of the site's block output) is treated as pruned and restored with zeros; verify "
-    "refuses it. The fix lands on main separately; this flips to a pass there."))
 def test_feature_map_before_the_site_is_dense():
     model, x = Features().eval(), images(64, batch=2)
     pruned = compile_pruned(model, 0.2, (x[:1],), schedule={6: 0.5})
@@ -100,7 +96,7 @@ def test_isotropic_and_hierarchical_models_are_compared_with_the_masked_run():
         for alignment, fill in (("hold", "carry"), ("decay", "zeros"), ("hold", "zeros")):
             if isinstance(model, arch.VMambaStyle) and alignment == "decay":
                 continue   # refused by the rewrite: one gap for directions folded into one scan
-            _, _, check = check_of(model, images(size), alignment=alignment, stage_fill=fill)
+            _, _, check = check_of(model, images(size), alignment=alignment, fill=fill)
             assert [o.compared_with for o in check.outputs] == ["masked"], check.describe()
             assert check.outputs[0].difference <= check.outputs[0].tolerance
 
@@ -131,7 +127,7 @@ def test_masked_run_with_every_token_kept_is_the_dense_graph():
     prep = prepare(model, (images(32),))
     keep = {k: torch.ones(1, prep.analysis.site_length(k), dtype=torch.bool) for k in (1, 2, 4)}
     for alignment in (Alignment.HOLD, Alignment.DECAY):
-        masked = MaskedHold(prep.analysis, keep, alignment, StageFill.ZEROS).run(*prep.flat)
+        masked = MaskedHold(prep.analysis, keep, alignment, Fill.ZEROS).run(*prep.flat)
         torch.testing.assert_close(masked, model(images(32)), rtol=1e-5, atol=1e-6)
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..analysis import GraphAnalysis, Grid, Readout, Tok, fact_of
 from ..analysis.facts import MultiTok, is_token_fact
 from ..analysis.ops import argument, call_argument, is_scan, looks_at_neighbours, op_name, with_argument
-from ..settings import Alignment, StageFill
+from ..settings import Alignment, Fill
 
 SCAN_TOKEN_OPERANDS = ("u", "delta", "B", "C", "z")
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
@@ -155,7 +155,7 @@ class MaskedHold(fx.Interpreter):
     (or that depend on one) to the reason, and `site_of` maps every node a site's mask applies to
     to the latest such site of its stage."""
 
-    def __init__(self, analysis: GraphAnalysis, keep: dict, alignment: Alignment, stage_fill: StageFill,
+    def __init__(self, analysis: GraphAnalysis, keep: dict, alignment: Alignment, stage_fill: Fill,
                  fed: Optional[dict] = None):
         super().__init__(analysis.gm, garbage_collect_values=False)
         self.analysis, self.keep, self.alignment, self.stage_fill = analysis, keep, alignment, stage_fill
@@ -285,9 +285,9 @@ class MaskedHold(fx.Interpreter):
         masks = [mask_like(fact, tuple(value.shape), self.keep[key]) for key in keys]
         if any(m is None for m in masks):
             return value, f"{restore.name}: the stage's stream could not be masked before {end.downsampling.name}"
-        if self.stage_fill is StageFill.ZEROS:
+        if self.stage_fill is Fill.ZEROS:
             return torch.where(masks[-1], value, torch.zeros_like(value)), None
-        if self.stage_fill is not StageFill.CARRY:
+        if self.stage_fill is not Fill.CARRY:
             return value, f"{restore.name}: stage_fill={self.stage_fill} has no masked formulation"
         streams = [self._stream(restore, key) for key in keys]
         if any(s is None for s in streams):

@@ -92,7 +92,7 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
         fed = {key: fed_by_site(analysis, key) for key in keys}
         masked_run, masked = None, None
         if settings.alignment in (Alignment.HOLD, Alignment.DECAY):
-            masked_run = MaskedHold(analysis, keep, settings.alignment, settings.stage_fill, fed)
+            masked_run = MaskedHold(analysis, keep, settings.alignment, settings.fill, fed)
             masked = pytree.tree_leaves(masked_run.run(*flat))
     outputs = _output_nodes(gm)
     dense, got = pytree.tree_leaves(dense), pytree.tree_leaves(got)
@@ -183,6 +183,10 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, set
                            "has no masked formulation")
     if node in masked_run.untrusted:
         return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}: {masked_run.untrusted[node]}")
+    behind = [key for key in feeding if key in masked_run.analysis.sites and node in masked_run.analysis.sites[key].restored]
+    if behind:
+        return OutputCheck(index, name, "", "", skipped=f"computed from tokens restored to full length after site(s) "
+                           f"{behind} (a neck or decoder: fill={settings.fill} has no masked formulation there)")
     key = masked_run.site_of.get(node)
     if key is not None and key not in keep:
         return OutputCheck(index, name, "", "", skipped=f"the positions kept by the site after block {key} are "
@@ -218,6 +222,6 @@ def _refuse(index: int, name: str, reference: str, how: str, settings: PruneSett
     raise UnsupportedModelError(
         f"mambaprune pruned this model wrongly: on the example inputs, at the real keep counts, graph output "
         f"{index} ({name}), compared with {reference}, {how}. This is a bug in mambaprune's rewrite of this "
-        f"model: please report it. Meanwhile, other sites (schedule=) or alignment= / stage_fill= than "
-        f"'{settings.alignment}' / '{settings.stage_fill}' may avoid it; verify=False skips the check at your own "
+        f"model: please report it. Meanwhile, other sites (schedule=) or alignment= / fill= than "
+        f"'{settings.alignment}' / '{settings.fill}' may avoid it; verify=False skips the check at your own "
         "risk.")
