@@ -134,9 +134,10 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
             check_metric(rewritten, prepared.flat, settings.metric)   # before the passes that run it
             passes = [PropagateMeta(prepared.flat), AnnotateFlops(prepared.flat, captured.static_batch or 1)]
             pruned = keep(run_passes(passes, rewritten).graph_module)
+        checked = None
         if settings.verify and sites:
             verify_rewrite(captured.gm, analysis, sites, prepared.flat, settings)
-            verify_pruned_run(captured.gm, pruned, analysis, sites, prepared.flat, settings)
+            checked = verify_pruned_run(captured.gm, pruned, analysis, sites, prepared.flat, settings)
         pruned = keep(run_passes([DropNoOps()], pruned).graph_module)   # what the inputs' checks make redundant
     report = PruneReport(
         blocks=[BlockReport(b.index, b.name, b.mixing, t) for b, t in zip(analysis.blocks, plan.tokens_per_block)],
@@ -152,7 +153,7 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         site_lengths={key: analysis.site_length(key) for key in plan.kept}, static_batch=captured.static_batch,
         schedule=settings.schedule,
         frozen_arguments=prepared.signature.frozen_arguments() if prepared.signature else {},
-        restorations=restorations, fill=str(settings.fill))
+        restorations=restorations, fill=str(settings.fill), verified=checked)
     return PrunedModel(pruned, report, prepared.example_inputs, settings.backend, captured.static_batch,
                        prepared.signature)
 

@@ -61,6 +61,7 @@ class PruneReport:
     frozen_arguments: dict = field(default_factory=dict)  # non-tensor forward arguments compiled in as constants
     restorations: list = field(default_factory=list)  # rewrite.restore.Restoration: outputs / stage ends restored
     fill: str = "carry"            # what pruned positions hold where tokens are restored
+    verified: object = None        # rewrite.verify_pruned.PrunedRunCheck: what the pruned-run check compared
 
     @property
     def uses_ratio(self) -> bool:
@@ -99,6 +100,8 @@ class PruneReport:
             restored = "; ".join(str(r) for r in self.restorations)
             lines.append(f"token outputs restored to full length (fill={self.fill}): {restored}; outputs not listed "
                          "are computed by the model's own dense ops")
+        if self.verified is not None:
+            lines.append(_verified_line(self.verified))
         if self.static_batch is not None:
             lines.append(f"captured with the batch fixed at {self.static_batch} (torch.export: the model's code makes the "
                          f"batch a constant): the pruned model accepts only batches of {self.static_batch}")
@@ -112,6 +115,20 @@ class PruneReport:
         if self.recovery is not None:
             lines.append(str(self.recovery))
         return "\n".join(lines)
+
+
+def _verified_line(check) -> str:
+    """One line: how many outputs the pruned-run check compared with what, and which it could not."""
+    kinds: dict = {}
+    for output in check.outputs:
+        if output.compared_with:
+            kinds[output.compared_with] = kinds.get(output.compared_with, 0) + 1
+    compared = ", ".join(f"{n} with the {'dense model' if kind == 'dense' else 'masked dense run'}"
+                         for kind, n in kinds.items()) or "none"
+    line = f"verified on the example inputs with the pruned run: outputs compared: {compared}"
+    if check.unchecked:
+        line += "; not compared: " + "; ".join(f"output {o.index} ({o.skipped})" for o in check.unchecked)
+    return line
 
 
 def _count_origins(routed: list) -> str:
