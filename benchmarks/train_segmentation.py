@@ -1,7 +1,8 @@
 """Train the segmentation checkpoints on cluttered-digit masks (per-pixel cross-entropy), seeded.
 
-    OMP_NUM_THREADS=1 python benchmarks/train_segmentation.py --name vim_digits_seg --steps 400 --batch-size 16
-    OMP_NUM_THREADS=1 python benchmarks/train_segmentation.py --name plainmamba_digits_seg --steps 400 --batch-size 16
+    OMP_NUM_THREADS=1 python benchmarks/train_segmentation.py --name vim_digits_seg --steps 450 --batch-size 16
+    OMP_NUM_THREADS=1 python benchmarks/train_segmentation.py --name plainmamba_digits_seg --steps 500 --batch-size 16
+    OMP_NUM_THREADS=1 python benchmarks/train_segmentation.py --name vim_digits_seg --steps 400 --resume  # a second run
 
 The backbone starts from the shipped classification checkpoint of the same architecture (``--backbone``,
 default vim_digits / plainmamba_digits: their head dropped), the decoder from scratch. Every batch is
@@ -46,7 +47,10 @@ def segmentation_scores(model, data, batch_size: int = 50) -> dict:
     return {"miou": round(mean_iou(confusion), 4), "pixel_accuracy": round(pixel_accuracy(confusion), 4)}
 
 
-def initial_model(name: str, backbone: str):
+def initial_model(name: str, backbone: str, resume: bool = False):
+    """The shipped ``name`` (resume), or a new model whose backbone is the classification checkpoint ``backbone``."""
+    if resume:
+        return load_pretrained(name)
     factory, overrides, _ = REFERENCE_CONFIGS[name]
     model = create_model(factory, **overrides)
     weights = {k: v for k, v in load_pretrained(backbone).state_dict().items() if not k.startswith("head.")}
@@ -54,23 +58,29 @@ def initial_model(name: str, backbone: str):
     return model
 
 
-def train(name: str, steps: int, batch_size: int, lr: float, seed: int, evals: int, backbone: str) -> dict:
+def train(name: str, steps: int, batch_size: int, lr: float, seed: int, evals: int, backbone: str,
+          resume: bool = False) -> dict:
     factory, overrides, variant = REFERENCE_CONFIGS[name]
     torch.manual_seed(seed)
-    model = initial_model(name, backbone).train()
+    model = initial_model(name, backbone, resume).train()
     img_size = overrides["img_size"]
     val = make_cluttered_digits("val", 200, variant, img_size, seed=seed, masks=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log = {"name": name, "factory": factory, "overrides": overrides, "variant": variant, "steps": steps,
            "batch_size": batch_size, "lr": lr, "seed": seed, "backbone_from": backbone,
            "threads": torch.get_num_threads(), "history": []}
+    offset = 0
+    if resume:  # a second run continuing the shipped checkpoint on new batches: keep the first run's log
+        log["resumed_from"] = json.loads((RESULTS / f"{name}.json").read_text())
+        offset = log["resumed_from"].get("stopped_at_step", log["resumed_from"]["steps"])
     start, running, stop = time.perf_counter(), None, _stop_requested()
     bar = tqdm(range(steps), desc=name, mininterval=10)
     for step in bar:
         if stop:
             log["stopped_at_step"] = step
             break
-        batch = make_cluttered_digits("train", batch_size, variant, img_size, seed=seed * 1_000_003 + step + 1, masks=True)
+        batch = make_cluttered_digits("train", batch_size, variant, img_size, seed=seed * 1_000_003 + step + 1 + offset,
+                                     masks=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
         loss = F.cross_entropy(model(batch.inputs), batch.masks)
@@ -107,8 +117,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evals", type=int, default=4, help="validation evaluations (200 images) during training")
     parser.add_argument("--backbone", help="shipped classification checkpoint the backbone starts from")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the shipped <name> (new warm-up and cosine schedule, new batches)")
     args = parser.parse_args()
-    log = train(args.name, args.steps, args.batch_size, args.lr, args.seed, args.evals, args.backbone or BACKBONES[args.name])
+    log = train(args.name, args.steps, args.batch_size, args.lr, args.seed, args.evals, args.backbone or BACKBONES[args.name],
+                args.resume)
     print(json.dumps({k: log[k] for k in ("name", "test", "test_fp16_weights", "train_minutes")}))
 
 
