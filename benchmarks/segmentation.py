@@ -95,7 +95,8 @@ def run_model(name: str, args) -> dict:
         recovered = predictions(better, test.inputs)
         result["recovered"] = {"ratio": best["ratio"], "fill": best["fill"], "alignment": best["alignment"],
                                "achieved": best["achieved"], "steps": args.recover_steps, "batch_size": args.recover_batch,
-                               "images": args.recover_images, "training_free": {k: best[k] for k in ("miou", "pixel_accuracy", "agreement")},
+                               "images": args.recover_images,
+                               "training_free": {k: best[k] for k in ("miou", "pixel_accuracy", "agreement")},
                                **scores(recovered, test.masks, dense_pred), "seconds": seconds}
         shown[f"recovered ({args.recover_steps} steps)"] = recovered[:4]
         print(f"  recovered: {result['recovered']}", flush=True)

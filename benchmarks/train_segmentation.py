@@ -91,7 +91,8 @@ def train(name: str, steps: int, batch_size: int, lr: float, seed: int, evals: i
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}")
         if (step + 1) % max(1, steps // evals) == 0 or step + 1 == steps:
-            entry = {"step": step + 1, "loss": round(running, 4), **{f"val_{k}": v for k, v in segmentation_scores(model, val).items()},
+            val_scores = {f"val_{k}": v for k, v in segmentation_scores(model, val).items()}
+            entry = {"step": step + 1, "loss": round(running, 4), **val_scores,
                      "minutes": round((time.perf_counter() - start) / 60, 2)}
             log["history"].append(entry)
             tqdm.write(json.dumps(entry))

@@ -2,9 +2,9 @@
 
 The backbone returns one (B, C, H, W) map of its token stream per index in `out_indices` (PlainMamba:
 the last one through the final norm, as its dense-prediction backbone applies `ln1` to its last output;
-ViM: every one through its final RMSNorm); ViM's class token is left out of the maps. The decoder is SegFormer's all-MLP head in spirit:
-each map projected by a 1x1 conv, resized to the first map's size, concatenated and fused by a 1x1 conv,
-classified per cell and upsampled (bilinear) to the input size. Token pruning acts inside the backbone;
+ViM: every one through its final RMSNorm); ViM's class token is left out of the maps. The decoder is
+SegFormer's all-MLP head in spirit: each map projected by a 1x1 conv, resized to the first map's size,
+concatenated and fused by a 1x1 conv, classified per cell and upsampled (bilinear) to the input size. Token pruning acts inside the backbone;
 the maps it feeds are restored to full size before the decoder (rewrite/restore.py).
 """
 
