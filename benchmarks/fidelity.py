@@ -224,7 +224,7 @@ def plot(results: list, group: str, key: str, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=None, help="checkpoint names (default: all shipped)")
+    parser.add_argument("--models", nargs="*", default=None, help="checkpoint names (default: all shipped classifiers)")
     parser.add_argument("--test-size", type=int, default=None, help="test images (default 500, 100 with --quick)")
     parser.add_argument("--quick", action="store_true", help="100 test images, ratios 0.3 and 0.5")
     parser.add_argument("--calibration-images", type=int, default=256,
@@ -233,7 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     ratios = (0.3, 0.5) if args.quick else RATIOS
     test_size = args.test_size or (100 if args.quick else 500)
-    for name in args.models or list_pretrained():
+    for name in args.models or list_pretrained("classification"):
         out = Path(f"{args.out}_{name}")
         out.parent.mkdir(parents=True, exist_ok=True)
         result = run_model(name, ratios, test_size, out.parent, args.calibration_images)

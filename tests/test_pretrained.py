@@ -13,7 +13,7 @@ from mambaprune.models.pretrained import (  # noqa: E402
 )
 
 
-@pytest.mark.parametrize("name", list_pretrained())
+@pytest.mark.parametrize("name", list_pretrained("classification"))
 def test_shipped_checkpoint_is_small_and_keeps_its_dense_accuracy(name):
     pytest.importorskip("sklearn")
     from mambaprune.data import make_cluttered_digits
@@ -26,6 +26,22 @@ def test_shipped_checkpoint_is_small_and_keeps_its_dense_accuracy(name):
         accuracy = (model(test.inputs).argmax(-1) == test.labels).float().mean().item()
     # 200 of the 1000 images the recorded accuracy was measured on: allow sampling noise
     assert accuracy >= info.test_accuracy - 0.05
+
+
+@pytest.mark.parametrize("name", list_pretrained("segmentation"))
+def test_shipped_segmentation_checkpoint_is_small_and_keeps_its_dense_miou(name):
+    pytest.importorskip("sklearn")
+    from mambaprune.data import SEG_CLASSES, confusion_matrix, make_cluttered_digits, mean_iou
+
+    info = checkpoint_info(name)
+    assert info.path.stat().st_size < 20e6 and info.task == "segmentation"
+    model = load_pretrained(name)
+    test = make_cluttered_digits("test", 100, info.variant, info.overrides["img_size"], seed=0, masks=True)
+    with torch.no_grad():
+        logits = model(test.inputs)
+    assert logits.shape == (100, SEG_CLASSES, *test.masks.shape[1:])
+    # 100 of the 500 images the recorded mIoU was measured on: allow sampling noise
+    assert mean_iou(confusion_matrix(logits.argmax(1), test.masks, SEG_CLASSES)) >= info.test_miou - 0.05
 
 
 def test_save_and_load_round_trip_in_fp16(tmp_path, monkeypatch):

@@ -7,6 +7,11 @@ background crop resized to ``img_size`` with one digit (label = the digit) or tw
 pasted at a random position and scale, in a colour that contrasts with what lies beneath it. As in
 natural images, only a few tokens carry the answer.
 
+With ``masks=True`` each image also gets a per-pixel label map for semantic segmentation: the pasted
+digit's class (0-9) where its ink covers the pixel (the upscaled glyph's alpha >= INK_THRESHOLD, the
+same alpha that painted it; a later digit over an earlier one wins, as it does in the image) and
+BACKGROUND (10) elsewhere.
+
 Splits use disjoint digit scans (60 / 20 / 20 % of the 1797, fixed by ``SPLIT_SEED``); backgrounds
 are shared. Everything is a deterministic function of (split, size, variant, seed).
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +34,9 @@ SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 DIGIT_SIDE = (0.35, 0.5)  # a digit's side as a fraction of the image side
 CLUTTER_CONTRAST = 0.6  # the photographs' contrast is scaled by this around their mean
+INK_THRESHOLD = 0.5  # a pixel belongs to a digit's mask where the digit's alpha is at least this
+BACKGROUND = 10  # the segmentation class of pixels no digit covers
+SEG_CLASSES = 11  # digits 0-9 and the background
 # Model inputs are (image - MEAN) / STD with the image in [0, 1].
 MEAN, STD = 0.5, 0.25
 # Photographs in skimage.data that ship with the wheel (no download), colour and grey.
@@ -42,13 +50,15 @@ BACKGROUNDS = (
 class DigitImages:
     """A generated split: ``inputs`` (n, 3, S, S) normalised model inputs, ``labels`` (n,),
     ``digits`` (n, k) the pasted digits, ``boxes`` (n, k, 4) their (top, left, height, width) and
-    ``scans`` (n, k) their indices into ``load_digits``."""
+    ``scans`` (n, k) their indices into ``load_digits``; ``masks`` (n, S, S) int64 per-pixel classes
+    (0-9 digit ink, BACKGROUND elsewhere) when asked for, else None."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
     digits: torch.Tensor
     boxes: torch.Tensor
     scans: torch.Tensor
+    masks: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,6 +66,13 @@ class DigitImages:
     def pictures(self) -> torch.Tensor:
         """The images in [0, 1], (n, S, S, 3), for plotting."""
         return (self.inputs * STD + MEAN).clamp(0, 1).permute(0, 2, 3, 1)
+
+    def mask_batches(self, batch_size: int):
+        """(inputs, masks) in order, ``batch_size`` at a time (needs ``masks=True``)."""
+        if self.masks is None:
+            raise ValueError("these images were made without masks: make_cluttered_digits(..., masks=True)")
+        for start in range(0, len(self), batch_size):
+            yield self.inputs[start:start + batch_size], self.masks[start:start + batch_size]
 
     def batches(self, batch_size: int):
         """(inputs, labels) in order, ``batch_size`` at a time."""
@@ -126,9 +143,14 @@ def _far_apart_positions(rng, img_size: int, sizes: List[int]) -> List[Tuple[int
             return corners
 
 
-def _paste(image: torch.Tensor, scan: np.ndarray, top: int, left: int, size: int, rng) -> None:
+def glyph_alpha(scan: np.ndarray, size: int) -> torch.Tensor:
+    """(1, size, size) opacity of a digit scan pasted at side ``size``."""
     alpha = F.interpolate(torch.from_numpy(scan)[None, None], size=(size, size), mode="bilinear", align_corners=False)[0]
-    alpha = (1.5 * alpha).clamp(0, 1)  # solid strokes: the scans' grey levels fade out when upscaled
+    return (1.5 * alpha).clamp(0, 1)  # solid strokes: the scans' grey levels fade out when upscaled
+
+
+def _paste(image: torch.Tensor, scan: np.ndarray, top: int, left: int, size: int, rng) -> None:
+    alpha = glyph_alpha(scan, size)
     beneath = image[:, top:top + size, left:left + size]
     # Contrast with the local background: light ink on dark ground, dark ink on light ground.
     tint = torch.from_numpy(rng.uniform(0.0, 0.25, size=3).astype(np.float32))[:, None, None]
@@ -136,8 +158,10 @@ def _paste(image: torch.Tensor, scan: np.ndarray, top: int, left: int, size: int
     image[:, top:top + size, left:left + size] = (1 - alpha) * beneath + alpha * ink
 
 
-def make_cluttered_digits(split: str, size: int, variant: str = "one", img_size: int = 112, seed: int = 0) -> DigitImages:
-    """``size`` images of ``split`` (train/val/test) for ``variant`` (one/two digits), from ``seed``.
+def make_cluttered_digits(split: str, size: int, variant: str = "one", img_size: int = 112, seed: int = 0,
+                          masks: bool = False) -> DigitImages:
+    """``size`` images of ``split`` (train/val/test) for ``variant`` (one/two digits), from ``seed``;
+    ``masks=True`` adds the per-pixel segmentation labels (the images are the same either way).
 
     Digits are 0.35-0.5 of the image side (DIGIT_SIDE). Raises ValueError for an unknown split or variant.
     """
@@ -153,6 +177,7 @@ def make_cluttered_digits(split: str, size: int, variant: str = "one", img_size:
     digits = torch.empty(size, count, dtype=torch.long)
     boxes = torch.empty(size, count, 4, dtype=torch.long)
     scan_ids = torch.empty(size, count, dtype=torch.long)
+    labels_map = torch.full((size, img_size, img_size), BACKGROUND, dtype=torch.long) if masks else None
     for i in range(size):
         image = _background(rng, img_size)
         chosen = rng.choice(pool, size=count, replace=False)
@@ -162,6 +187,9 @@ def make_cluttered_digits(split: str, size: int, variant: str = "one", img_size:
             _paste(image, scans[index], top, left, side, rng)
             digits[i, k], scan_ids[i, k] = int(targets[index]), int(index)
             boxes[i, k] = torch.tensor([top, left, side, side])
+            if masks:
+                ink = glyph_alpha(scans[index], side)[0] >= INK_THRESHOLD
+                labels_map[i, top:top + side, left:left + side][ink] = digits[i, k]
         inputs[i] = (image - MEAN) / STD
     labels = digits.sum(1) % 10
-    return DigitImages(inputs, labels, digits, boxes, scan_ids)
+    return DigitImages(inputs, labels, digits, boxes, scan_ids, labels_map)

@@ -4,8 +4,10 @@ No pretrained weights exist offline; ``load_checkpoint`` loads a local safetenso
 """
 
 from ._registry import create_model, list_models, load_checkpoint, register_model
-from . import plainmamba, vim  # noqa: F401  (registers the models)
+from . import plainmamba, segmentation, vim  # noqa: F401  (registers the models)
 from .plainmamba import PlainMamba, zigzag_orders
+from .segmentation import LightDecoder, PlainMambaSegmenter, ViMSegmenter
 from .vim import VisionMamba
 
-__all__ = ["create_model", "list_models", "load_checkpoint", "register_model", "VisionMamba", "PlainMamba", "zigzag_orders"]
+__all__ = ["create_model", "list_models", "load_checkpoint", "register_model", "VisionMamba", "PlainMamba", "zigzag_orders",
+           "LightDecoder", "PlainMambaSegmenter", "ViMSegmenter"]

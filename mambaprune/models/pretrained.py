@@ -25,6 +25,12 @@ REFERENCE_CONFIGS: Dict[str, tuple] = {
     "vim_digits_pair": ("vim_t", dict(img_size=96, patch_size=8, embed_dim=96, depth=12, d_state=8, num_classes=10), "two"),
     "plainmamba_digits": ("plainmamba_l1", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=10), "one"),
     "plainmamba_digits_pair": ("plainmamba_l1", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=10), "two"),
+    # segmentation (benchmarks/train_segmentation.py): the same backbones, maps after blocks 2, 5, 8, 11,
+    # 11 classes (digits and background), trained on two-digit images' masks from the backbones above
+    "vim_digits_seg": ("vim_t_seg", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=11,
+                                         out_indices=[2, 5, 8, 11]), "two"),
+    "plainmamba_digits_seg": ("plainmamba_l1_seg", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8,
+                                                        num_classes=11, out_indices=[2, 5, 8, 11]), "two"),
 }
 
 
@@ -34,17 +40,24 @@ class CheckpointInfo:
     factory: str
     overrides: dict
     variant: str
-    test_accuracy: float
+    test_accuracy: float  # top-1, or pixel accuracy for a segmentation model
     path: Path
+    test_miou: float = float("nan")  # segmentation models: the dense test mIoU
+
+    @property
+    def task(self) -> str:
+        """"segmentation" (per-pixel logits, a test mIoU recorded) or "classification"."""
+        return "classification" if self.test_miou != self.test_miou else "segmentation"
 
 
 def checkpoint_path(name: str) -> Path:
     return CHECKPOINT_DIR / f"{name}.safetensors"
 
 
-def list_pretrained() -> List[str]:
-    """Names of the shipped checkpoints."""
-    return sorted(p.stem for p in CHECKPOINT_DIR.glob("*.safetensors"))
+def list_pretrained(task: str | None = None) -> List[str]:
+    """Names of the shipped checkpoints (``task``: only the "classification" or "segmentation" ones)."""
+    names = sorted(p.stem for p in CHECKPOINT_DIR.glob("*.safetensors"))
+    return names if task is None else [n for n in names if checkpoint_info(n).task == task]
 
 
 def checkpoint_info(name: str) -> CheckpointInfo:
@@ -60,7 +73,7 @@ def checkpoint_info(name: str) -> CheckpointInfo:
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
     return CheckpointInfo(name, meta["factory"], json.loads(meta["overrides"]), meta["variant"],
-                          float(meta.get("test_accuracy", "nan")), path)
+                          float(meta.get("test_accuracy", "nan")), path, float(meta.get("test_miou", "nan")))
 
 
 def load_pretrained(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -77,8 +90,10 @@ def load_pretrained(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.to(dtype).eval()
 
 
-def save_pretrained(model: nn.Module, name: str, variant: str, test_accuracy: float, path: Path | None = None) -> Path:
-    """Write ``model`` as an fp16 safetensors checkpoint with the metadata ``load_pretrained`` needs."""
+def save_pretrained(model: nn.Module, name: str, variant: str, test_accuracy: float, path: Path | None = None,
+                    test_miou: float | None = None) -> Path:
+    """Write ``model`` as an fp16 safetensors checkpoint with the metadata ``load_pretrained`` needs
+    (``test_miou``: a segmentation model's dense test mIoU, ``test_accuracy`` then its pixel accuracy)."""
     from safetensors.torch import save_file
 
     factory, overrides, _ = REFERENCE_CONFIGS[name]
@@ -87,5 +102,7 @@ def save_pretrained(model: nn.Module, name: str, variant: str, test_accuracy: fl
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     metadata = {"factory": factory, "overrides": json.dumps(overrides), "variant": variant,
                 "test_accuracy": f"{test_accuracy:.4f}"}
+    if test_miou is not None:
+        metadata["test_miou"] = f"{test_miou:.4f}"
     save_file(state, str(path), metadata=metadata)
     return path
