@@ -291,7 +291,7 @@ def test_onnx_translation_runs_in_onnxruntime_like_the_op(scan_form, D_per_chann
     tokens (not a power of two: the last doubling round)."""
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
-    from mambaprune.runtime.backends.onnx_ops import custom_translation_table
+    from mambaprune.deployment.onnx_ops import custom_translation_table
 
     model = TinySsdMixer(D_per_channel=D_per_channel)
     batch = torch.export.Dim("batch", min=1, max=1024)

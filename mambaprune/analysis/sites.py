@@ -14,7 +14,7 @@ import networkx as nx
 import torch.fx as fx
 
 from .blocks import Block, in_module
-from .facts import BatchTok, Grid, MultiTok, PaddedTok, Readout, Tok, Unknown, fact_of
+from .facts import BatchTok, Grid, MultiTok, PaddedTok, Readout, Tok, TokenMap, Unknown, fact_of
 from .ops import LAYOUT_OPS, TOKEN_CONVS, is_assert, is_scan, looks_at_neighbours, op_name, shape_of
 
 
@@ -124,11 +124,16 @@ def restored_tail(fed: set, work: set, nodes) -> set:
     run on a full feature map. `nodes` in graph order."""
     order = list(nodes)
     reaching = reaches(work, order)
+    tail = [n for n in order if n in fed and n not in reaching]
     restored = set()
-    for node in order:
-        if node not in fed or node in reaching:
-            continue
+    for node in tail:
         if any(arg in restored for arg in node.all_input_nodes) or not runs_on_kept_tokens(node):
+            restored.add(node)
+    for node in reversed(tail):   # moves that cut a map out of the tokens (a class token dropped) on the way to
+        if _is_token_map(node) and any(user in restored for user in node.users):   # it run on restored tokens too
+            restored.add(node)
+    for node in tail:
+        if any(arg in restored for arg in node.all_input_nodes):
             restored.add(node)
     return restored
 
@@ -140,6 +145,11 @@ def runs_on_kept_tokens(node: fx.Node) -> bool:
     if isinstance(fact_of(node), Unknown):
         return False
     return op_name(node) not in TOKEN_CONVS or not looks_at_neighbours(node)
+
+
+def _is_token_map(node: fx.Node) -> bool:
+    fact = fact_of(node)
+    return any(isinstance(part, TokenMap) for part in (fact if isinstance(fact, tuple) else (fact,)))
 
 
 def is_per_token(node: fx.Node) -> bool:

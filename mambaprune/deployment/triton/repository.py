@@ -60,7 +60,7 @@ def input_specs(pruned: PrunedModel) -> list:
 @torch.no_grad()
 def output_specs(pruned: PrunedModel) -> list:
     """The outputs' dtypes and dims, read from a run at batch 2 (every output must follow the batch)."""
-    from ...runtime.backends.export import example_inputs_for
+    from ..export import example_inputs_for
 
     outputs = torch.utils._pytree.tree_leaves(pruned(*example_inputs_for(pruned._input_spec, 2)))
     specs = []
