@@ -136,8 +136,8 @@ def plan_for_sites(analysis: GraphAnalysis, flops: dict, sites: list, ratio: flo
     if ratio - achieved > 0.03:
         raise UnreachableRatioError(
             f"ratio {ratio} cannot be reached for this model: the maximum FLOPs reduction with pruning after "
-            f"blocks {sites} is {achieved:.3f}, keeping at least 1/{round(1 / MIN_KEPT_FRACTION)} of the tokens at "
-            "every site (too few blocks after the first site, or work that stays dense: the layers before the "
+            f"blocks {sites} is {achieved:.3f} (keeping at least 1/{round(1 / MIN_KEPT_FRACTION)} of the tokens at "
+            "every site; too few blocks after the first site, or work that stays dense: the layers before the "
             "first site, restored feature maps and what reads them). Use a smaller ratio, or an explicit "
             "schedule {block: keep_rate} with earlier sites or lower keep rates.")
     return best
