@@ -47,7 +47,7 @@ _ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm",
 _MASKED_REDUCTIONS = ("aten::mean", "aten::sum", "aten::amax")
 
 
-def fed_by_site(analysis: GraphAnalysis, key: int) -> set:
+def descendants_of_site(analysis: GraphAnalysis, key: int) -> set:
     """The nodes site `key` feeds: descendants of block `key`'s scored output y outside the block."""
     start = analysis.blocks[key - 1].y
     seen, todo = set(), [start]
@@ -159,7 +159,7 @@ class MaskedHold(fx.Interpreter):
                  fed: Optional[dict] = None):
         super().__init__(analysis.gm, garbage_collect_values=False)
         self.analysis, self.keep, self.alignment, self.stage_fill = analysis, keep, alignment, stage_fill
-        self.fed = fed if fed is not None else {key: fed_by_site(analysis, key) for key in keep}
+        self.fed = fed if fed is not None else {key: descendants_of_site(analysis, key) for key in keep}
         keys = sorted(self.fed)     # a site in `fed` but not in `keep`: its kept positions are unknown
         self.site_of: dict = {}
         for key in keys:    # later sites win: within a stage their kept tokens are a subset

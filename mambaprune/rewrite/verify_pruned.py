@@ -5,7 +5,7 @@ otherwise (an output restored at the wrong index, the wrong inverse of a scan or
 that ignores the gaps). This one runs the pruned graph itself, reads back the positions every site
 kept, and checks every graph output (tuple / list / dict outputs flattened):
 
-1. an output no site feeds (masked_hold.fed_by_site: not a descendant of any site's block output
+1. an output no site feeds (masked_hold.descendants_of_site: not a descendant of any site's block output
    outside that block; an early feature map, an auxiliary head) equals the dense graph's output:
    relative difference <= DENSE_TOLERANCE in fp32 (they compute the same ops on the same values),
    `verify_tolerance` in float16 / bfloat16;
@@ -33,7 +33,7 @@ from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..errors import UnsupportedModelError
 from ..meta_keys import KEPT_POSITIONS
 from ..settings import Alignment, PruneSettings
-from .masked_hold import MaskedHold, fed_by_site, mask_like
+from .masked_hold import MaskedHold, descendants_of_site, mask_like
 from .verify import relative_difference, verify_tolerance
 
 DENSE_TOLERANCE = 1e-6    # fp32 and wider: values no site feeds
@@ -89,7 +89,7 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
         check_kept_positions(kept, sites, analysis, settings.alignment)
         keep = {key: _keep_mask(kept[key], analysis.site_length(key)) for key in keys if key in kept}
         dense = fx.Interpreter(gm).run(*flat)
-        fed = {key: fed_by_site(analysis, key) for key in keys}
+        fed = {key: descendants_of_site(analysis, key) for key in keys}
         masked_run, masked = None, None
         if settings.alignment in (Alignment.HOLD, Alignment.DECAY):
             masked_run = MaskedHold(analysis, keep, settings.alignment, settings.fill, fed)
