@@ -101,19 +101,18 @@ def _calibration_images(folder: Path, model, example, args) -> list:
 
 def compile_command(args) -> None:
     """Prune MODEL and export it (.onnx / .pt2 / .engine) to -o."""
-    from .deployment.export import (
-        discard_temporary,
-        reserve_temporary,
-        resolve_format,
-    )
+    from .deployment.export import discard_temporary, is_folder_format, reserve_temporary, resolve_format
 
-    resolve_format(args.output, None)
-    discard_temporary(reserve_temporary(args.output))  # the folder is checked before the compile
+    fmt = resolve_format(args.output, args.format)
+    if not is_folder_format(fmt):
+        discard_temporary(reserve_temporary(args.output))  # the folder is checked before the compile
     _, pruned = _compile(args)
-    path = pruned.export(args.output)
+    path = pruned.export(args.output, format=args.format)
     report = pruned.report
     target = f"target {report.target_ratio:.3f}" if report.uses_ratio else f"schedule {report.schedule!r}"
-    print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB): FLOPs reduction "
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() \
+        else Path(path).stat().st_size
+    print(f"wrote {path} ({size / 1e6:.2f} MB): FLOPs reduction "
           f"{report.achieved_ratio:.3f} ({target}), {len(report.sites)} site(s)")
 
 
@@ -364,7 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_demo.set_defaults(run=demo)
     run_compile = commands.add_parser("compile", help="prune MODEL and export it")
     _add_prune_options(run_compile)
-    run_compile.add_argument("-o", "--output", required=True, help="model.onnx, model.pt2 or model.engine")
+    run_compile.add_argument("-o", "--output", required=True,
+                             help="model.onnx, model.pt2 or model.engine; a folder with --format triton")
+    run_compile.add_argument("--format", default=None,
+                             help="export format when the suffix does not say it: aoti (a .pt2 AOTInductor package) "
+                                  "or triton (a Triton Inference Server model repository folder, model name "
+                                  "'mambaprune')")
     run_compile.set_defaults(run=compile_command)
     run_report = commands.add_parser("report", help="print what pruning MODEL would do")
     _add_prune_options(run_report)

@@ -98,6 +98,40 @@ def test_repository_arguments_are_checked(pruned, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_export_format_triton_writes_the_repository_and_replaces_it_whole(pruned, tmp_path, monkeypatch):
+    import mambaprune.deployment.triton.repository as repository
+
+    repo = tmp_path / "models"
+    assert pruned.export(repo, format="triton", name="vim", max_batch_size=3) == str(repo)
+    assert "max_batch_size: 3" in (repo / "vim" / "config.pbtxt").read_text()
+    before = (repo / "vim" / "config.pbtxt").read_text()
+
+    def broken_copy(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(repository.shutil, "copyfile", broken_copy)
+    with pytest.raises(OSError, match="disk full"):
+        pruned.export(repo, format="triton", name="vim", max_batch_size=5)
+    assert (repo / "vim" / "config.pbtxt").read_text() == before      # the old model, whole
+    assert sorted(p.name for p in repo.iterdir()) == ["vim"]            # no staging folder left
+    monkeypatch.undo()
+    pruned.export(repo, format="triton", name="vim", max_batch_size=5)
+    assert "max_batch_size: 5" in (repo / "vim" / "config.pbtxt").read_text()
+    assert sorted(p.name for p in repo.iterdir()) == ["vim"]
+    with pytest.raises(InvalidArgumentError, match="disagrees with the path"):
+        pruned.export(tmp_path / "model.onnx", format="triton")
+
+
+def test_the_compile_command_writes_a_triton_repository(tmp_path, capsys):
+    repo = tmp_path / "models"
+    assert main(["compile", "cli_factories:tiny_vim", "--ratio", "0.3", "-o", str(repo), "--format", "triton"]) == 0
+    assert f"wrote {repo} (" in capsys.readouterr().out
+    config = (repo / "mambaprune" / "config.pbtxt").read_text()
+    assert 'name: "mambaprune"' in config and "dynamic_batching" in config
+    assert (repo / "mambaprune" / "1" / "model.pt2").is_file()
+    assert main(["compile", "cli_factories:tiny_vim", "-o", str(repo), "--format", "tritonn"]) == 2
+    assert "unknown export format 'tritonn'" in capsys.readouterr().err
+
+
 def test_requests_are_split_back_as_they_were_joined():
     assert split_sizes([1, 3, 2]) == [(0, 1), (1, 4), (4, 6)]
     assert parameters_of({"parameters": {"a": {"string_value": "1"}}}) == {"a": "1"}

@@ -64,6 +64,9 @@ class PrunedModel(torch.nn.Module):
         ("scan" or "doubling"), ``opset_version=``; TensorRT ``min_batch=``, ``opt_batch=``,
         ``max_batch=``, ``enabled_precisions=`` and other torch_tensorrt.dynamo.compile settings.
         AOTInductor: ``format="aoti"`` (a ``.pt2`` package, see mambaprune/deployment/aoti.py).
+        Triton Inference Server: ``format="triton"`` writes the model repository folder `path`
+        (options ``name=``, ``max_batch_size=``, ``instances=``, ``max_queue_delay_us=``,
+        ``threads=``, ``python_path=``: mambaprune/deployment/triton/repository.py).
         The formats live in mambaprune/deployment/ (reached through api/engines.py).
         """
         return exporter()(self, path, format, **options)

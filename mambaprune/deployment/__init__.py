@@ -21,8 +21,8 @@ a missing one raises ``mambaprune.errors.MissingDependencyError`` naming the pac
 from ..api.engines import register_engine, register_exporter
 from ..settings import Backend
 from . import aoti  # noqa: F401  registers format "aoti"
-from .export import (atomic_write, export_pruned, exportable_graph_module, formats, reexport, register_format,
-                     resolve_format, suffixes)
+from .export import (atomic_write, export_pruned, exportable_graph_module, formats, is_folder_format, reexport,
+                     register_format, resolve_format, suffixes)
 
 
 def _onnxruntime_runner(pruned):
@@ -35,6 +35,11 @@ def _require_onnxruntime():
     require_onnxruntime()
 
 
+def _write_triton(pruned, path, **options) -> None:
+    from .triton.repository import write_model_repository
+    write_model_repository(pruned, path, **options)
+
+
 def _tensorrt_runner(pruned):
     from .tensorrt_backend import tensorrt_module
     return tensorrt_module(pruned)
@@ -45,9 +50,10 @@ def _require_tensorrt():
     import_torch_tensorrt()
 
 
+register_format("triton", (), _write_triton, folder=True)   # a model repository (deployment/triton/)
 register_exporter(export_pruned)
 register_engine(Backend.ONNXRUNTIME, _require_onnxruntime, _onnxruntime_runner)
 register_engine(Backend.TENSORRT, _require_tensorrt, _tensorrt_runner)
 
 __all__ = ["atomic_write", "export_pruned", "exportable_graph_module", "formats", "reexport", "suffixes",
-           "register_format", "resolve_format"]
+           "register_format", "resolve_format", "is_folder_format"]

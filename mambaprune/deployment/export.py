@@ -11,9 +11,14 @@ Formats (from the path's suffix, or ``format=``):
   (``onnx_ops``), dynamic batch, checked with ``onnx.checker.check_model``.
 - ``"tensorrt"`` (``.engine``, ``.ts``): torch-tensorrt with our ops left to PyTorch
   (``tensorrt_backend``).
+- ``"triton"`` (``format="triton"``, a folder): a Triton Inference Server model repository
+  (``triton/repository.py``: config.pbtxt, the model's .pt2 and the python backend's model.py).
 
-Every format is written to a temporary file in the target folder and moved into place with
-``os.replace``: an existing file is only ever replaced by a complete new one. The temporary file is
+A file format is written to a temporary file in the target folder and moved into place with
+``os.replace``; a folder format (``folder=True``: the Triton repository) writes its own folder, as
+atomically as a folder can be replaced (a complete new one renamed into place).
+
+An existing file is only ever replaced by a complete new one. The temporary file is
 made before the conversion runs (a missing or read-only folder fails at once, naming the folder),
 and the written file gets the mode a plain ``open(path, "w")`` would give it (0666 & ~umask), or
 keeps the mode of the file it replaces.
@@ -43,20 +48,27 @@ MAX_BATCH = 1 << 16
 class Format:
     """An export format: ``write(pruned, tmp, path, **options)`` writes the file ``tmp`` (moved onto
     ``path`` afterwards); ``suffixes`` mean this format when ``format=`` is left out; ``accepts``
-    are further suffixes it may be written to with ``format=`` (an AOTInductor package is a .pt2)."""
+    are further suffixes it may be written to with ``format=`` (an AOTInductor package is a .pt2).
+    A ``folder`` format writes a folder: ``write(pruned, path, **options)`` makes it, atomically."""
 
     name: str
     suffixes: tuple
     write: Callable
     accepts: tuple = ()
+    folder: bool = False
 
 
 _FORMATS: dict = {}
 
 
-def register_format(name: str, suffixes: tuple, write: Callable, accepts: tuple = ()) -> None:
+def register_format(name: str, suffixes: tuple, write: Callable, accepts: tuple = (), folder: bool = False) -> None:
     """Add (or replace) an export format; a deployment subpackage calls it when imported."""
-    _FORMATS[name] = Format(name, tuple(s.lower() for s in suffixes), write, tuple(s.lower() for s in accepts))
+    _FORMATS[name] = Format(name, tuple(s.lower() for s in suffixes), write, tuple(s.lower() for s in accepts),
+                            folder)
+
+
+def is_folder_format(name: str) -> bool:
+    return _FORMATS[name].folder
 
 
 def formats() -> tuple:
@@ -186,6 +198,9 @@ def reexport(pruned, batch: int = EXPORT_BATCH) -> torch.export.ExportedProgram:
 def export_pruned(pruned, path, format: Optional[str] = None, **options) -> str:
     """Write `pruned` to `path` in `format` (default: from the suffix); returns the path."""
     fmt = _FORMATS[resolve_format(path, format)]
+    if fmt.folder:
+        fmt.write(pruned, path, **options)
+        return os.fspath(path)
     tmp = reserve_temporary(path)  # fail before the (slow) conversion
     try:
         return atomic_write(path, lambda tmp: fmt.write(pruned, tmp, os.fspath(path), **options), tmp)

@@ -17,7 +17,9 @@ custom ops before ``torch.export.load``); the ``python_path`` parameter prepends
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +104,9 @@ def write_model_repository(pruned: PrunedModel, folder, name: str = "mambaprune"
     max_queue_delay_us: how long a request may wait for others to join its batch;
     threads: torch intra-op threads of each instance (None: torch's default);
     python_path: folders prepended to the serving interpreter's sys.path (where mambaprune lives
-    if it is not installed there). An existing folder/name is replaced.
+    if it is not installed there). The model is written to a temporary folder beside folder/name and
+    renamed into place: an existing folder/name is replaced only by a complete new one (a failed
+    write leaves it as it was). Also ``pruned.export(folder, format="triton", name=..., ...)``.
     """
     if not isinstance(pruned, PrunedModel):
         raise InvalidArgumentTypeError(f"write_model_repository takes a PrunedModel (compile_pruned's result); got "
@@ -124,13 +128,41 @@ def write_model_repository(pruned: PrunedModel, folder, name: str = "mambaprune"
     config = config_text(name, input_specs(pruned), output_specs(pruned), max_batch_size, instances,
                          max_queue_delay_us, "KIND_GPU" if device.type == "cuda" else "KIND_CPU", parameters)
     model_dir = Path(folder) / name
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    (model_dir / VERSION).mkdir(parents=True)
-    pruned.export(model_dir / VERSION / PROGRAM_FILE)
-    shutil.copyfile(Path(__file__).with_name("python_model.py"), model_dir / VERSION / MODEL_FILE)
-    (model_dir / "config.pbtxt").write_text(config)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=model_dir.parent))
+    try:
+        (staging / VERSION).mkdir()
+        pruned.export(staging / VERSION / PROGRAM_FILE)
+        shutil.copyfile(Path(__file__).with_name("python_model.py"), staging / VERSION / MODEL_FILE)
+        (staging / "config.pbtxt").write_text(config)
+        os.chmod(staging, 0o777 & ~_umask())
+        replace_folder(staging, model_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return model_dir
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder `new` at `target`: an existing `target` is moved aside first and removed
+    only once `new` is in place (a failure in between puts it back), so `target` is never half written."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rmdir(aside)
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _check_name(name) -> None:
