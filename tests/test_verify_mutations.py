@@ -66,6 +66,8 @@ MODELS = {
     "hierarchical_vim": lambda: arch.HierarchicalVim(depths=(3, 3)),   # two sites in a stage, carry fill
     "plainmamba": lambda: create_model("plainmamba_l1", img_size=32, patch_size=4, depth=6, embed_dim=32,
                                        d_state=4, num_classes=10),     # zig-zag scans, dt/B/C in raster order
+    "segmenter": lambda: create_model("vim_t_seg", img_size=64, depth=6, embed_dim=32, out_indices=(1, 3, 5),
+                                      decoder_width=16),               # a decoder on restored maps
 }
 CONFIGS = {   # model, settings
     "vim-hold": ("vim", dict(schedule={2: 0.6, 4: 0.7})),
@@ -75,6 +77,11 @@ CONFIGS = {   # model, settings
     "vmamba-stage": ("vmamba", dict(schedule={1: 0.6})),
     "hierarchical-carry": ("hierarchical_vim", dict(schedule={1: 0.7, 2: 0.7})),
     "plainmamba-hold": ("plainmamba", dict(schedule={2: 0.6, 4: 0.7})),
+    "features-nearest": ("features", dict(schedule={2: 0.6}, fill="nearest")),
+    "features-zeros": ("features", dict(schedule={2: 0.6}, fill="zeros")),
+    "vmamba-stage-nearest": ("vmamba", dict(schedule={1: 0.6}, fill="nearest")),
+    "segmenter-nearest": ("segmenter", dict(schedule={2: 0.6}, fill="nearest")),
+    "segmenter-zeros": ("segmenter", dict(schedule={2: 0.6}, fill="zeros")),
 }
 
 
@@ -86,7 +93,7 @@ def prepared():
         if name not in cache:
             torch.manual_seed(0)
             model = MODELS[name]().eval()
-            size = {"vim": 64, "features": 64, "plainmamba": 32}.get(name) or model.img_size
+            size = {"vim": 64, "features": 64, "plainmamba": 32, "segmenter": 64}.get(name) or model.img_size
             cache[name] = prepare(model, (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)),))
         return cache[name]
     return get
@@ -197,6 +204,17 @@ def class_token_not_protected(mp):
     mp.setattr(ti, "select_tokens", select_tokens)
 
 
+def nearest_from_compacted_slots(mp):
+    """fill='nearest' measured from the first K slots' coordinates instead of the kept tokens' own."""
+    original = ti.nearest_kept
+    mp.setattr(ti, "nearest_kept", lambda index, coords: original(_compacted(index), coords))
+
+
+def nearest_fills_zeros(mp):
+    """fill='nearest' ignored where tokens are restored: pruned positions hold zeros."""
+    mp.setattr(restore, "nearest", restore.scattered)
+
+
 @dataclass(frozen=True)
 class Fault:
     inject: Callable
@@ -219,6 +237,10 @@ FAULTS = {
     "decay gaps off by one": Fault(decay_gaps_off_by_one, "vim-decay", False),
     "kept positions not sorted": Fault(kept_positions_not_sorted, "vim-hold", True),
     "class token not protected": Fault(class_token_not_protected, "vim-hold", False),
+    "nearest from compacted slots (output)": Fault(nearest_from_compacted_slots, "features-nearest", False),
+    "nearest from compacted slots (stage end)": Fault(nearest_from_compacted_slots, "vmamba-stage-nearest", False),
+    "nearest fills zeros (decoder input)": Fault(nearest_fills_zeros, "segmenter-nearest", False),
+    "output restored at compacted slots (zeros fill)": Fault(output_restored_at_compacted_slots, "features-zeros", False),
 }
 
 

@@ -14,8 +14,12 @@ without any gather, index table or rewrite rule, on the dense graph of the same 
   multiplied by the mask);
 - a pooled readout (mean / sum / max over the tokens, a global average pool) reads kept tokens only;
 - the grid restored before a downsampling holds the kept tokens, and at pruned cells the fill
-  `stage_fill` defines (rewrite/stage_end.py): "carry" = the stream crossing the site at which the
-  cell was pruned (the sum of the stream's parts), "zeros" = 0.
+  `fill` defines (rewrite/stage_end.py): "carry" = the stream crossing the site at which the
+  cell was pruned (the sum of the stream's parts), "zeros" = 0, "nearest" = the nearest kept
+  cell's value (`filled`, by brute force on the dense values);
+- a neck or decoder that runs densely on restored tokens (the analysis' `Site.restored`) reads its
+  token inputs with the same fill at pruned positions ("zeros", "nearest"; "carry" is not defined on
+  the masked run: the pruned token's value passed through the per-token ops, untrusted).
 The values of the masked run at kept positions are then what the pruned graph must compute there;
 pooled and readout values wholly.
 
@@ -41,6 +45,7 @@ from ..analysis import GraphAnalysis, Grid, Readout, Tok, fact_of
 from ..analysis.facts import MultiTok, is_token_fact
 from ..analysis.ops import argument, call_argument, is_scan, looks_at_neighbours, op_name, with_argument
 from ..settings import Alignment, Fill
+from .restore import slot_coordinates
 
 SCAN_TOKEN_OPERANDS = ("u", "delta", "B", "C", "z")
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
@@ -80,6 +85,32 @@ def mask_like(fact, shape: tuple, keep: torch.Tensor) -> Optional[torch.Tensor]:
         view[fact.gdim], view[fact.dim] = shape[fact.gdim], length
         return parts.reshape(view)
     return None
+
+
+def filled(fact, value: torch.Tensor, keep: torch.Tensor, fill: Fill) -> Optional[torch.Tensor]:
+    """`value` (a dense tensor with token fact `fact`) with `fill`'s value at the slots of tokens that
+    `keep` (B, L) prunes, by the definition of rewrite/restore.py: "zeros" 0, "nearest" the value of the
+    kept slot whose original token is nearest (squared distance of the positions on a sequence, of
+    (row, column) on a grid; ties to the first such slot), found here by brute force per sample.
+    None where it is not defined on dense values ("carry": the pruned token's own past) or `fact`
+    cannot be masked."""
+    mask = mask_like(fact, tuple(value.shape), keep)
+    if mask is None or fill is Fill.CARRY or not isinstance(fact, (Tok, Grid)):
+        return None
+    if fill is Fill.ZEROS:
+        return torch.where(mask, value, torch.zeros_like(value))
+    dims = (fact.hdim, fact.wdim) if isinstance(fact, Grid) else (fact.dim,)
+    slots = value.movedim(dims, tuple(range(value.dim() - len(dims), value.dim())))
+    slots = slots.reshape(*slots.shape[:value.dim() - len(dims)], -1)              # (B, ..., L) in slot order
+    kept_slots = keep[:, _path(fact.layout)]                                        # (B, L): slot holds a kept token
+    coords = slot_coordinates(fact).to(value.device)
+    out = torch.empty_like(slots)
+    for b in range(slots.shape[0]):
+        kept = kept_slots[b].nonzero().flatten()
+        distance = ((coords[:, None, :] - coords[kept][None]) ** 2).sum(-1)      # (L, K)
+        out[b] = slots[b][..., kept[distance.argmin(dim=1)]]
+    out = out.reshape(*slots.shape[:-1], *(value.shape[d] for d in dims))
+    return out.movedim(tuple(range(value.dim() - len(dims), value.dim())), dims)
 
 
 def _path(layout) -> torch.Tensor:
@@ -155,10 +186,10 @@ class MaskedHold(fx.Interpreter):
     (or that depend on one) to the reason, and `site_of` maps every node a site's mask applies to
     to the latest such site of its stage."""
 
-    def __init__(self, analysis: GraphAnalysis, keep: dict, alignment: Alignment, stage_fill: Fill,
+    def __init__(self, analysis: GraphAnalysis, keep: dict, alignment: Alignment, fill: Fill,
                  fed: Optional[dict] = None):
         super().__init__(analysis.gm, garbage_collect_values=False)
-        self.analysis, self.keep, self.alignment, self.stage_fill = analysis, keep, alignment, stage_fill
+        self.analysis, self.keep, self.alignment, self.fill = analysis, keep, alignment, fill
         self.fed = fed if fed is not None else {key: descendants_of_site(analysis, key) for key in keep}
         keys = sorted(self.fed)     # a site in `fed` but not in `keep`: its kept positions are unknown
         self.site_of: dict = {}
@@ -174,8 +205,17 @@ class MaskedHold(fx.Interpreter):
         # the node that reads a stage's stream into its downsampling -> the stream (restore node)
         self._fill_readers = {(end.chain[0] if end.chain else end.downsampling): restore
                               for restore, (end, _) in self.stage_ends.items()}
+        # a node of a restored tail (a decoder's conv) -> {token input holding pruned tokens: the last site
+        # that pruned them}. Which values hold pruned tokens is the definition of a site (the analysis'
+        # `Site.fed`: on the way to later token work), not something this formulation re-derives: a feature
+        # map read at the site but reaching no later mixer stays dense and is read as it is.
+        sites = [analysis.sites[key] for key in keys if key in analysis.sites]
+        restored = set().union(*(site.restored for site in sites))
+        reads = {n: {a: max(site.key for site in sites if a in site.fed) for a in n.all_input_nodes
+                     if a not in restored and any(a in site.fed for site in sites)} for n in restored}
+        self._restored_reads = {n: r for n, r in reads.items() if r}
         self.untrusted: dict = {}
-        self._filled: dict = {}       # restore node -> its value with the stage fill at pruned cells
+        self._filled: dict = {}       # restore node -> its value with the fill at pruned cells
 
     def feeds(self, node: fx.Node) -> list:
         """The sites that feed `node`."""
@@ -186,7 +226,9 @@ class MaskedHold(fx.Interpreter):
         inherited = next((self.untrusted[a] for a in n.all_input_nodes if a in self.untrusted), None)
         key = self.site_of.get(n)
         reason = None
-        if n.op != "call_function" or (key is None and n not in self._fill_readers):
+        if n in self._restored_reads:
+            value, reason = self._run_restored(n)
+        elif n.op != "call_function" or (key is None and n not in self._fill_readers):
             value = super().run_node(n)
         else:
             restore = self._fill_readers.get(n)
@@ -201,6 +243,20 @@ class MaskedHold(fx.Interpreter):
         if reason or inherited or n in self.untrusted:
             self.untrusted[n] = self.untrusted.get(n) or reason or inherited
         return value
+
+    def _run_restored(self, n: fx.Node) -> tuple:
+        """(value, reason or None) of a decoder node run densely on its token inputs restored with the fill."""
+        values = {}
+        for a, key in self._restored_reads[n].items():
+            if key not in self.keep:
+                return super().run_node(n), f"{n.name}: the positions kept by the site after block {key} are unknown"
+            values[a] = filled(fact_of(a), self.env[a], self.keep[key], self.fill)
+            if values[a] is None:
+                return super().run_node(n), (f"{n.name}: reads {a.name} restored with fill={self.fill}, which has no "
+                                             "masked formulation here")
+        fetch = lambda a: values[a] if a in values else self.env[a]      # noqa: E731
+        with self._set_current_node(n):
+            return n.target(*fx.node.map_arg(n.args, fetch), **fx.node.map_arg(n.kwargs, fetch)), None
 
     def _masked_call(self, n: fx.Node, key: Optional[int], args, kwargs) -> tuple:
         """(value, reason the formulation does not define it or None)."""
@@ -277,7 +333,7 @@ class MaskedHold(fx.Interpreter):
 
     # -- stage ends ------------------------------------------------------------------------------
     def _fill(self, restore: fx.Node, value: torch.Tensor) -> tuple:
-        """(the restored stream with the stage fill at pruned cells, reason it is not defined or None)."""
+        """(the restored stream with the fill at pruned cells, reason it is not defined or None)."""
         end, keys = self.stage_ends[restore]
         fact = fact_of(restore)
         if any(key not in self.keep for key in keys):
@@ -285,17 +341,18 @@ class MaskedHold(fx.Interpreter):
         masks = [mask_like(fact, tuple(value.shape), self.keep[key]) for key in keys]
         if any(m is None for m in masks):
             return value, f"{restore.name}: the stage's stream could not be masked before {end.downsampling.name}"
-        if self.stage_fill is Fill.ZEROS:
-            return torch.where(masks[-1], value, torch.zeros_like(value)), None
-        if self.stage_fill is not Fill.CARRY:
-            return value, f"{restore.name}: stage_fill={self.stage_fill} has no masked formulation"
+        if self.fill is not Fill.CARRY:
+            value_filled = filled(fact, value, self.keep[keys[-1]], self.fill)
+            if value_filled is None:
+                return value, f"{restore.name}: fill={self.fill} could not be laid on the stage's stream"
+            return value_filled, None
         streams = [self._stream(restore, key) for key in keys]
         if any(s is None for s in streams):
-            return value, f"{restore.name}: no stream like it crosses a site of its stage (stage_fill='carry')"
-        filled = streams[0]
+            return value, f"{restore.name}: no stream like it crosses a site of its stage (fill='carry')"
+        carried = streams[0]
         for before, stream in zip(masks, streams[1:]):    # a cell pruned at a later site carries that site's stream
-            filled = torch.where(before, stream, filled)
-        return torch.where(masks[-1], value, filled), None
+            carried = torch.where(before, stream, carried)
+        return torch.where(masks[-1], value, carried), None
 
     def _stream(self, restore: fx.Node, key: int) -> Optional[torch.Tensor]:
         """The masked run's stream at site `key`: the sum of the tensors like `restore` crossing it."""

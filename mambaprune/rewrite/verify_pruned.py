@@ -11,10 +11,12 @@ kept, and checks every graph output (tuple / list / dict outputs flattened):
    `verify_tolerance` in float16 / bfloat16;
 2. under `hold` and `decay`, an output a site feeds equals the second formulation of the alignment
    (masked_hold.MaskedHold: the dense graph with the pruned tokens masked) at the positions kept by
-   the last site that feeds it (token outputs) or wholly (pooled and read-out outputs, and values
-   after a restored stage), within MASKED_TOLERANCE in fp32, `verify_tolerance` in halves. Outputs
-   behind something the formulation does not define (attention over tokens, directions folded into
-   one scan whose operands are in different orders, ...) and every output under the `none`
+   the last site that feeds it (token outputs) or wholly (pooled and read-out outputs, values
+   after a restored stage, token outputs restored with fill "zeros" or "nearest", and the outputs
+   of a neck or decoder run on tokens restored with those fills), within MASKED_TOLERANCE in fp32,
+   `verify_tolerance` in halves. Outputs behind something the formulation does not define
+   (attention over tokens, directions folded into one scan whose operands are in different orders,
+   a decoder reading tokens restored with "carry", ...) and every output under the `none`
    alignments are not compared: the result says which and why.
 Besides, the kept positions of every site the pruned graph computes them for (a site followed by
 attention only may not need them) must be valid: K distinct positions in range per sample,
@@ -32,8 +34,8 @@ import torch.utils._pytree as pytree
 from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..errors import UnsupportedModelError
 from ..meta_keys import KEPT_POSITIONS
-from ..settings import Alignment, PruneSettings
-from .masked_hold import MaskedHold, descendants_of_site, mask_like
+from ..settings import Alignment, Fill, PruneSettings
+from .masked_hold import MaskedHold, descendants_of_site, filled, mask_like
 from .verify import relative_difference, verify_tolerance
 
 DENSE_TOLERANCE = 1e-6    # fp32 and wider: values no site feeds
@@ -184,7 +186,7 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, set
     if node in masked_run.untrusted:
         return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}: {masked_run.untrusted[node]}")
     behind = [key for key in feeding if key in masked_run.analysis.sites and node in masked_run.analysis.sites[key].restored]
-    if behind:
+    if behind and settings.fill is Fill.CARRY:
         return OutputCheck(index, name, "", "", skipped=f"computed from tokens restored to full length after site(s) "
                            f"{behind} (a neck or decoder: fill={settings.fill} has no masked formulation there)")
     key = masked_run.site_of.get(node)
@@ -193,7 +195,10 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, set
                            "not computed by the pruned graph")
     fact = fact_of(node)
     where, select = "all positions", None
-    if key is not None and isinstance(fact, (Tok, Grid)):
+    restored = None if behind or key is None else filled(fact, masked, keep[key], settings.fill)
+    if restored is not None:      # a token output restored with zeros / nearest: every position is defined
+        masked, where = restored, f"all positions (fill={settings.fill} at those the site after block {key} pruned)"
+    elif not behind and key is not None and isinstance(fact, (Tok, Grid)):
         select = mask_like(fact, tuple(expected.shape), keep[key])
         if select is None:
             return OutputCheck(index, name, "", "", skipped=f"fed by site {key}: its token axis could not be masked")
