@@ -212,6 +212,9 @@ def test_the_scan_is_routed_and_named(compiled):
     kind, model, x, before, expected, dense, pruned = compiled
     want = f"recognised by behaviour: {KINDS[kind][1]}"
     assert any(want in entry for entry in pruned.report.routed_scans), pruned.report.routed_scans
+    lines = [line for line in str(pruned.report).splitlines() if line.startswith("recognised by behaviour: ")]
+    assert lines and all("is a selective scan: it agrees with mambaprune.selective_scan" in line for line in lines)
+    assert any(KINDS[kind][1] in line for line in lines), lines
     assert len(pruned.report.blocks) == 4
     assert abs(pruned.report.achieved_ratio - 0.3) <= 0.03
     assert_untouched(model, before, x, expected)

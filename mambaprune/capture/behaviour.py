@@ -43,14 +43,20 @@ class Recognition:
     runs_a_scan: bool            # its own code already ran one of mambaprune's scans
     route: Optional[Route] = None
 
+    @property
+    def reported(self) -> bool:
+        """Worth a report line: routed and used by the captured graph, or scan-shaped and left alone."""
+        return self.route.called if self.route is not None else self.verdict.error is not None
+
     def __str__(self) -> str:
+        named = self.where if self.where == self.callable_name else f"{self.where} ({self.callable_name})"
         if self.verdict.agrees:
-            return (f"{self.where} ({self.callable_name}) recognised as a selective scan: it agrees with "
-                    f"mambaprune.selective_scan on {PROBES} random probes and the model's own inputs, read as "
-                    f"{self.verdict.reading}")
+            return (f"recognised by behaviour: {named} is a selective scan: it agrees with "
+                    f"mambaprune.selective_scan on {PROBES} random probes and on the model's own inputs, its "
+                    f"arguments read as {self.verdict.reading}")
         why = self.verdict.error or f"it differs from mambaprune.selective_scan (max difference " \
                                     f"{self.verdict.difference:.3g} of the output's magnitude)"
-        return f"{self.where} ({self.callable_name}) has the arguments of a selective scan but is not routed: {why}"
+        return f"not routed: {named} has the arguments of a selective scan, but {why}"
 
 
 @dataclass
