@@ -24,7 +24,8 @@ THIS = sys.modules[__name__]
 IMG = 32
 TOL = 1e-5
 ORIGINALS = {"selective_scan_easy": selective_scan_easy, "selective_scan_ref": vendored_kernels.selective_scan_ref,
-             "selective_scan_no_skip": vendored_kernels.selective_scan_no_skip}
+             "selective_scan_no_skip": vendored_kernels.selective_scan_no_skip,
+             "selective_scan_with_state": vendored_kernels.selective_scan_with_state}
 
 
 def images(batch=3, seed=1):
@@ -118,6 +119,15 @@ class NearMissMixer(MixerBase):
     def scan(self, x, delta, A, B, C, z):
         return vendored_kernels.selective_scan_no_skip(x, delta, A, B, C, self.D.float(), z,
                                                        self.dt_proj.bias.float(), True)
+
+
+class LastStateMixer(MixerBase):
+    """A scan that also returns its last state: not one tensor, so it is not routed."""
+
+    def scan(self, x, delta, A, B, C, z):
+        y, _ = vendored_kernels.selective_scan_with_state(x, delta, A, B, C, self.D.float(), z,
+                                                          self.dt_proj.bias.float(), True)
+        return y
 
 
 class Block(nn.Module):
@@ -261,6 +271,20 @@ def test_a_near_miss_is_refused_naming_it():
     with torch.no_grad():
         expected = model(x)
     with pytest.raises(UnsupportedModelError, match=r"selective_scan_no_skip.*differs from mambaprune.selective_scan"):
+        mambaprune.compile_pruned(model, ratio=0.3)
+    assert_untouched(model, before, x, expected)
+
+
+def test_a_scan_returning_its_state_is_left_alone_and_named():
+    torch.manual_seed(0)
+    model = TinyViM(LastStateMixer, depth=2).eval()
+    x = images()
+    before = state(model)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(UnsupportedModelError, match=r"no selective scan was found.*Callables probed as scans: .*not routed: "
+                       r"vendored_kernels.selective_scan_with_state has the arguments of a selective scan, but its "
+                       r"result is not one \(batch, D, L\) tensor"):
         mambaprune.compile_pruned(model, ratio=0.3)
     assert_untouched(model, before, x, expected)
 

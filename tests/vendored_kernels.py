@@ -72,6 +72,15 @@ def selective_scan_no_skip(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     return y.to(u.dtype)
 
 
+def selective_scan_with_state(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba_ssm's reference with return_last_state=True: (y, last state)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    y, last = _recurrence(u, F.softplus(delta) if delta_softplus else delta, A, B, C)
+    y = y if D is None else y + D[:, None] * u
+    return (y if z is None else y * F.silu(z)), last
+
+
 def _core_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, nrows):
     """What the compiled extension's fwd returns: the output and the last states (for backward)."""
     if delta_bias is not None:

@@ -112,7 +112,7 @@ def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> P
         analysed = AnalyseGraph(captured.static_batch)
         gm = keep(run_passes([analysed], captured.gm).graph_module)
         if not analysed.result.blocks:
-            raise UnsupportedModelError(no_scan_message(model))
+            raise UnsupportedModelError(no_scan_message(model, captured.recognised))
         batch = captured.static_batch or 1   # a graph with a fixed batch runs only on that batch
         flat = flat_inputs(example_inputs if captured.static_batch else first_sample(example_inputs))
         run_passes([AnnotateFlops(flat, batch)], gm)

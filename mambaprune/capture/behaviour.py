@@ -10,8 +10,9 @@ agrees, every later call with the same argument structure, the export's included
 with our op instead, so it becomes ONE graph node. Nothing is routed on the callable's name.
 
 A scan-shaped callable that returns a (batch, D, L) tensor, disagrees with the op under every
-reading, and does not itself run one of our scans (routed further down) is refused: the compiler
-would otherwise capture a recurrence it does not know as plain ops. A callable that cannot be
+reading, and does not itself run one of our scans or call another scan-shaped callable (which is
+then the one to blame or route) is refused: the compiler would otherwise capture a recurrence it
+does not know as plain ops. A callable that cannot be
 probed (it raises on other values, returns something else) is left alone. The wrappers are removed
 when the capture ends, on error too; only the private copy and, for that time, the module globals
 and Function classes it refers to are patched.
@@ -40,7 +41,7 @@ class Recognition:
     where: str
     callable_name: str
     verdict: Verdict
-    runs_a_scan: bool            # its own code already ran one of mambaprune's scans
+    runs_a_scan: bool            # its code ran one of mambaprune's scans or another scan-shaped callable
     route: Optional[Route] = None
 
     @property
@@ -63,6 +64,7 @@ class Recognition:
 class _Session:
     dry_run: bool = True
     probing: int = 0             # >0 while probes run: their reference scans are not the callable's own
+    scan_shaped_calls: int = 0   # calls with a scan's arguments so far (a callable making one is not blamed)
     recognitions: dict = field(default_factory=dict)     # (identity, structure) -> Recognition
 
     def wrapper(self, site: Site):
@@ -72,6 +74,8 @@ class _Session:
             callee, c_args, c_kwargs = _unpartial(original, args, kwargs)
             key = (_identity(callee), _structure(c_args, c_kwargs))
             found = self.recognitions.get(key)
+            if found is not None:
+                self.scan_shaped_calls += 1
             if found is None and self.dry_run:
                 candidates = readings(c_args, c_kwargs)
                 if candidates:
@@ -87,14 +91,17 @@ class _Session:
         return routed
 
     def _recognise(self, key, site: Site, callee, args, kwargs, candidates):
+        self.scan_shaped_calls += 1
+        before = self.scan_shaped_calls
         with _ScanCounter(self) as counter, torch.no_grad():
             out = callee(*args, **kwargs)
+        inner = self.scan_shaped_calls > before
         self.probing += 1
         try:
             verdict = probe(callee, args, kwargs, out, candidates)
         finally:
             self.probing -= 1
-        found = Recognition(site.where, _name(callee), verdict, counter.count > 0)
+        found = Recognition(site.where, _name(callee), verdict, counter.count > 0 or inner)
         self.recognitions[key] = found
         if not verdict.agrees:
             return out

@@ -9,8 +9,9 @@ the shapes allow is a hypothesis (`Reading`). A hypothesis is accepted when the 
 equals `mambaprune.selective_scan` under that reading on several random probe inputs of the
 observed shapes and on the model's own arguments; nothing about the callable's name or code is
 used. A reading must give every floating-point tensor argument a role: a callable that ignores one
-(a scan without its D skip, a gate it drops) computes something else and is not recognised. Probe inputs keep the scan numerically tame (A < 0, a positive delta), so a disagreement is
-a difference in the math, not an overflow.
+(a scan without its D skip, a gate it drops) computes something else and is not recognised.
+Probe inputs keep the scan numerically tame (A < 0, a positive delta), so a disagreement is a
+difference in the math, not an overflow.
 """
 from __future__ import annotations
 
