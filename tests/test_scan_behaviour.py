@@ -113,6 +113,22 @@ class FunctionMixer(MixerBase):
         return y * F.silu(z)
 
 
+class PartialFunctionMixer(MixerBase):
+    """(a)+(d) VMamba v2 style: the Function class bound into a partial of a method in __init__."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(dim, **kwargs)
+        self.forward_core = partial(self.core, SelectiveScan=vendored_kernels.SelectiveScanCore, nrows=1)
+
+    def core(self, x, delta, A, B, C, z, SelectiveScan=None, nrows=-1):
+        y = SelectiveScan.apply(x, delta, A, B[:, None], C[:, None], self.D.float(), self.dt_proj.bias.float(),
+                                True, nrows)
+        return y * F.silu(z)
+
+    def scan(self, x, delta, A, B, C, z):
+        return self.forward_core(x, delta, A, B, C, z)
+
+
 class NearMissMixer(MixerBase):
     """(e) scan shapes, different math (the D skip is missing)."""
 
@@ -166,6 +182,7 @@ KINDS = {
     "vendored": (VendoredMixer, "vendored_kernels.selective_scan_easy"),
     "vendored_module": (VendoredModuleMixer, "vendored_kernels.selective_scan_ref"),
     "autograd_function": (FunctionMixer, "vendored_kernels.SelectiveScan.apply"),
+    "function_in_partial": (PartialFunctionMixer, "vendored_kernels.SelectiveScanCore.apply"),
 }
 
 
@@ -180,7 +197,7 @@ def state(model):
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "attrs": {name: dict(vars(m)) for name, m in model.named_modules()},
         "globals": {"easy": THIS.selective_scan_easy, **{n: getattr(vendored_kernels, n) for n in ORIGINALS}},
-        "apply": "apply" in vars(SelectiveScan),
+        "apply": "apply" in vars(SelectiveScan) or "apply" in vars(vendored_kernels.SelectiveScanCore),
         "fwd": vendored_kernels.selective_scan_cuda_core.fwd,
         "scan_methods": {cls: vars(cls).get("scan") for cls, _ in KINDS.values()},
         "cells": [c.cell_contents for cls, _ in KINDS.values() for c in (getattr(cls.scan, "__closure__", None) or ())],
