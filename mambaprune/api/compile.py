@@ -112,7 +112,7 @@ def prepare(model: torch.nn.Module, example_inputs: Optional[tuple] = None) -> P
         analysed = AnalyseGraph(captured.static_batch)
         gm = keep(run_passes([analysed], captured.gm).graph_module)
         if not analysed.result.blocks:
-            raise UnsupportedModelError(no_scan_message(model))
+            raise UnsupportedModelError(no_scan_message(model, captured.recognised))
         batch = captured.static_batch or 1   # a graph with a fixed batch runs only on that batch
         flat = flat_inputs(example_inputs if captured.static_batch else first_sample(example_inputs))
         run_passes([AnnotateFlops(flat, batch)], gm)
@@ -148,6 +148,7 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         metric=settings.metric, backend=settings.backend,
         not_understood=[(n.name, n.reason) for n in analysis.not_understood],
         unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed),
+        recognised_scans=[str(r) for r in captured.recognised if r.reported],
         schedule_search=None if schedule_search is None else (schedule_search.chosen, dict(schedule_search.scores)),
         alignment_search=None if alignment_search is None else (alignment_search.chosen, dict(alignment_search.scores)),
         site_lengths={key: analysis.site_length(key) for key in plan.kept}, static_batch=captured.static_batch,

@@ -52,6 +52,7 @@ class PruneReport:
     not_understood: list = field(default_factory=list)   # (module, reason)
     unprunable_sites: dict = field(default_factory=dict)
     routed_scans: list = field(default_factory=list)
+    recognised_scans: list = field(default_factory=list)  # callables probed as scans: what was found and why
     schedule_search: tuple | None = None  # schedule="auto": (chosen, {candidate: calibration discrepancy})
     site_lengths: dict = field(default_factory=dict)  # site key -> tokens of its stage (hierarchical models)
     alignment_search: tuple | None = None  # alignment="auto": (chosen, {candidate: calibration discrepancy})
@@ -110,6 +111,7 @@ class PruneReport:
             lines.append(f"arguments frozen at their compiled values (other values are refused): {frozen}")
         if self.routed_scans:
             lines.append("scans routed to mambaprune::selective_scan: " + _count_origins(self.routed_scans))
+        lines.extend(self.recognised_scans)
         for module, reason in self.not_understood:
             lines.append(f"not understood: {module}: {reason}")
         if self.recovery is not None:

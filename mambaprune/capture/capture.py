@@ -1,8 +1,9 @@
 """Capture: torch.export (non-strict, dynamic batch) of a private copy of the user's model.
 
 Known scan entry points (scan_registry) that the model's code refers to are routed to
-`mambaprune::selective_scan` for the duration of the export (routing.py). The user's model itself
-is never touched: a deep copy is exported.
+`mambaprune::selective_scan` for the duration of the export (routing.py); other callables the code
+reaches that compute a selective scan are found by behaviour and routed too (behaviour.py). The
+user's model itself is never touched: a deep copy is exported.
 
 A model whose code turns the batch into a Python int (MambaVision's `window_reverse`:
 ``int(windows.shape[0] / (H * W / ws / ws))``) would fix the batch under torch.export; during the
@@ -20,7 +21,7 @@ ShapeEnv caches that would keep every finished export alive.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,6 +30,7 @@ import torch.fx as fx
 from ..errors import UnsupportedModelError
 from ..pass_infra import backend_switches_preserved, exclusive_compile, release_shape_env_caches
 from .batch_int import symbolic_batch_int
+from .behaviour import route_by_behaviour
 from .routing import route_scans
 
 MAX_BATCH = 1 << 16
@@ -40,6 +42,7 @@ class Capture:
     gm: fx.GraphModule
     example_inputs: tuple
     routed: list          # "where (origin)" of every scan entry point the traced model called
+    recognised: list = field(default_factory=list)   # behaviour.Recognition: callables probed as scans
     static_batch: Optional[int] = None   # the only batch the graph runs (the model's code fixed it)
 
 
@@ -69,7 +72,8 @@ def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
     private = copy.deepcopy(model).eval()
     export_inputs = tuple(_at_least_two(x) for x in example_inputs)
     static_batch = None
-    with route_scans(private) as routes, symbolic_batch_int(private):
+    with route_scans(private) as routes, symbolic_batch_int(private), \
+            route_by_behaviour(private, tuple(example_inputs), routes) as recognised:
         try:
             program = torch.export.export(private, export_inputs, dynamic_shapes=_dynamic_batch(export_inputs),
                                           strict=False)
@@ -85,8 +89,9 @@ def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
                 raise
             except Exception as again:
                 raise _capture_error(again, f"even with the example batch ({static_batch}) fixed") from again
+    routes = routes + [r.route for r in recognised if r.route is not None]
     return Capture(program, program.module(), tuple(example_inputs), [str(r) for r in routes if r.called],
-                   static_batch)
+                   static_batch=static_batch, recognised=recognised)
 
 
 def _specialises_the_batch(err: Exception) -> bool:

@@ -4,7 +4,14 @@ from __future__ import annotations
 import torch
 
 
-def no_scan_message(model: torch.nn.Module) -> str:
+def no_scan_message(model: torch.nn.Module, recognised: list = ()) -> str:
+    """Why no scan was found; `recognised`: the capture's behaviour.Recognitions (those not routed are named)."""
+    left_alone = [str(r) for r in recognised if not r.verdict.agrees]
+    message = _no_scan_message(model)
+    return message + (" Callables probed as scans: " + "; ".join(left_alone[:3]) + "." if left_alone else "")
+
+
+def _no_scan_message(model: torch.nn.Module) -> str:
     suspects = ssm_like_modules(model)
     if suspects:
         names = ", ".join(suspects[:5])
