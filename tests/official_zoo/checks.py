@@ -46,7 +46,7 @@ def max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
-def run(family: str, model: torch.nn.Module, size: int) -> Outcome:
+def run(family: str, model: torch.nn.Module, size: int, fill: str = "carry") -> Outcome:
     start = time.perf_counter()
     out = Outcome(family)
     x = images(3, size)
@@ -61,12 +61,12 @@ def run(family: str, model: torch.nn.Module, size: int) -> Outcome:
         with torch.no_grad():
             out.ratio0_diff = max_diff(build(prepared, settings(ratio=0.0))(x), dense)
         try:
-            out.pruned = build(prepared, settings(ratio=RATIO))
+            out.pruned = build(prepared, settings(ratio=RATIO, fill=fill))
         except Exception as err:  # noqa: BLE001 - a refusal is an outcome to report
             out.refusal = err
     if out.pruned is not None:
         sites = out.pruned.report.sites
-        keep_all = build(prepared, settings(ratio=RATIO, schedule={k: 1.0 for k in sites}))
+        keep_all = build(prepared, settings(ratio=RATIO, schedule={k: 1.0 for k in sites}, fill=fill, verify=False))
         with torch.no_grad():
             out.keep_all_diff = max_diff(keep_all(x), dense)
             y = out.pruned(x)

@@ -171,8 +171,8 @@ class SiMBA(nn.Module):
 
 
 def tiny(**overrides):
-    """simba_s's structure at 32 px: stages of 8x8, 4x4, 2x2, 1x1 tokens."""
+    """simba_s's structure at 64 px: stages of 16x16, 8x8, 4x4, 2x2 tokens."""
     config = dict(stem_hidden_dim=8, embed_dims=(16, 32, 32, 32), mlp_ratios=(2, 2, 2, 2),
                   norm_layer=partial(nn.LayerNorm, eps=1e-6), depths=(2, 2, 2, 1), num_classes=10, d_state=4,
-                  img_size=32)
+                  img_size=64)
     return SiMBA(**{**config, **overrides})
