@@ -27,6 +27,7 @@ FAMILIES = {
     "groupmamba": "GroupMamba",
     "simba": "SiMBA",
     "efficientvmamba": "EfficientVMamba",
+    "medmamba": "MedMamba",
 }
 
 
