@@ -2,7 +2,8 @@
 
 The official code of ViM and PlainMamba imports `selective_scan_fn`, `mamba_inner_fn_no_out_proj`,
 `bimamba_inner_fn` (mamba_ssm.ops.selective_scan_interface) and `RMSNorm`, `rms_norm_fn`,
-`layer_norm_fn` (mamba_ssm.ops.triton.layernorm). Here they are plain-PyTorch references of what
+`layer_norm_fn` (mamba_ssm.ops.triton.layernorm); the zoo (tests/official_zoo) also `mamba_inner_fn` and
+the upstream mixer `Mamba` (`mamba_ssm.Mamba`, `mamba_ssm.modules.mamba_simple.Mamba`). Here they are plain-PyTorch references of what
 mamba_ssm computes (its `selective_scan_ref`, `mamba_inner_ref`, `rms_norm_ref`, `layer_norm_ref`),
 written as token loops, installed in sys.modules by `install(monkeypatch)` or `installed()`.
 mambaprune routes these entry points to its own op during a compile, as it would the real ones.
