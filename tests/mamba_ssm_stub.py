@@ -2,7 +2,8 @@
 
 The official code of ViM and PlainMamba imports `selective_scan_fn`, `mamba_inner_fn_no_out_proj`,
 `bimamba_inner_fn` (mamba_ssm.ops.selective_scan_interface) and `RMSNorm`, `rms_norm_fn`,
-`layer_norm_fn` (mamba_ssm.ops.triton.layernorm). Here they are plain-PyTorch references of what
+`layer_norm_fn` (mamba_ssm.ops.triton.layernorm); the zoo (tests/official_zoo) also `mamba_inner_fn` and
+the upstream mixer `Mamba` (`mamba_ssm.Mamba`, `mamba_ssm.modules.mamba_simple.Mamba`). Here they are plain-PyTorch references of what
 mamba_ssm computes (its `selective_scan_ref`, `mamba_inner_ref`, `rms_norm_ref`, `layer_norm_ref`),
 written as token loops, installed in sys.modules by `install(monkeypatch)` or `installed()`.
 mambaprune routes these entry points to its own op during a compile, as it would the real ones.
@@ -10,6 +11,7 @@ mambaprune routes these entry points to its own op during a compile, as it would
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import types
 
@@ -77,6 +79,16 @@ def ref_mamba_inner_fn_no_out_proj(xz, conv1d_weight, conv1d_bias, x_proj_weight
     return ref_selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
 
 
+def ref_mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                       out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                       delta_softplus=True, checkpoint_lvl=1):
+    """mamba_inner_ref: the one-direction mixer after in_proj, out_proj included."""
+    x, z, delta, B, C = ref_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B,
+                                         C, B_proj_bias, C_proj_bias)
+    y = ref_selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
 def ref_bimamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                          out_proj_bias, A, A_b, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
                          C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1):
@@ -124,8 +136,51 @@ class RMSNorm(nn.Module):
         return ref_rms_norm_fn(x, self.weight, self.bias, residual, prenorm, residual_in_fp32, self.eps)
 
 
+class Mamba(nn.Module):
+    """mamba_ssm.modules.mamba_simple.Mamba (upstream, one direction): in_proj as one matmul on
+    (d, b*l), then `mamba_inner_fn` (the fast path) with out_proj inside. Used as it is by Mamba-ND and
+    SiMBA (`from mamba_ssm import Mamba`)."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init_floor=1e-4, conv_bias=True, bias=False, use_fast_path=True, layer_idx=None, device=None,
+                 dtype=None):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.use_fast_path, self.layer_idx = use_fast_path, layer_idx
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias)
+        self.activation, self.act = "silu", nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + d_state * 2, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def forward(self, hidden_states, inference_params=None):
+        seqlen = hidden_states.shape[1]
+        xz = (self.in_proj.weight @ hidden_states.reshape(-1, self.d_model).t())   # (d, b*l)
+        xz = xz.reshape(xz.shape[0], -1, seqlen).permute(1, 0, 2)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(dtype=xz.dtype)[:, None]
+        A = -torch.exp(self.A_log.float())
+        return ref_mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                  self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+                                  delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+
+
 INTERFACE = {
     "selective_scan_fn": ref_selective_scan_fn,
+    "mamba_inner_fn": ref_mamba_inner_fn,
     "mamba_inner_fn_no_out_proj": ref_mamba_inner_fn_no_out_proj,
     "bimamba_inner_fn": ref_bimamba_inner_fn,
 }
@@ -134,6 +189,9 @@ LAYERNORM = {"RMSNorm": RMSNorm, "rms_norm_fn": ref_rms_norm_fn, "layer_norm_fn"
 
 def _modules() -> dict:
     package, ops, triton = (types.ModuleType(n) for n in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"))
+    modules, mamba_simple = (types.ModuleType(n) for n in ("mamba_ssm.modules", "mamba_ssm.modules.mamba_simple"))
+    package.Mamba = mamba_simple.Mamba = Mamba
+    package.modules, modules.mamba_simple = modules, mamba_simple
     interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
     layernorm = types.ModuleType("mamba_ssm.ops.triton.layernorm")
     for name, value in INTERFACE.items():
@@ -142,7 +200,8 @@ def _modules() -> dict:
         setattr(layernorm, name, value)
     package.ops, ops.selective_scan_interface, ops.triton, triton.layernorm = ops, interface, triton, layernorm
     return {"mamba_ssm": package, "mamba_ssm.ops": ops, "mamba_ssm.ops.selective_scan_interface": interface,
-            "mamba_ssm.ops.triton": triton, "mamba_ssm.ops.triton.layernorm": layernorm}
+            "mamba_ssm.ops.triton": triton, "mamba_ssm.ops.triton.layernorm": layernorm,
+            "mamba_ssm.modules": modules, "mamba_ssm.modules.mamba_simple": mamba_simple}
 
 
 def install(monkeypatch) -> types.ModuleType:
