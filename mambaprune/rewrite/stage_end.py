@@ -17,7 +17,7 @@ from ..analysis import StageEnd
 from ..errors import UnsupportedModelError
 from ..settings import Fill
 from .context import SiteContext
-from .restore import carried, carry_source, nearest, scattered
+from .restore import carried, carried_stream, carry_source, nearest, scattered, stream_parts_like
 
 
 def emit_stage_end(ctx: SiteContext, old: fx.Node) -> fx.Node:
@@ -43,6 +43,8 @@ def _restore(ctx: SiteContext, stage_end: StageEnd) -> fx.Node:
     if state is None:
         return value
     if ctx.settings.fill is Fill.CARRY:
+        if all(stream_parts_like(ctx, stage_end.restore, key) for key in ctx.tables.sites_up_to(state.site)):
+            return carried_stream(ctx, stage_end.restore)       # the stream itself
         source = carry_source(ctx, stage_end.restore)
         if not isinstance(source, tuple):
             raise UnsupportedModelError(f"fill='carry' cannot restore the stage before {stage_end.downsampling.name}: "
