@@ -15,3 +15,10 @@ def not_a_model():
 
 def raising():
     raise RuntimeError("the checkpoint server is down")
+
+
+def vim_feature_dict():
+    """A ViM backbone returning a dict of feature maps (after blocks 1 and 4, and the final norm)."""
+    from tests.dense_models import ViMFeatures
+
+    return ViMFeatures(tiny_vim(), out_indices=(1, 4), as_dict=True)

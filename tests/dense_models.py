@@ -140,3 +140,46 @@ class Segmenter(nn.Module):
 
     def forward(self, x):
         return self.decode_head(self.backbone(x), x.shape[-2:])
+
+
+def mambavision_backbone(depths=(1, 3, 8, 4), img_size=224, dim=16, window_size=(8, 8, 14, 7), out_indices=(0, 1, 2, 3)):
+    """MambaVision's detection / segmentation backbone (NVlabs' `MM_mamba_vision`), built on the installed
+    `mambavision` package (import tests/mambavision_stubs.py and install it first): every level's map at
+    its end, after window_reverse and before the downsampling, normalised by `outnorm{i}` (a channels-first
+    LayerNorm), one (B, C, H, W) map per level. The default depths and windows are MambaVision-T's."""
+    from mambavision.models import mamba_vision
+
+    class MambaVisionBackbone(mamba_vision.MambaVision):
+        def __init__(self, out_indices, **kwargs):
+            super().__init__(**kwargs)
+            self.out_indices = tuple(out_indices)
+            self.dims = [kwargs["dim"] * 2 ** i for i in range(len(self.levels))]
+            for i in self.out_indices:
+                self.add_module(f"outnorm{i}", mamba_vision.LayerNorm2d(self.dims[i]))
+            del self.norm, self.head
+
+        @staticmethod
+        def level_forward(level, x):
+            """The level's own forward, but returning its map before the downsampling as well."""
+            height, width = x.shape[-2:]
+            if level.transformer_block:      # no padding: the test sizes divide by the windows
+                assert height % level.window_size == 0 and width % level.window_size == 0
+                x = mamba_vision.window_partition(x, level.window_size)
+            for block in level.blocks:
+                x = block(x)
+            if level.transformer_block:
+                x = mamba_vision.window_reverse(x, level.window_size, height, width)
+            return x, (x if level.downsample is None else level.downsample(x))
+
+        def forward(self, x):
+            x = self.patch_embed(x)
+            outs = []
+            for i, level in enumerate(self.levels):
+                out, x = self.level_forward(level, x)
+                if i in self.out_indices:
+                    outs.append(getattr(self, f"outnorm{i}")(out).contiguous())
+            return outs
+
+    torch.manual_seed(0)
+    return MambaVisionBackbone(out_indices, dim=dim, in_dim=8, depths=list(depths), window_size=list(window_size),
+                               mlp_ratio=4, num_heads=[2, 4, 8, 16], num_classes=10).eval()

@@ -26,6 +26,9 @@ TOP_KEEP = 0.8
 # that says nothing about the image. The ratio is reported unreachable instead. An explicit schedule
 # {k: keep_rate} sets what it sets.
 MIN_KEPT_FRACTION = 1 / 8
+# A solved plan may fall short of `ratio` by this much (the kept counts are whole tokens); more is refused
+# as unreachable. The schedule search uses the same tolerance.
+RATIO_TOLERANCE = 0.03
 
 
 @dataclass
@@ -126,14 +129,14 @@ def make_plan(analysis: GraphAnalysis, flops: dict, ratio: float, schedule) -> P
 
 def plan_for_sites(analysis: GraphAnalysis, flops: dict, sites: list, ratio: float) -> Plan:
     """One keep rate at every site in ``sites``, solved so the estimated reduction is closest to
-    ``ratio``; UnreachableRatioError when it falls short by more than 0.03."""
+    ``ratio``; UnreachableRatioError when it falls short by more than RATIO_TOLERANCE."""
     dense = sum(flops.values())
     require_prunable(analysis, f"ratio {ratio}")
     if not sites:
         raise UnreachableRatioError(f"ratio {ratio} cannot be reached: no pruning site was given")
     best = _solve_uniform_keep(analysis, flops, sites, ratio, dense)
     achieved = best.estimated_ratio
-    if ratio - achieved > 0.03:
+    if ratio - achieved > RATIO_TOLERANCE:
         raise UnreachableRatioError(
             f"ratio {ratio} cannot be reached for this model: the maximum FLOPs reduction with pruning after "
             f"blocks {sites} is {achieved:.3f} (keeping at least 1/{round(1 / MIN_KEPT_FRACTION)} of the tokens at "

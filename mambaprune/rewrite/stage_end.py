@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis import StageEnd
+from ..errors import UnsupportedModelError
 from ..settings import Fill
 from .context import SiteContext
-from .restore import carried_stream, nearest, scattered
+from .restore import carried, carried_stream, carry_source, nearest, scattered, stream_parts_like
 
 
 def emit_stage_end(ctx: SiteContext, old: fx.Node) -> fx.Node:
@@ -33,13 +34,22 @@ def emit_stage_end(ctx: SiteContext, old: fx.Node) -> fx.Node:
 
 def _restore(ctx: SiteContext, stage_end: StageEnd) -> fx.Node:
     """The stage's stream at full length, its pruned cells filled as `settings.fill` says (restore.py); carry
-    puts back the stream itself, so the downsampling sees each pruned cell as it was at its site."""
+    puts back the stream itself, so the downsampling sees each pruned cell as it was at its site. When the
+    downsampling reads the stream through layout ops that something else reads too (MambaVision's
+    window_reverse, read by the downsampling and by a feature map's norm), `restore` is their result and carry
+    re-emits them densely on the carried stream, as for a graph output."""
     value = ctx.env[stage_end.restore]
     state = ctx.state.of(value)
     if state is None:
         return value
     if ctx.settings.fill is Fill.CARRY:
-        return carried_stream(ctx, stage_end.restore)
+        if all(stream_parts_like(ctx, stage_end.restore, key) for key in ctx.tables.sites_up_to(state.site)):
+            return carried_stream(ctx, stage_end.restore)       # the stream itself
+        source = carry_source(ctx, stage_end.restore)
+        if not isinstance(source, tuple):
+            raise UnsupportedModelError(f"fill='carry' cannot restore the stage before {stage_end.downsampling.name}: "
+                                        f"{source}. Use fill='nearest' or fill='zeros'.")
+        return carried(ctx, *source)
     index = ctx.tables.dense_index(state.site, state.fact.layout)
     if ctx.settings.fill is Fill.ZEROS:
         return scattered(ctx, value, state.fact, index)

@@ -22,11 +22,10 @@ from tqdm import tqdm
 
 from ..analysis import GraphAnalysis
 from ..errors import UnreachableRatioError
-from ..planning import Plan, make_plan, require_prunable, solve_site_keep
+from ..planning import RATIO_TOLERANCE, Plan, make_plan, require_prunable, solve_site_keep
 from ..settings import PruneSettings
 from .calibration import Calibration
 
-RATIO_TOLERANCE = 0.03
 # The searched schedule must remove at least ratio - FINAL_SHORTFALL: pruning less than the
 # baselines would make it look better for the wrong reason.
 FINAL_SHORTFALL = 0.01
