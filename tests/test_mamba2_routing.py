@@ -326,7 +326,7 @@ def test_split_conv1d_scan_adapter_computes_the_fused_path(options):
         args["D"], args["headdim"] = torch.randn(args["D"].shape[0], args["headdim"]), None
     if options.get("rmsnorm"):
         args.update(rmsnorm_weight=torch.rand(dim) + 0.5, rmsnorm_eps=1e-5,
-                    norm_before_gate=options["norm_before_gate"])
+                    norm_before_gate=options.get("norm_before_gate", True))
     if options.get("outproj"):
         out_dim = dim + options.get("d_nonssm", 0)
         args.update(outproj_weight=torch.randn(5, out_dim), outproj_bias=torch.randn(5))
