@@ -20,8 +20,8 @@ on the multi-hot set {a, b}). The probe is dropped after training; the checkpoin
 the student starts from the teacher's weights wherever a parameter has the same name and shape (patch
 and position embedding, class token, norms, head: not the mixers), and its loss adds the KL divergence
 to the teacher's predictions at temperature 2 (weight ``--teacher-weight``) to the cross-entropy.
-Cluttered digits keep a model from scratch at chance for its first ~750 steps (vim_digits' log); the
-teacher's soft labels and embedding get past that within a short CPU run.
+Cluttered digits keep a model from scratch at chance for its first ~750 steps (vim_digits' log); 312
+steps with a teacher (vim2_digits, 2026-12-06) were not enough either.
 """
 
 from __future__ import annotations
