@@ -210,7 +210,8 @@ def main() -> None:
     parser.add_argument("--aux-weight", type=float, default=0.0,
                         help="weight of the training-only digit-set loss on the middle block (0: off)")
     parser.add_argument("--teacher", choices=sorted(REFERENCE_CONFIGS),
-                        help="distil from this shipped checkpoint, starting from its weights of the same name and shape")
+                        help="distil from this shipped checkpoint, starting from its weights of the same name "
+                             "and shape")
     parser.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the distillation loss")
     args = parser.parse_args()
     if args.resume and args.init_from:

@@ -1,10 +1,10 @@
-"""Stand-ins for mamba_ssm's Mamba-2 (SSD) functions (CUDA / Triton only, not installable here) and a
-stand-in of HF transformers' Mamba2Mixer, for tests only.
+"""Stand-ins for mamba_ssm's Mamba-2 (SSD) functions (CUDA / Triton only, not installable here), for
+tests only (HF transformers' Mamba2Mixer has its stand-in in tests/test_mamba2_routing.py).
 
 Plain-PyTorch references with the signatures of mamba_ssm's `mamba_chunk_scan_combined`,
 `mamba_split_conv1d_scan_combined` (mamba_ssm/ops/triton/ssd_combined.py), `selective_state_update`
-and `ssd_minimal_discrete` (modules/ssd_minimal.py), and causal_conv1d's `causal_conv1d_fn`. The scan is computed here in the CHUNKED form
-of the Mamba-2 paper (intra-chunk "attention" with the segment-sum decay mask, chunk states, the
+and `ssd_minimal_discrete` (modules/ssd_minimal.py), and causal_conv1d's `causal_conv1d_fn`. The
+scan is computed here in the CHUNKED form of the Mamba-2 paper (intra-chunk "attention" with the segment-sum decay mask, chunk states, the
 recurrence between chunks), a formulation independent of mambaprune's op, which is a token loop:
 a routed model equal to its stand-in checks both. tests/mamba_ssm_stub.py installs them in the
 stand-in package.

@@ -120,7 +120,8 @@ class HFMamba2Mixer(nn.Module):
         self.conv_dim = self.intermediate_size + 2 * n_groups * state_size
         self.conv_kernel_size, self.time_step_min = conv_kernel, 1e-3
         self.in_proj = nn.Linear(hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, padding=conv_kernel - 1)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim,
+                                padding=conv_kernel - 1)
         self.act = nn.SiLU()
         self.dt_bias = nn.Parameter(torch.linspace(-6, -1, self.num_heads))   # some steps clamped to time_step_min
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))

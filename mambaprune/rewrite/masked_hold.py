@@ -251,7 +251,9 @@ class MaskedHold(fx.Interpreter):
         if mask is None:
             return call(), f"{n.name}: the scan's step sizes could not be masked"
         bias = call_argument(target, args, kwargs, signature.step_bias)
-        dt = delta_value.float() + (_along(bias.float(), signature.bias_axis, delta_value.dim()) if bias is not None else 0)
+        dt = delta_value.float()
+        if bias is not None:
+            dt = dt + _along(bias.float(), signature.bias_axis, delta_value.dim())
         if call_argument(target, args, kwargs, signature.step_softplus, False):
             dt = F.softplus(dt)
         dt = (dt * mask).to(delta_value.dtype)
