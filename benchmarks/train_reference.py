@@ -15,6 +15,13 @@ one digit says nothing about the label. ``--init-from`` starts from a one-digit 
 same architecture (its head re-initialised) and ``--aux-weight`` adds a training-only loss: a linear
 probe on the mean token of the middle block predicts which digits are present (binary cross-entropy
 on the multi-hot set {a, b}). The probe is dropped after training; the checkpoint is the model alone.
+
+``--teacher`` trains a model of another architecture from a shipped one (vim2_digits from vim_digits):
+the student starts from the teacher's weights wherever a parameter has the same name and shape (patch
+and position embedding, class token, norms, head: not the mixers), and its loss adds the KL divergence
+to the teacher's predictions at temperature 2 (weight ``--teacher-weight``) to the cross-entropy.
+Cluttered digits keep a model from scratch at chance for its first ~750 steps (vim_digits' log); 312
+steps with a teacher (vim2_digits, 2026-12-06) were not enough either.
 """
 
 from __future__ import annotations
@@ -87,13 +94,29 @@ def initial_model(name: str, resume: bool, init_from: str | None) -> nn.Module:
     return model
 
 
+def shared_weights(model: nn.Module, teacher: nn.Module) -> int:
+    """Copy the teacher's parameters and buffers that ``model`` has under the same name and shape; the count."""
+    own = model.state_dict()
+    shared = {k: v for k, v in teacher.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
+                    log_target=True, reduction="batchmean") * temperature**2
+
+
 def train(name: str, steps: int, batch_size: int, lr: float, seed: int, threads: int, evals: int, device: str,
-          resume: bool = False, init_from: str | None = None, aux_weight: float = 0.0) -> dict:
+          resume: bool = False, init_from: str | None = None, aux_weight: float = 0.0, teacher_name: str | None = None,
+          teacher_weight: float = 1.0) -> dict:
     factory, overrides, variant = REFERENCE_CONFIGS[name]
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
     model = initial_model(name, resume, init_from).to(device).train()
+    teacher = load_pretrained(teacher_name).to(device).eval() if teacher_name else None
+    copied = shared_weights(model, teacher) if teacher is not None and not resume else 0
     img_size = overrides["img_size"]
     val = make_cluttered_digits("val", 500, variant, img_size, seed=seed)
     probe = DigitSetProbe(model.layers[len(model.layers) // 2], overrides["embed_dim"]).to(device) if aux_weight else None
@@ -101,7 +124,8 @@ def train(name: str, steps: int, batch_size: int, lr: float, seed: int, threads:
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
     log = {"name": name, "factory": factory, "overrides": overrides, "variant": variant, "steps": steps,
            "batch_size": batch_size, "lr": lr, "seed": seed, "device": device, "init_from": init_from,
-           "aux_weight": aux_weight, "history": []}
+           "aux_weight": aux_weight, "teacher": teacher_name, "teacher_weight": teacher_weight,
+           "copied_from_teacher": copied, "history": []}
     if resume:  # a second run continuing the shipped checkpoint: keep the first run's log
         log["resumed_from"] = json.loads((RESULTS / f"{name}.json").read_text())
     if init_from is not None:  # the checkpoint it started from may be replaced later: keep its log
@@ -118,8 +142,13 @@ def train(name: str, steps: int, batch_size: int, lr: float, seed: int, threads:
         batch = make_cluttered_digits("train", batch_size, variant, img_size, seed=seed * 1_000_003 + step + 1 + offset)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
-        loss = F.cross_entropy(model(batch.inputs.to(device)), batch.labels.to(device))
+        logits = model(batch.inputs.to(device))
+        loss = F.cross_entropy(logits, batch.labels.to(device))
         total = loss + aux_weight * probe.loss(batch.digits.to(device)) if probe else loss
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(batch.inputs.to(device))
+            total = total + teacher_weight * distillation_loss(logits, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -180,11 +209,15 @@ def main() -> None:
                         help="start from this shipped checkpoint of the same architecture, head re-initialised")
     parser.add_argument("--aux-weight", type=float, default=0.0,
                         help="weight of the training-only digit-set loss on the middle block (0: off)")
+    parser.add_argument("--teacher", choices=sorted(REFERENCE_CONFIGS),
+                        help="distil from this shipped checkpoint, starting from its weights of the same name "
+                             "and shape")
+    parser.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the distillation loss")
     args = parser.parse_args()
     if args.resume and args.init_from:
         parser.error("--resume and --init-from exclude each other")
     log = train(args.name, args.steps, args.batch_size, args.lr, args.seed, args.threads, args.evals, args.device,
-                args.resume, args.init_from, args.aux_weight)
+                args.resume, args.init_from, args.aux_weight, args.teacher, args.teacher_weight)
     print(json.dumps({k: log[k] for k in ("name", "test_accuracy", "test_accuracy_fp16_weights", "train_minutes")}))
 
 

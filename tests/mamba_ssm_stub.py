@@ -3,7 +3,9 @@
 The official code of ViM and PlainMamba imports `selective_scan_fn`, `mamba_inner_fn_no_out_proj`,
 `bimamba_inner_fn` (mamba_ssm.ops.selective_scan_interface) and `RMSNorm`, `rms_norm_fn`,
 `layer_norm_fn` (mamba_ssm.ops.triton.layernorm); the zoo (tests/official_zoo) also `mamba_inner_fn` and
-the upstream mixer `Mamba` (`mamba_ssm.Mamba`, `mamba_ssm.modules.mamba_simple.Mamba`). Here they are plain-PyTorch references of what
+the upstream mixer `Mamba` (`mamba_ssm.Mamba`, `mamba_ssm.modules.mamba_simple.Mamba`); Mamba-2's
+`mamba_chunk_scan_combined`, `mamba_split_conv1d_scan_combined`, `selective_state_update` and
+`ssd_minimal_discrete` come from tests/ssd_stub.py. Here they are plain-PyTorch references of what
 mamba_ssm computes (its `selective_scan_ref`, `mamba_inner_ref`, `rms_norm_ref`, `layer_norm_ref`),
 written as token loops, installed in sys.modules by `install(monkeypatch)` or `installed()`.
 mambaprune routes these entry points to its own op during a compile, as it would the real ones.
@@ -19,6 +21,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import ssd_stub
 
 
 def ref_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -201,7 +205,8 @@ def _modules() -> dict:
     package.ops, ops.selective_scan_interface, ops.triton, triton.layernorm = ops, interface, triton, layernorm
     return {"mamba_ssm": package, "mamba_ssm.ops": ops, "mamba_ssm.ops.selective_scan_interface": interface,
             "mamba_ssm.ops.triton": triton, "mamba_ssm.ops.triton.layernorm": layernorm,
-            "mamba_ssm.modules": modules, "mamba_ssm.modules.mamba_simple": mamba_simple}
+            "mamba_ssm.modules": modules, "mamba_ssm.modules.mamba_simple": mamba_simple,
+            **ssd_stub.mamba_ssm_modules(modules, triton)}
 
 
 def install(monkeypatch) -> types.ModuleType:

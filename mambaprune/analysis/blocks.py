@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .facts import Grid, MultiTok, PaddedTok, Tok, Unknown, fact_of
-from .ops import TO_PROJECTION_OPS, TOKEN_CONVS, argument, is_pointwise, norm_dim, op_name, shape_of
+from .ops import TO_PROJECTION_OPS, TOKEN_CONVS, argument, is_pointwise, norm_dim, op_name, scan_length, shape_of
 
 
 @dataclass
@@ -56,7 +56,7 @@ def describe_block(index: int, scans: list, graph: nx.DiGraph, order: dict) -> B
     name = block_name(scans)
     container = repeated_container(name)
     return Block(index, name, scans, block_output(scans, graph, order), mixing_of(scans, graph, container or name),
-                 shape_of(scans[0].args[0])[-1], container)
+                 scan_length(scans[0]), container)
 
 
 def repeated_container(path: str) -> Optional[str]:

@@ -16,7 +16,7 @@ from ..meta_keys import TOKENS
 from ..pass_infra import GraphPass, InvariantError, PassResult
 from .blocks import Block, describe_block, group_blocks, to_networkx
 from .facts import Grid, Tok, fact_of
-from .ops import is_scan, shape_of
+from .ops import is_scan, scan_length, shape_of
 from .sites import NotUnderstoodNode, Site, StageEnd, collect_not_understood, crosses, find_sites
 from .tokens import propagate_tokens
 
@@ -91,7 +91,7 @@ def analyse(gm: fx.GraphModule, batch: Optional[int] = None) -> GraphAnalysis:
     scans = [n for n in gm.graph.nodes if is_scan(n)]
     if not scans:
         return GraphAnalysis(gm, [], 0, set(), set(), [])
-    lengths = {shape_of(s.args[0])[-1] for s in scans}
+    lengths = {scan_length(s) for s in scans}
     flow = propagate_tokens(gm, lengths, batch)
     graph = to_networkx(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -37,8 +38,40 @@ SHAPE_ARGUMENT_OPS = frozenset({"aten::view", "aten::reshape", "aten::_unsafe_vi
 TOKEN_CONVS = frozenset({"aten::conv1d", "aten::conv2d"})
 
 
-def scan_op():
-    return torch.ops.mambaprune.selective_scan.default
+@dataclass(frozen=True)
+class ScanSignature:
+    """How a scan op names its operands: the input (its token axis gives the scan's length), the step
+    size with its bias and softplus flag, and every operand that carries the tokens (`token_axis`
+    from the end for the selective scan's (B, D, L), from the front for the SSD's (B, L, H, P))."""
+
+    input: str
+    step: str
+    step_bias: str
+    step_softplus: str
+    token_operands: tuple
+    token_axis: int       # the token axis of every token operand (negative: from the end)
+    bias_axis: int        # the axis of the step size the bias runs along
+
+
+SELECTIVE_SCAN = ScanSignature("u", "delta", "delta_bias", "delta_softplus", ("u", "delta", "B", "C", "z"), -1, 1)
+SSD_SCAN = ScanSignature("x", "dt", "dt_bias", "dt_softplus", ("x", "dt", "B", "C", "z"), 1, -1)
+
+
+def scan_ops() -> dict:
+    """Every scan op the pipeline prunes -> its signature (the Mamba-1 and the SSD (Mamba-2) scan)."""
+    return {torch.ops.mambaprune.selective_scan.default: SELECTIVE_SCAN,
+            torch.ops.mambaprune.ssd_scan.default: SSD_SCAN}
+
+
+def scan_signature(node_or_target) -> ScanSignature:
+    target = node_or_target.target if isinstance(node_or_target, fx.Node) else node_or_target
+    return scan_ops()[target]
+
+
+def scan_length(node: fx.Node) -> int:
+    """The number of tokens a scan node runs over."""
+    signature = scan_signature(node)
+    return shape_of(argument(node, signature.input))[signature.token_axis]
 
 
 def op_name(node: fx.Node) -> str:
@@ -51,7 +84,7 @@ def op_name(node: fx.Node) -> str:
 
 
 def is_scan(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target == scan_op()
+    return node.op == "call_function" and node.target in scan_ops()
 
 
 def is_pointwise(node: fx.Node) -> bool:

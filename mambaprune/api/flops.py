@@ -24,7 +24,7 @@ from ..planning import make_plan
 from ..planning.plan import estimate
 from .compile import Prepared, prepare
 
-SCAN_OP_NAME = "selective_scan"
+SCAN_OP_NAMES = ("selective_scan", "ssd_scan")
 
 __all__ = ["FlopsReport", "count_flops", "flops_under_schedule"]
 
@@ -60,7 +60,7 @@ class FlopsReport:
 
     @property
     def scan(self) -> float:
-        return float(sum(v for k, v in self.by_op.items() if SCAN_OP_NAME in k))
+        return float(sum(v for k, v in self.by_op.items() if any(name in k for name in SCAN_OP_NAMES)))
 
     @property
     def linear_conv(self) -> float:

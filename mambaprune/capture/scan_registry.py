@@ -2,7 +2,8 @@
 
 Before export, every known scan function referred to by the model's code (a global of the module
 that defines a layer, or a method of a layer's class) is temporarily replaced by an adapter that
-computes the same thing through `mambaprune::selective_scan`, so each scan becomes ONE graph node.
+computes the same thing through `mambaprune::selective_scan` (Mamba-2 / SSD entry points:
+`mambaprune::ssd_scan`, ssd_adapters.py), so each scan becomes ONE graph node.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Callable
 import sys
 
 from ..errors import InvalidArgumentTypeError
-from . import scan_adapters, vmamba_adapters
+from . import scan_adapters, ssd_adapters, vmamba_adapters
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def known_entries() -> list:
 
 def builtin_entries() -> list:
     entries = []
-    for module_name, attr, adapter in scan_adapters.BUILTIN:
+    for module_name, attr, adapter in scan_adapters.BUILTIN + ssd_adapters.BUILTIN:
         fn = _resolve(module_name, attr)
         if fn is not None:
             entries.append(ScanEntry(fn, adapter, f"{module_name}.{attr}"))

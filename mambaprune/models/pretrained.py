@@ -25,6 +25,9 @@ REFERENCE_CONFIGS: Dict[str, tuple] = {
     "vim_digits_pair": ("vim_t", dict(img_size=96, patch_size=8, embed_dim=96, depth=12, d_state=8, num_classes=10), "two"),
     "plainmamba_digits": ("plainmamba_l1", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=10), "one"),
     "plainmamba_digits_pair": ("plainmamba_l1", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=10), "two"),
+    # ViM's backbone with bidirectional Mamba-2 (SSD) mixers: 4 heads of 16 per direction, state 16
+    "vim2_digits": ("vim2_t", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=16, headdim=16,
+                                   num_classes=10), "one"),
     # segmentation (benchmarks/train_segmentation.py): the same backbones, maps after blocks 2, 5, 8, 11,
     # 11 classes (digits and background), trained on two-digit images' masks from the backbones above
     "vim_digits_seg": ("vim_t_seg", dict(img_size=64, patch_size=8, embed_dim=64, depth=12, d_state=8, num_classes=11,

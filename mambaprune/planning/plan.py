@@ -2,7 +2,8 @@
 
 The FLOPs model is the dense graph's own per-node FLOPs (torch.utils.flop_counter, our op formulas,
 MACs as DESIGN.md says) with every token-carrying node downstream of a site scaled by K/L: exact for
-token-wise layers (a per-token op on a pruned grid included), the scan and the token conv1d; a
+token-wise layers (a per-token op on a pruned grid included), the scan and the token conv1d (the SSD
+scan's chunked count is rescaled by its own formula); a
 conv2d that looks at neighbours runs densely on the scattered grid and is not scaled, nor is anything
 after the downsampling that ends a pruned stage (the grid is restored there). Default sites
 are evenly spaced like ToP's (after blocks 5, 10, 15 of 24); one keep rate for all sites is solved
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..analysis import GraphAnalysis, Grid, fact_of, is_token_fact
-from ..analysis.ops import looks_at_neighbours, op_name
+from ..analysis.ops import SSD_SCAN, argument, is_scan, looks_at_neighbours, op_name, scan_signature, shape_of
+from ..runtime import ssd_scan_macs
 from ..errors import InvalidArgumentError, UnreachableRatioError, UnsupportedModelError
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
@@ -56,9 +58,20 @@ def estimate(analysis: GraphAnalysis, flops: dict, kept: dict) -> float:
         region = analysis.region(node, keys)
         key = keys[region - 1] if region else None
         if key and not analysis.runs_dense(node, key) and scales_with_tokens(node):
-            f *= kept[key] / analysis.site_length(key)
+            f *= token_scaling(node, kept[key], analysis.site_length(key))
         total += f
     return total
+
+
+def token_scaling(node: fx.Node, kept: int, length: int) -> float:
+    """The factor a node's MACs change by when it runs on `kept` of its `length` tokens: K/L, but for the
+    SSD scan, whose chunked algorithm is quadratic in the tokens of a chunk (runtime.ssd_scan_macs)."""
+    if not (is_scan(node) and scan_signature(node) is SSD_SCAN):
+        return kept / length
+    x, b = (shape_of(argument(node, name)) for name in ("x", "B"))
+    has = {name: argument(node, name) is not None for name in ("D", "z")}
+    at = lambda tokens: ssd_scan_macs((1, tokens, *x[2:]), (1, tokens, *b[2:]), has["D"], has["z"])  # noqa: E731
+    return at(kept) / at(length)
 
 
 def scales_with_tokens(node: fx.Node) -> bool:

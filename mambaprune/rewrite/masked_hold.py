@@ -43,11 +43,11 @@ import torch.nn.functional as F
 
 from ..analysis import GraphAnalysis, Grid, Readout, Tok, fact_of
 from ..analysis.facts import MultiTok, is_token_fact
-from ..analysis.ops import argument, call_argument, is_scan, looks_at_neighbours, op_name, with_argument
+from ..analysis.ops import (argument, call_argument, is_scan, looks_at_neighbours, op_name, scan_signature,
+                            with_argument)
 from ..settings import Alignment, Fill
 from .restore import slot_coordinates
 
-SCAN_TOKEN_OPERANDS = ("u", "delta", "B", "C", "z")
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
 _MASKED_REDUCTIONS = ("aten::mean", "aten::sum", "aten::amax")
 
@@ -113,6 +113,13 @@ def filled(fact, value: torch.Tensor, keep: torch.Tensor, fill: Fill) -> Optiona
     return out.movedim(tuple(range(value.dim() - len(dims), value.dim())), dims)
 
 
+def _along(bias: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """A 1-D bias shaped to broadcast along `axis` of an ndim-dim step size."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return bias.reshape(shape)
+
+
 def _path(layout) -> torch.Tensor:
     return torch.from_numpy(layout.path.copy())
 
@@ -127,7 +134,8 @@ def _per_group_layouts(fact, groups: int) -> Optional[tuple]:
 def scan_operands_agree(node: fx.Node) -> bool:
     """Whether every token operand of the scan holds, per channel group, the tokens in one order
     (so that step t of every operand is the same token); False for a zip of different orders."""
-    facts = [fact_of(argument(node, name)) for name in SCAN_TOKEN_OPERANDS if argument(node, name) is not None]
+    names = scan_signature(node).token_operands
+    facts = [fact_of(argument(node, name)) for name in names if argument(node, name) is not None]
     if not all(isinstance(f, (Tok, MultiTok)) for f in facts):
         return False
     groups = int(np.lcm.reduce([len(getattr(f, "layouts", (None,))) for f in facts]))
@@ -141,12 +149,13 @@ def _zipped_to_u(n: fx.Node, keep: torch.Tensor, args, kwargs) -> Optional[tuple
     the slot of the j-th kept token of u's order (step j of the pruned scan pairs them; docs/
     architecture.md "Scans whose operands are in different orders"); None when an operand is not
     one token axis in one order."""
-    u_fact = fact_of(argument(n, "u"))
+    signature = scan_signature(n)
+    u_fact = fact_of(argument(n, signature.input))
     if not isinstance(u_fact, Tok):
         return None
     args, kwargs = tuple(args), dict(kwargs)
     to = keep[:, _path(u_fact.layout)]
-    for name in SCAN_TOKEN_OPERANDS:
+    for name in signature.token_operands:
         fact = fact_of(argument(n, name))
         if fact is None or fact == u_fact:
             continue
@@ -285,25 +294,28 @@ class MaskedHold(fx.Interpreter):
 
     def _scan(self, n: fx.Node, keep: torch.Tensor, args, kwargs) -> tuple:
         call = lambda a=args, k=kwargs: n.target(*a, **k)        # noqa: E731
-        target, delta_fact = n.target, fact_of(argument(n, "delta"))
+        target, signature = n.target, scan_signature(n)
+        delta_fact = fact_of(argument(n, signature.step))
         if not scan_operands_agree(n):
             zipped = _zipped_to_u(n, keep, args, kwargs)
             if zipped is None:
                 return call(), f"{n.name}: a scan whose operands are in different token orders, not all of one axis"
             args, kwargs = zipped
-            delta_fact = fact_of(argument(n, "u"))
-        delta_value = call_argument(target, args, kwargs, "delta")
+            delta_fact = fact_of(argument(n, signature.input))
+        delta_value = call_argument(target, args, kwargs, signature.step)
         mask = mask_like(delta_fact, tuple(delta_value.shape), keep)
         if mask is None:
             return call(), f"{n.name}: the scan's step sizes could not be masked"
-        bias = call_argument(target, args, kwargs, "delta_bias")
-        dt = delta_value.float() + (bias.float()[:, None] if bias is not None else 0)
-        if call_argument(target, args, kwargs, "delta_softplus", False):
+        bias = call_argument(target, args, kwargs, signature.step_bias)
+        dt = delta_value.float()
+        if bias is not None:
+            dt = dt + _along(bias.float(), signature.bias_axis, delta_value.dim())
+        if call_argument(target, args, kwargs, signature.step_softplus, False):
             dt = F.softplus(dt)
         dt = (dt * mask).to(delta_value.dtype)
-        args, kwargs = with_argument(target, tuple(args), dict(kwargs), "delta", dt)
-        args, kwargs = with_argument(target, args, kwargs, "delta_bias", None)
-        args, kwargs = with_argument(target, args, kwargs, "delta_softplus", False)
+        args, kwargs = with_argument(target, tuple(args), dict(kwargs), signature.step, dt)
+        args, kwargs = with_argument(target, args, kwargs, signature.step_bias, None)
+        args, kwargs = with_argument(target, args, kwargs, signature.step_softplus, False)
         if self.alignment is Alignment.DECAY:
             if not isinstance(fact_of(n), Tok):
                 return call(), f"{n.name}: decay across the gaps of directions folded into one scan"

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..analysis import Block, Grid, MultiTok, Tok, fact_of
-from ..analysis.ops import argument
+from ..analysis.ops import argument, scan_signature
 from ..runtime import token_index as ti
 from .context import SiteContext
 from .gather import add, cut_to_site, in_fp32, summed_stream
@@ -65,18 +65,20 @@ def _stream_scores(ctx: SiteContext, parts: list, metric: str) -> fx.Node:
 def _delta_scores(ctx: SiteContext, block: Block) -> fx.Node:
     total = None
     for scan in block.scans:
-        delta_node = argument(scan, "delta")
+        signature = scan_signature(scan)
+        delta_node = argument(scan, signature.step)
         delta = in_fp32(ctx, delta_node, ctx.env[delta_node])
-        bias = argument(scan, "delta_bias")
+        bias = argument(scan, signature.step_bias)
         if bias is not None:
-            delta = ctx.call(_add_channel_bias, delta, in_fp32(ctx, bias, ctx.env[bias]))
-        if argument(scan, "delta_softplus", False):
+            delta = ctx.call(_add_bias, delta, in_fp32(ctx, bias, ctx.env[bias]), signature.bias_axis)
+        if argument(scan, signature.step_softplus, False):
             delta = ctx.call(F.softplus, delta)
         fact = fact_of(delta_node)
         layouts = fact.layouts if isinstance(fact, MultiTok) else (fact.layout,)
         for g, layout in enumerate(layouts):
             part = delta if len(layouts) == 1 else ctx.call(_channel_part, delta, g, len(layouts))
-            scores = _to_identity(ctx, ctx.call(ti.token_scores, part, 2, "delta"), ctx.env[delta_node], layout)
+            scores = ctx.call(ti.token_scores, part, fact.dim, "delta")
+            scores = _to_identity(ctx, scores, ctx.env[delta_node], layout)
             total = scores if total is None else ctx.call(add, total, scores)
     return total
 
@@ -103,8 +105,11 @@ def _named(metric):
     return user_metric
 
 
-def _add_channel_bias(delta, bias):
-    return delta + bias.reshape(1, -1, 1)
+def _add_bias(delta, bias, axis):
+    """delta + bias along `axis` of delta (the channels of (B, D, L), the heads of (B, L, H))."""
+    shape = [1] * delta.dim()
+    shape[axis] = -1
+    return delta + bias.reshape(shape)
 
 
 def _channel_part(delta, index, parts):

@@ -42,7 +42,7 @@ MOVEMENT_PACKETS = (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, at
                     aten.transpose, aten.t, aten.movedim, aten.flip, aten.roll, aten.narrow, aten.index,
                     aten.index_select, aten.cat, aten.stack, aten.chunk, aten.split, aten.split_with_sizes,
                     aten.tensor_split, aten.unbind, aten.pixel_shuffle, aten.pixel_unshuffle, aten.unfold,
-                    aten.repeat, aten.slice, aten.select)
+                    aten.repeat, aten.repeat_interleave, aten.slice, aten.select)
 MOVEMENT_OPS = frozenset(f"aten::{packet.__name__}" for packet in MOVEMENT_PACKETS)
 _INDEX_ARGUMENTS = ("indices", "index")
 _FOLLOWED = (Tok, Grid, TokenMap)   # what a TokenMap may come from (the rewrite can restore them)

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..facts import Fact, MultiTok, NotUnderstood, Tok, multi
-from ..ops import argument
+from ..ops import SSD_SCAN, argument
 from .context import RuleContext
 from .registry import token_rule
 
@@ -55,3 +55,22 @@ def _grouped_layouts(facts: list):
     count = int(np.lcm.reduce([len(p) for p in per_group]))
     expanded = {tuple(layout for layout in p for _ in range(count // len(p))) for p in per_group}
     return expanded.pop() if len(expanded) == 1 else None
+
+
+@token_rule(torch.ops.mambaprune.ssd_scan)
+def ssd_scan(node: fx.Node, ctx: RuleContext) -> Fact:
+    """The SSD (Mamba-2) scan: every operand (x, dt, B, C, z) carries the tokens on axis 1, all in
+    one order, the output's. Operands in different orders (a zip, as PlainMamba's selective scans)
+    are refused: no SSD model is known to scan that way."""
+    layouts = {}
+    for name in SSD_SCAN.token_operands:
+        operand = argument(node, name)
+        if operand is None:
+            continue
+        fact = ctx.fact(operand)
+        if not isinstance(fact, Tok) or fact.dim != SSD_SCAN.token_axis:
+            raise NotUnderstood(f"SSD scan input {name} does not carry the tokens on axis 1 in one token order")
+        layouts[name] = fact.layout
+    if len(set(layouts.values())) != 1:
+        raise NotUnderstood("SSD scan inputs are in different token orders: " + ", ".join(layouts))
+    return Tok(1, layouts["x"])
