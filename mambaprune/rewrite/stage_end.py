@@ -16,6 +16,7 @@ import torch.fx as fx
 from ..analysis import StageEnd
 from ..settings import Fill
 from .context import SiteContext
+from .merge import unmerged
 from .restore import carried_stream, nearest, scattered
 
 
@@ -38,6 +39,8 @@ def _restore(ctx: SiteContext, stage_end: StageEnd) -> fx.Node:
     state = ctx.state.of(value)
     if state is None:
         return value
+    if ctx.settings.fill is Fill.CARRY and ctx.settings.reduction.merges:
+        return unmerged(ctx, value, state)
     if ctx.settings.fill is Fill.CARRY:
         return carried_stream(ctx, stage_end.restore)
     index = ctx.tables.dense_index(state.site, state.fact.layout)
