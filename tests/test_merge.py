@@ -255,3 +255,29 @@ def test_step_size_scores_equal_the_definition(metric):
     scores[:, cls] = float("inf")
     expected = scores.topk(kept.shape[1], dim=1).indices.sort(dim=1).values
     assert torch.equal(kept, expected)
+
+
+# ------------------------------------------------------------------------------ a grid: PlainMamba
+def test_plainmamba_merges_by_grid_distance_and_keeps_all_exactly():
+    from mambaprune.analysis import fact_of
+    from mambaprune.rewrite.merge import grid_width, position_coordinates
+    from mambaprune.rewrite.context import RewriteContext
+
+    torch.manual_seed(0)
+    model = create_model("plainmamba_l1", img_size=32, patch_size=8, embed_dim=32, depth=4, d_state=4,
+                         num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    prepared = prepare(model, (x[:1],))
+    analysis, gm = prepared.analysis, prepared.captured.gm
+    stream = analysis.stream_parts(2)
+    ctx = RewriteContext(gm, analysis, [2], PruneSettings(reduction="merge-nearest")).at(2)
+    assert grid_width(ctx, fact_of(stream[0])) == 4                    # 32 / 8: a 4 x 4 grid of patches
+    assert position_coordinates(fact_of(stream[0]), 4)[6].tolist() == [1.0, 2.0]
+    for reduction in MERGES:
+        sites = [SiteSpec(2, analysis.site_length(2))]
+        settings = PruneSettings(reduction=reduction)
+        rewritten = run_passes([PruneTokens(analysis, sites, settings)], gm).graph_module
+        with torch.no_grad():
+            torch.testing.assert_close(run_graph(rewritten, [x])[0], run_graph(gm, [x])[0], rtol=1e-5, atol=1e-5)
+        pruned = build(prepared, PruneSettings(schedule={2: 0.5}, reduction=reduction))
+        assert torch.isfinite(run(pruned, x)).all()

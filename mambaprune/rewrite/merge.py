@@ -1,8 +1,9 @@
 """Merge: under reduction="merge-*" the tokens a site prunes are averaged into kept tokens, not dropped.
 
 Invariant: emits nodes only. After the selection of site s (select.py) `emit_merge` emits the pruned
-slots, each one's target (the nearest kept token in the original positions, or the most similar by
-cosine of the stream crossing the site) and the tokens' sizes, recorded as the site's `SiteMerge`;
+slots, each one's target (the nearest kept token in the original positions: cell distance where the
+positions are the cells of a grid, position distance on a sequence, `grid_width`; or the most similar
+by cosine of the stream crossing the site) and the tokens' sizes, recorded as the site's `SiteMerge`;
 gather.py (`merged`) then cuts the stream's parts (ViM's hidden and residual, PlainMamba's x) with
 `token_merge.merge_tokens` instead of a gather. The merged value is linear in the stream, so
 merging every part with the same weights merges their sum. Sizes chain through the sites of a stage
@@ -46,7 +47,7 @@ def emit_merge(ctx: SiteContext, nodes: SiteNodes, parts: list) -> None:
     pruned = ctx.call(tm.pruned_slots, nodes.sel, length)
     protected = ctx.builder.constant("protected", torch.tensor(sorted(ctx.analysis.protected), dtype=torch.int64))
     if reduction is Reduction.MERGE_NEAREST:
-        coords = ctx.builder.constant("coords", position_coordinates(fact))
+        coords = ctx.builder.constant("coords", position_coordinates(fact, grid_width(ctx, fact)))
         target = ctx.call(tm.nearest_targets, nodes.prev_idx, nodes.sel, pruned, coords, protected)
     else:
         stream = summed_stream(ctx, parts, previous, fp32=True)
@@ -74,12 +75,24 @@ def stream_fact(ctx: SiteContext, parts: list):
     return fact
 
 
-def position_coordinates(fact) -> torch.Tensor:
-    """(L, c) float32 coordinates of every original position: (row, column) on a grid, the position on a
-    sequence (a model that keeps its tokens in a sequence gives no grid: its neighbours are in order)."""
-    positions = np.arange(fact.layout.length)
+def grid_width(ctx: SiteContext, fact):
+    """The width of the grid whose cells (row-major) are the stream's positions: a Grid stream's own; for a
+    token sequence, the grid some token mixer of the model sees it as (PlainMamba's conv2d), when one of the
+    sequence's length in token order exists; else None (a sequence with a class token among the patches,
+    as ViM's, is no grid: its neighbours are by position)."""
     if isinstance(fact, Grid):
-        return torch.from_numpy(np.stack([positions // fact.width, positions % fact.width], axis=1).astype(np.float32))
+        return fact.width
+    widths = {f.width for f in map(fact_of, ctx.analysis.gm.graph.nodes)
+              if isinstance(f, Grid) and f.layout == fact.layout}
+    return widths.pop() if len(widths) == 1 else None
+
+
+def position_coordinates(fact, width=None) -> torch.Tensor:
+    """(L, c) float32 coordinates of every original position: (row, column) on a grid `width` cells wide,
+    the position itself on a sequence (width None)."""
+    positions = np.arange(fact.layout.length)
+    if width is not None:
+        return torch.from_numpy(np.stack([positions // width, positions % width], axis=1).astype(np.float32))
     return torch.from_numpy(positions.astype(np.float32)).unsqueeze(1)
 
 
