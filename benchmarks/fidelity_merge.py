@@ -33,7 +33,7 @@ METRICS = ("novelty", "clip", "delta-max")
 ALIGNMENTS = ("hold", "none")
 
 
-def run_model(name: str, test_size: int) -> list:
+def run_model(name: str, test_size: int, save=lambda rows: None) -> list:
     info = checkpoint_info(name)
     model = load_pretrained(name)
     test = make_cluttered_digits("test", test_size, info.variant, info.overrides["img_size"], seed=0)
@@ -60,6 +60,7 @@ def run_model(name: str, test_size: int) -> list:
                                  "points": round(100 * (top1 - dense_top1), 1),
                                  "agreement": (logits.argmax(-1) == dense.argmax(-1)).float().mean().item()})
                     print(name, ratio, alignment, metric, reduction, f"{top1:.3f}", flush=True)
+                    save(rows)
     return rows
 
 
@@ -97,12 +98,15 @@ def main():
     for name in args.models:
         torch.manual_seed(0)
         started = time.time()
-        rows = run_model(name, args.test_size)
         meta = {"date": time.strftime("%Y-%m-%d"), "machine": args.machine, "test_size": args.test_size,
-                "minutes": round((time.time() - started) / 60, 1),
                 "command": f"OMP_NUM_THREADS=1 python benchmarks/fidelity_merge.py --models {name}"
                            + ("" if args.test_size == 500 else f" --test-size {args.test_size}")}
-        (RESULTS / f"fidelity_merge_{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+
+        def save(rows, complete=False):   # after every setting: a run stopped early keeps what it measured
+            done = {**meta, "complete": complete, "minutes": round((time.time() - started) / 60, 1), "rows": rows}
+            (RESULTS / f"fidelity_merge_{name}.json").write_text(json.dumps(done, indent=1))
+        rows = run_model(name, args.test_size, save)
+        save(rows, complete=True)
         (RESULTS / f"fidelity_merge_{name}.md").write_text(markdown(rows, meta))
         print(markdown(rows, meta))
 
