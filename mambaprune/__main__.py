@@ -300,9 +300,8 @@ def _add_prune_options(command) -> None:
     command.add_argument("--fill", "--stage-fill", dest="fill", default="carry", choices=FILLS,
                          help="what pruned positions hold where tokens are restored (token outputs such as feature "
                               "maps, a stage's grid before its downsampling)")
-    command.add_argument("--reduction", default="drop", choices=REDUCTIONS,
-                         help="what happens to pruned tokens: drop them, or average each into the nearest "
-                              "(merge-nearest) or most similar (merge-similar) kept token, weighted by size")
+    command.add_argument("--reduction", default="drop", choices=REDUCTIONS, help="drop the pruned tokens, or "
+                         "average each into the nearest / most similar kept token (merge-nearest / merge-similar)")
     command.add_argument("--img-size", type=positive_int, default=None,
                          help="input size for registered architectures (an error for MODULE:FACTORY and checkpoints)")
 
