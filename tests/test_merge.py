@@ -281,3 +281,12 @@ def test_plainmamba_merges_by_grid_distance_and_keeps_all_exactly():
             torch.testing.assert_close(run_graph(rewritten, [x])[0], run_graph(gm, [x])[0], rtol=1e-5, atol=1e-5)
         pruned = build(prepared, PruneSettings(schedule={2: 0.5}, reduction=reduction))
         assert torch.isfinite(run(pruned, x)).all()
+
+
+def test_inductor_compiles_a_merge():
+    torch.manual_seed(0)
+    model = create_model("vim_t", img_size=32, patch_size=8, embed_dim=32, depth=3, d_state=4, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    eager = compile_pruned(model, ratio=0.2, example_inputs=(x[:1],), reduction="merge-similar")
+    compiled = compile_pruned(model, ratio=0.2, example_inputs=(x[:1],), reduction="merge-similar", backend="inductor")
+    torch.testing.assert_close(run(compiled, x), run(eager, x), rtol=1e-4, atol=1e-4)
