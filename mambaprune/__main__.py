@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidArgumentError, MambapruneError
-from .settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, FILLS, METRICS
+from .settings import ALIGNMENT_CHOICES, DEFAULT_METRIC, FILLS, METRICS, REDUCTIONS
 
 DEMO_CHECKPOINT = "vim_digits"
 
@@ -64,7 +64,7 @@ def _compile(args):
     calibration = None if args.calibration is None else load_calibration(args.calibration, model, example, args)
     return model, compile_pruned(model, ratio=args.ratio, example_inputs=example, schedule=args.schedule,
                                  alignment=args.alignment, metric=args.metric, fill=args.fill,
-                                 calibration=calibration)
+                                 reduction=args.reduction, calibration=calibration)
 
 
 CALIBRATION_BATCH = 8
@@ -299,6 +299,8 @@ def _add_prune_options(command) -> None:
     command.add_argument("--fill", "--stage-fill", dest="fill", default="carry", choices=FILLS,
                          help="what pruned positions hold where tokens are restored (token outputs such as feature "
                               "maps, a stage's grid before its downsampling)")
+    command.add_argument("--reduction", default="drop", choices=REDUCTIONS, help="drop the pruned tokens, or "
+                         "average each into the nearest / most similar kept token (merge-nearest / merge-similar)")
     command.add_argument("--img-size", type=positive_int, default=None,
                          help="input size for registered architectures (an error for MODULE:FACTORY and checkpoints)")
 

@@ -70,6 +70,24 @@ class Fill(Choice):
 StageFill = Fill   # the name before outputs were restored with the same setting
 
 
+class Reduction(Choice):
+    """What happens to the tokens a site prunes (rewrite/merge.py).
+
+    `drop` discards them. The merge modes average each pruned token's stream value into one kept token,
+    weighted by size (ToMe's proportional averaging: a token that already absorbed m tokens counts
+    1 + m), so the blocks downstream see the pruned content: `merge-nearest` into the kept token nearest
+    in the original positions (cell distance on a grid, position distance on a sequence),
+    `merge-similar` into the kept token most similar by cosine of the stream values (ToMe)."""
+
+    DROP = "drop"
+    MERGE_NEAREST = "merge-nearest"
+    MERGE_SIMILAR = "merge-similar"
+
+    @property
+    def merges(self) -> bool:
+        return self is not Reduction.DROP
+
+
 class Backend(Choice):
     EAGER = "eager"
     INDUCTOR = "inductor"
@@ -85,6 +103,7 @@ ALIGNMENTS = tuple(a.value for a in Alignment if a is not Alignment.AUTO)
 ALIGNMENT_CHOICES = Alignment.values()
 FILLS = Fill.values()
 STAGE_FILLS = FILLS
+REDUCTIONS = Reduction.values()
 BACKENDS = Backend.values()
 # None is "paper": ToP's sites (blocks 5, 10, 15 of 24, scaled) with one keep rate solved for ratio.
 NAMED_SCHEDULES = ("top", "paper", "uniform", "auto")
@@ -101,6 +120,7 @@ class PruneSettings:
     backend: Backend = Backend.EAGER
     verify: bool = True
     fill: Fill = Fill.CARRY
+    reduction: Reduction = Reduction.DROP
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, numbers.Real) or not 0 <= self.ratio < 1:
@@ -110,6 +130,7 @@ class PruneSettings:
             raise InvalidArgumentError(f"metric must be one of {METRICS} or a callable (y, token_dim) -> scores (B, L); "
                              f"got {self.metric!r}")
         object.__setattr__(self, "fill", Fill.parse(self.fill, "fill"))
+        object.__setattr__(self, "reduction", Reduction.parse(self.reduction, "reduction"))
         object.__setattr__(self, "backend", Backend.parse(self.backend, "backend"))
         validate_schedule(self.schedule)
 

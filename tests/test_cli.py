@@ -16,6 +16,11 @@ def test_report_prints_the_compiler_report(capsys):
     assert "mambaprune report: 6 SSM blocks" in out and "reduction" in out
 
 
+def test_report_with_a_merging_reduction(capsys):
+    assert main(["report", TINY, "--ratio", "0.3", "--reduction", "merge-similar"]) == 0
+    assert "reduction=merge-similar" in capsys.readouterr().out
+
+
 def test_compile_writes_a_pt2_file(tmp_path, capsys):
     target = tmp_path / "tiny.pt2"
     assert main(["compile", TINY, "--ratio", "0.3", "-o", str(target)]) == 0

@@ -30,7 +30,7 @@ from .signature import CallSignature, call_signature
 def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: Optional[tuple] = None, *,
                    schedule=None, alignment: str = "hold", metric: str = DEFAULT_METRIC, backend: str = "eager",
                    verify: bool = True, calibration: Optional[Iterable] = None,
-                   fill: str = "carry", stage_fill: Optional[str] = None) -> PrunedModel:
+                   fill: str = "carry", stage_fill: Optional[str] = None, reduction: str = "drop") -> PrunedModel:
     """Prune tokens of a vision state-space model; returns a module with the model's call signature.
 
     Args:
@@ -49,7 +49,8 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
         metric: token importance at each site: "novelty" (default: the distance of a token of the
             stream crossing the site from the sample's mean token), or read from the SSM output y
             of the block before the site: "novelty-y" (the same distance on y), "clip" (ToP's),
-            "l1", "l2", "raw", "random", "delta" (the scans' step sizes) or a callable
+            "l1", "l2", "raw", "random", "delta" (the scans' step sizes, averaged over channels and
+            summed over the block's scans), "delta-max" (the same, the maximum over the scans) or a callable
             (y, token_dim) -> scores (B, L).
         backend: "eager", "inductor" (torch.compile), "onnxruntime" (the ONNX export run by an
             onnxruntime InferenceSession, CUDA provider first when available) or "tensorrt"
@@ -67,6 +68,11 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
             kept ones), "nearest" (the nearest kept token's value) or "zeros". Values no site feeds
             (a feature map read before the first site) are the model's own, exactly.
         stage_fill: the former name of `fill` (stage ends only); still accepted.
+        reduction: what happens to the pruned tokens: "drop" (default) discards them;
+            "merge-nearest" / "merge-similar" average each one's stream value into the kept token
+            nearest in the original positions / most similar (cosine), weighted by size as ToMe
+            does. Under a merge, fill="carry" restores a pruned position with the value of the kept
+            token it was merged into (ToMe's unmerge).
 
     Example::
 
@@ -80,7 +86,7 @@ def compile_pruned(model: torch.nn.Module, ratio: float = 0.3, example_inputs: O
                                        "(stage_fill is its former name)")
         fill = stage_fill
     settings = PruneSettings(ratio=ratio, schedule=schedule, alignment=alignment, metric=metric, backend=backend,
-                             verify=verify, fill=fill)
+                             verify=verify, fill=fill, reduction=reduction)
     model = unwrap_model(model)
     if settings.needs_calibration != (calibration is not None):
         raise InvalidArgumentError("schedule='auto' / alignment='auto' and calibration= go together: pass "
@@ -154,7 +160,7 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         site_lengths={key: analysis.site_length(key) for key in plan.kept}, static_batch=captured.static_batch,
         schedule=settings.schedule,
         frozen_arguments=prepared.signature.frozen_arguments() if prepared.signature else {},
-        restorations=restorations, fill=str(settings.fill), verified=checked)
+        restorations=restorations, fill=str(settings.fill), reduction=str(settings.reduction), verified=checked)
     return PrunedModel(pruned, report, prepared.example_inputs, settings.backend, captured.static_batch,
                        prepared.signature)
 

@@ -62,6 +62,7 @@ class PruneReport:
     frozen_arguments: dict = field(default_factory=dict)  # non-tensor forward arguments compiled in as constants
     restorations: list = field(default_factory=list)  # rewrite.restore.Restoration: outputs / stage ends restored
     fill: str = "carry"            # what pruned positions hold where tokens are restored
+    reduction: str = "drop"        # what happens to pruned tokens (drop, merge-nearest, merge-similar)
     verified: object = None        # rewrite.verify_pruned.PrunedRunCheck: what the pruned-run check compared
 
     @property
@@ -75,7 +76,8 @@ class PruneReport:
 
     def __str__(self) -> str:
         lines = [f"mambaprune report: {len(self.blocks)} SSM blocks, {self.token_length} tokens, "
-                 f"alignment={self.alignment}, metric={getattr(self.metric, '__name__', self.metric)}, backend={self.backend}"]
+                 f"alignment={self.alignment}, metric={getattr(self.metric, '__name__', self.metric)}, backend={self.backend}"
+                 + (f", reduction={self.reduction}" if self.reduction != "drop" else "")]
         lines.append(f"{'block':>5}  {'module':<28} {'tokens':>6}  token mixing")
         for b in self.blocks:
             mark = "  <- pruned before this block" if b.index in self.sites else ""

@@ -18,6 +18,7 @@ from ..analysis import Grid, Tok, fact_of
 from ..analysis.ops import shape_of
 from ..errors import UnsupportedModelError
 from ..runtime import token_index as ti
+from ..runtime import token_merge as tm
 from .context import SiteContext
 
 
@@ -28,9 +29,9 @@ def cut_to_site(ctx: SiteContext, old_arg: fx.Node, new_arg: fx.Node, site: int)
     if state is not None:
         if state.site == site or state.fact is None:  # a tuple (chunk/split): its items are cut instead
             return new_arg
-        return _gather(ctx, new_arg, state.fact, state.site, site)
+        return _gather(ctx, new_arg, state.fact, state.site, site, old_arg)
     if isinstance(fact, (Tok, Grid)):
-        return _gather(ctx, new_arg, fact, 0, site)
+        return _gather(ctx, new_arg, fact, 0, site, old_arg)
     return new_arg
 
 
@@ -68,8 +69,10 @@ def cut_grid_constant(ctx: SiteContext, old_arg: fx.Node, new_arg: fx.Node, out:
     return ctx.cached(("grid constant", new_arg, ctx.site, out), build)
 
 
-def _gather(ctx: SiteContext, value: fx.Node, fact, older: int, site: int) -> fx.Node:
+def _gather(ctx: SiteContext, value: fx.Node, fact, older: int, site: int, old: fx.Node = None) -> fx.Node:
     def build():
+        if merges_at(ctx, old, older, site):   # a part of the stream crossing a merging site
+            return ctx.state.mark(merged(ctx, value, fact, older, site), site, fact)
         index = ctx.tables.transfer_index(older, site, fact.layout)
         if isinstance(fact, Grid) and older == 0:
             node = ctx.call(ti.gather_grid, value, index, fact.hdim, fact.wdim)
@@ -79,6 +82,23 @@ def _gather(ctx: SiteContext, value: fx.Node, fact, older: int, site: int) -> fx
             raise UnsupportedModelError(f"{value.name} ({type(fact).__name__}) would have to cross a second site")
         return ctx.state.mark(node, site, fact)
     return ctx.cached(("gathered", value, site), build)
+
+
+def merges_at(ctx: SiteContext, old: fx.Node, older: int, site: int) -> bool:
+    """Whether the old-graph node `old`, pruned at `older`, is merged (merge.py), not gathered, on its way
+    to `site`: a part of the stream crossing a merging site."""
+    merge = ctx.tables.merges.get(site)
+    return merge is not None and old in merge.parts and older == ctx.tables.previous_site(site)
+
+
+def merged(ctx: SiteContext, value: fx.Node, fact, older: int, site: int) -> fx.Node:
+    """`value` (a part of the stream holding the tokens of `older`, the site before `site`) merged to the
+    tokens kept at `site` (runtime/token_merge.py)."""
+    merge, sel = ctx.tables.merges[site], ctx.tables.sites[site].sel
+    args = (sel, merge.pruned, merge.target, merge.size, merge.merged_size)
+    if isinstance(fact, Grid) and older == 0:
+        return ctx.call(tm.merge_grid, value, *args, fact.hdim, fact.wdim)
+    return ctx.call(tm.merge_tokens, value, *args, fact.hdim if isinstance(fact, Grid) else fact.dim)
 
 
 def summed_stream(ctx: SiteContext, parts: list, site: int, fp32: bool = False) -> fx.Node:

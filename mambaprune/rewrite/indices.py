@@ -25,6 +25,7 @@ class IndexTables:
         self.length = length
         self.identity = Layout.identity(length)
         self.sites: dict = {}         # site key -> SiteNodes
+        self.merges: dict = {}        # site key -> SiteMerge (reduction="merge-*")
         self.site_order: list = []
 
     # -- sites -------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Invariant: the returned GraphModule is new (the input is never modified, not eve
 meta) and has the original call signature and output shapes. Nodes are re-emitted in an order
 where everything upstream of site s (the ancestors of block s's output `y`) comes first; at each
 site the score and selection nodes are emitted (score.py, select.py), then every downstream node
-is re-emitted with its token arguments cut to the site (gather.py) by the first rewrite rule that
+is re-emitted with its token arguments cut to the site (gather.py; under reduction="merge-*" the
+stream's parts are merged instead: merge.py) by the first rewrite rule that
 matches it (rules/: readout remap, conv1d, permutation, conv2d, scan gaps, copy); before the
 downsampling that ends a pruned stage the grid is restored (stage_end.py) and the next stage runs
 densely up to its own sites. With every keep rate at 1 and `hold`, the result computes exactly
@@ -24,6 +25,7 @@ from ..analysis.ops import is_pointwise, op_name
 from ..pass_infra import GraphPass, InvariantError, PassResult
 from ..settings import Alignment, PruneSettings
 from .context import RewriteContext, SiteContext
+from .merge import emit_merge
 from .gather import cut_constant, cut_grid_constant, cut_to_site
 from .restore import emit_restored, restore_outputs
 from .rules import REWRITE_RULES
@@ -104,11 +106,14 @@ def emit_node(ctx: RewriteContext, old: fx.Node, key: int) -> fx.Node:
 
 
 def emit_site(ctx: SiteContext, site: SiteSpec) -> None:
-    """Score the tokens after block `site.key` and select the K to keep."""
+    """Score the tokens after block `site.key`, select the K to keep and, under reduction="merge-*", where
+    the others are merged (merge.py)."""
     block = ctx.analysis.blocks[site.key - 1]
-    scores = emit_scores(ctx, block, ctx.analysis.stream_parts(site.key))
+    stream = ctx.analysis.stream_parts(site.key)
+    scores = emit_scores(ctx, block, stream)
     y = block_output(ctx, block)
-    emit_selection(ctx, scores, y, current_dim(ctx, y, fact_of(block.y)), site.keep, ctx.analysis.protected)
+    nodes = emit_selection(ctx, scores, y, current_dim(ctx, y, fact_of(block.y)), site.keep, ctx.analysis.protected)
+    emit_merge(ctx, nodes, stream)
 
 
 def emit_pruned(ctx: SiteContext, old: fx.Node) -> fx.Node:

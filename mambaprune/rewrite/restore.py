@@ -11,7 +11,9 @@ meaning for both:
 - "nearest": the value of the nearest kept token of the same tensor (cell distance on a grid,
   position distance on a token sequence): QuarterMap's restore;
 - "zeros": 0.
-With every token kept the restored tensor is the dense one, whatever the fill. Where `carry` is
+Under reduction="merge-*", "carry" is ToMe's unmerge instead: a pruned position takes the value of the
+kept token it was merged into (merge.py). With every token kept the restored tensor is the dense one,
+whatever the fill. Where `carry` is
 not defined (no per-token path from a stream to the tensor), an output falls back to `nearest` and
 the report says so; a stage end refuses (its downsampling must see the stream).
 """
@@ -35,6 +37,7 @@ from ..runtime.token_ops import put_tokens
 from ..settings import Fill
 from .context import SiteContext
 from .gather import summed_stream
+from .merge import unmerged
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ def restore_tensor(ctx: SiteContext, old: fx.Node) -> tuple:
     value = ctx.env[old]
     state = ctx.state.of(value)
     fill, note = ctx.settings.fill, ""
+    if fill is Fill.CARRY and ctx.settings.reduction.merges:
+        return unmerged(ctx, value, state), "carry (unmerged)", ""
     if fill is Fill.CARRY:
         source = carry_source(ctx, old)
         if isinstance(source, tuple):

@@ -29,6 +29,6 @@ def emit_selection(ctx: SiteContext, scores: fx.Node, reference: fx.Node, token_
     idx = ctx.call(ti.take, prev_idx, sel)
     idx.meta[KEPT_POSITIONS] = ctx.site  # PrunedModel.kept_positions reads these back
     vpos = idx if alignment.claims_positions else ctx.call(ti.compacted_positions, idx)
-    nodes = SiteNodes(keep, sel, idx, vpos)
+    nodes = SiteNodes(keep, sel, idx, vpos, prev_idx)
     tables.add_site(ctx.site, nodes)
     return nodes

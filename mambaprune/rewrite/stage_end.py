@@ -17,6 +17,7 @@ from ..analysis import StageEnd
 from ..errors import UnsupportedModelError
 from ..settings import Fill
 from .context import SiteContext
+from .merge import unmerged
 from .restore import carried, carried_stream, carry_source, nearest, scattered, stream_parts_like
 
 
@@ -42,6 +43,8 @@ def _restore(ctx: SiteContext, stage_end: StageEnd) -> fx.Node:
     state = ctx.state.of(value)
     if state is None:
         return value
+    if ctx.settings.fill is Fill.CARRY and ctx.settings.reduction.merges:
+        return unmerged(ctx, value, state)
     if ctx.settings.fill is Fill.CARRY:
         if all(stream_parts_like(ctx, stage_end.restore, key) for key in ctx.tables.sites_up_to(state.site)):
             return carried_stream(ctx, stage_end.restore)       # the stream itself

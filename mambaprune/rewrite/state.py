@@ -27,6 +27,18 @@ class SiteNodes:
     sel: fx.Node        # (B, K) identity slots of the previous site that survive
     idx: fx.Node        # (B, K) original positions, identity slot order
     vpos: fx.Node       # (B, K) positions claimed for token mixing
+    prev_idx: Optional[fx.Node] = None   # (B, P) original positions of the previous site's tokens
+
+
+@dataclass
+class SiteMerge:
+    """How a site merges its pruned tokens (rewrite/merge.py, runtime/token_merge.py)."""
+
+    parts: frozenset    # old-graph nodes of the stream crossing the site: merged instead of gathered
+    pruned: fx.Node     # (B, P - K) pruned slots of the previous site
+    target: fx.Node     # (B, P - K) kept slot each one is merged into
+    size: Optional[fx.Node]   # (B, P) sizes before the merge (None: all 1)
+    merged_size: fx.Node      # (B, K) sizes after it
 
 
 class PrunedState:

@@ -17,7 +17,8 @@ kept, and checks every graph output (tuple / list / dict outputs flattened):
    `verify_tolerance` in halves. Outputs behind something the formulation does not define
    (attention over tokens, directions folded into one scan whose operands are in different orders,
    a decoder reading tokens restored with "carry", ...) and every output under the `none`
-   alignments are not compared: the result says which and why.
+   alignments or a merging reduction (the masked formulation drops what is pruned) are not compared:
+   the result says which and why.
 Besides, the kept positions of every site the pruned graph computes them for (a site followed by
 attention only may not need them) must be valid: K distinct positions in range per sample,
 the protected ones among them, sorted (but under `none-unsorted`), within a subset of the previous
@@ -93,7 +94,7 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
         dense = fx.Interpreter(gm).run(*flat)
         fed = {key: descendants_of_site(analysis, key) for key in keys}
         masked_run, masked = None, None
-        if settings.alignment in (Alignment.HOLD, Alignment.DECAY):
+        if settings.alignment in (Alignment.HOLD, Alignment.DECAY) and not settings.reduction.merges:
             masked_run = MaskedHold(analysis, keep, settings.alignment, settings.fill, fed)
             masked = pytree.tree_leaves(masked_run.run(*flat))
     outputs = _output_nodes(gm)
@@ -181,8 +182,9 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, set
                     f"{_positions_differing(expected, got)})", settings)
         return OutputCheck(index, name, "dense", "all positions", difference, tolerance)
     if masked_run is None:
-        return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}; alignment='{settings.alignment}' "
-                           "has no masked formulation")
+        why = (f"reduction='{settings.reduction}'" if settings.reduction.merges
+               else f"alignment='{settings.alignment}'")
+        return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}; {why} has no masked formulation")
     if node in masked_run.untrusted:
         return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}: {masked_run.untrusted[node]}")
     behind = [key for key in feeding if key in masked_run.analysis.sites and node in masked_run.analysis.sites[key].restored]

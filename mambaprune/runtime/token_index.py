@@ -15,7 +15,9 @@ import torch
 
 from . import token_ops
 
-METRICS = ("clip", "l1", "l2", "raw", "random", "delta", "novelty", "novelty-y")
+METRICS = ("clip", "l1", "l2", "raw", "random", "delta", "delta-max", "novelty", "novelty-y")
+# metrics read from the scans' step sizes (rewrite/score.py), not from a token tensor
+STEP_METRICS = ("delta", "delta-max")
 
 
 def token_scores(y: torch.Tensor, token_dim: int, metric: str) -> torch.Tensor:
@@ -28,7 +30,7 @@ def token_scores(y: torch.Tensor, token_dim: int, metric: str) -> torch.Tensor:
         return flat.abs().sum(-1)
     if metric == "l2":
         return flat.square().sum(-1).sqrt()
-    if metric in ("raw", "delta"):
+    if metric in ("raw", "delta", "delta-max"):
         return flat.sum(-1) if metric == "raw" else flat.mean(-1)
     if metric == "random":
         return pseudo_random_scores(flat)
