@@ -8,7 +8,12 @@ batch: the mean over the global batch once DistributedDataParallel has averaged 
 Models with dense outputs (a tuple / list / dict of feature maps, per-pixel logits) are distilled on
 every floating output: a (batch, classes) output by the KL above, an output with more dims (feature
 maps, per-pixel logits) by its mean squared error relative to the teacher output's mean square
-(logit and feature matching: Ba & Caruana 2014, FitNets 2015), per sample, summed over outputs.
+(logit and feature matching: Ba & Caruana 2014, FitNets 2015), per sample, summed over outputs; with
+``dense="kl"`` an output with more dims is read as per-position logits over dim 1 (segmentation: (B, classes,
+H, W)) and distilled by the KL above at every position, averaged over the positions (`pixel_distillation_loss`).
+
+Feature matching (`feature_matching_loss`) adds the same relative squared error on intermediate tensors the
+student and the teacher both compute (the feature maps a decoder reads: api/recover_features.py).
 """
 from __future__ import annotations
 
@@ -18,10 +23,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from ..errors import InvalidArgumentTypeError
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError
 
 WARMUP_FRACTION = 0.05   # of the steps, linear from 0 to the peak learning rate
 WEIGHT_DECAY = 0.0       # the pruned model starts from trained weights: nothing to decay towards
+DENSE_LOSSES = ("mse", "kl")   # how an output with more than 2 dims is distilled
 
 
 def outputs_of(output):
@@ -34,18 +40,48 @@ def outputs_of(output):
                                    f"them); got {type(output).__name__}")
 
 
-def output_distillation_loss(student, teacher, temperature: float, global_batch: int, world: int = 1) -> torch.Tensor:
-    """The distillation loss of a model's whole output: one tensor of logits -> `distillation_loss`; a tuple,
-    list or dict -> the sum over its floating leaves with a batch dim (2-D: KL; more dims: `matching_loss`)."""
-    if isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor):
-        return distillation_loss(student, teacher, temperature, global_batch, world)
+def check_dense_loss(dense: str) -> str:
+    if dense not in DENSE_LOSSES:
+        raise InvalidArgumentError(f"recover: dense_loss must be one of {', '.join(map(repr, DENSE_LOSSES))}; got {dense!r}")
+    return dense
+
+
+def output_distillation_loss(student, teacher, temperature: float, global_batch: int, world: int = 1,
+                             dense: str = "mse") -> torch.Tensor:
+    """The distillation loss of a model's whole output: one tensor of logits (batch, classes) ->
+    `distillation_loss`; a tuple, list or dict -> the sum over its floating leaves with a batch dim (2-D:
+    KL; more dims: `matching_loss`, or `pixel_distillation_loss` with ``dense="kl"``); so is a lone tensor
+    with more than 2 dims."""
+    check_dense_loss(dense)
     pairs = [(s, t) for s, t in zip(pytree.tree_leaves(student), pytree.tree_leaves(teacher))
              if isinstance(s, torch.Tensor) and s.is_floating_point() and s.dim() >= 2]
     if not pairs:
         raise InvalidArgumentTypeError("recover needs a model output with floating tensors of shape (batch, ...) to "
                                        f"distil; got {type(student).__name__}")
-    return sum(distillation_loss(s, t, temperature, global_batch, world) if s.dim() == 2
-               else matching_loss(s, t, global_batch, world) for s, t in pairs)
+
+    def one(s, t):
+        if s.dim() == 2:
+            return distillation_loss(s, t, temperature, global_batch, world)
+        if dense == "kl":
+            return pixel_distillation_loss(s, t, temperature, global_batch, world)
+        return matching_loss(s, t, global_batch, world)
+    return sum(one(s, t) for s, t in pairs)
+
+
+def pixel_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, global_batch: int,
+                            world: int = 1) -> torch.Tensor:
+    """Per-position logits over dim 1 (B, classes, *positions): sum over samples of the mean over positions of
+    T^2 KL(softmax(teacher / T) || softmax(student / T)) over the classes, / global_batch * world."""
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(student.float() / t, 1), F.log_softmax(teacher.float() / t, 1),
+                  log_target=True, reduction="sum")
+    positions = student[0, 0].numel()
+    return kl * (t * t * world / (global_batch * positions))
+
+
+def feature_matching_loss(student: list, teacher: list, global_batch: int, world: int = 1) -> torch.Tensor:
+    """The sum over paired feature tensors of `matching_loss` (each relative to the teacher's mean square)."""
+    return sum(matching_loss(s, t, global_batch, world) for s, t in zip(student, teacher))
 
 
 def matching_loss(student: torch.Tensor, teacher: torch.Tensor, global_batch: int, world: int = 1) -> torch.Tensor:
