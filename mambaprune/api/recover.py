@@ -1,7 +1,10 @@
 """`recover`: win back what pruning loses by label-free distillation from the dense model.
 
 A copy of the pruned model's graph is trained (AdamW, warm-up then cosine) to match the dense teacher's
-logits softened at a temperature, on unlabelled images: no labels, minutes on a CPU for small models.
+logits softened at a temperature, on unlabelled images: no labels, minutes on a CPU for small models. Dense
+outputs (feature maps, per-pixel logits) are matched by relative squared error or a per-pixel KL
+(``dense_loss``), and the tensors a named submodule reads (a decoder's restored feature maps) can be matched
+too (``features``: api/recover_features.py).
 The teacher and the pruned model passed in are never modified. Under torch.distributed (torchrun),
 the copy is wrapped in DistributedDataParallel and every rank trains on its own shard of every global
 batch, so N processes see the same samples in the same order as one would (api/distributed.py).
