@@ -111,7 +111,7 @@ def run_model(name: str, args) -> dict:
             result["by_site"][f"recovered, seed {seed}"] = by_pruning_site(better, test, recovered, dense_pred, model.grid, cls)
             shown[f"recovered ({args.recover_steps} steps, seed {seed})"] = recovered[:4]
             print(f"  recovered: {result['recovered'][-1]}", flush=True)
-    plot(test, shown, RESULTS / f"segmentation_{name}.png", name)
+    plot(test, shown, RESULTS / (f"segmentation_{name}" + (f"_{args.tag}" if args.tag else "") + ".png"), name)
     return result
 
 
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=300, help="0: no recovery")
     parser.add_argument("--recover-batch", type=int, default=16)
     parser.add_argument("--recover-images", type=int, default=1000, help="unlabelled validation images")
+    parser.add_argument("--tag", default="", help="written to segmentation_NAME[_TAG].json / .md / .png")
     parser.add_argument("--recover-seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--recover-lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--recover-temperature", type=float, default=DEFAULT_TEMPERATURE)
@@ -235,8 +236,9 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.models or list_pretrained("segmentation"):
         result = run_model(name, args)
-        (RESULTS / f"segmentation_{name}.json").write_text(json.dumps(result, indent=2))
-        (RESULTS / f"segmentation_{name}.md").write_text(markdown(result))
+        stem = f"segmentation_{name}" + (f"_{args.tag}" if args.tag else "")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{stem}.md").write_text(markdown(result))
         print(markdown(result))
 
 
