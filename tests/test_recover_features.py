@@ -10,7 +10,7 @@ import torch
 
 from mambaprune import compile_pruned, create_model, recover
 from mambaprune.api.distill import (
-    feature_matching_loss, matching_loss, output_distillation_loss, pixel_distillation_loss)
+    channel_distillation_loss, feature_matching_loss, matching_loss, output_distillation_loss, pixel_distillation_loss)
 from mambaprune.api.recover_features import TeacherFeatures, module_inputs, with_features
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=32, depth=6, d_state=4, out_indices=(1, 3, 5), decoder_width=16)
@@ -48,14 +48,33 @@ def test_the_per_pixel_kl_is_the_mean_over_pixels_of_the_t_squared_kl_over_class
     assert pixel_distillation_loss(teacher, teacher, T, 3).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_a_lone_dense_output_is_matched_by_relative_squared_error_not_a_softmax_over_its_last_dim():
+def test_the_channel_kl_is_the_mean_over_channels_of_the_t_squared_kl_over_positions():
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    T = 2.0
+    total = 0.0
+    for b in range(2):
+        for c in range(3):
+            p = torch.softmax(teacher[b, c].flatten().double() / T, 0)
+            q = torch.softmax(student[b, c].flatten().double() / T, 0)
+            total += T * T * float((p * (p.log() - q.log())).sum()) / 3
+    assert channel_distillation_loss(student, teacher, T, 4, 2).item() == pytest.approx(total / 4 * 2, rel=1e-5)
+    # a constant added to each channel's whole map (a different one per channel) changes nothing
+    assert channel_distillation_loss(student + torch.arange(3.0).view(1, 3, 1, 1), student, T, 2).item() == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+def test_auto_distils_a_lone_dense_output_channel_wise_and_maps_in_a_container_by_relative_squared_error():
     g = torch.Generator().manual_seed(2)
     student, teacher = torch.randn(2, 5, 4, 4, generator=g), torch.randn(2, 5, 4, 4, generator=g)
     direct = sum(float(((student[b] - teacher[b]) ** 2).mean() / (teacher[b] ** 2).mean()) for b in range(2)) / 2
-    assert output_distillation_loss(student, teacher, 2.0, 2).item() == pytest.approx(direct, rel=1e-5)
-    # a constant added along the last dim changes the squared error, and would leave a softmax over it alone
-    shifted = student + torch.arange(5.0).view(1, 5, 1, 1)
-    assert output_distillation_loss(shifted, teacher, 2.0, 2).item() > direct + 0.5
+    assert output_distillation_loss(student, teacher, 2.0, 2, dense="mse").item() == pytest.approx(direct, rel=1e-5)
+    assert output_distillation_loss({"a": student}, {"a": teacher}, 2.0, 2).item() == pytest.approx(direct, rel=1e-5)
+    channel = channel_distillation_loss(student, teacher, 2.0, 2).item()
+    assert output_distillation_loss(student, teacher, 2.0, 2).item() == pytest.approx(channel, rel=1e-6)
+    # not a softmax over the last dim alone (what a lone dense output got before): a shift per row matters
+    rows = student + torch.randn(2, 5, 4, 1, generator=g)
+    assert output_distillation_loss(rows, teacher, 2.0, 2).item() != pytest.approx(channel, rel=1e-3)
 
 
 def test_feature_matching_sums_relative_squared_errors_over_the_pairs():
@@ -121,7 +140,7 @@ def test_recover_with_the_per_pixel_kl_lowers_it(teacher, pruned):
 
 
 @pytest.mark.parametrize("kwargs, error, fragment", [
-    (dict(dense_loss="ce"), ValueError, "dense_loss must be one of 'mse', 'kl'"),
+    (dict(dense_loss="ce"), ValueError, "dense_loss must be one of 'auto', 'mse', 'kl', 'channel'"),
     (dict(features="decoder"), ValueError, "features names 'decoder', which is not a submodule"),
     (dict(features=[3]), TypeError, "features must be a submodule name or a sequence of names"),
     (dict(features="decode_head", feature_weight=0.0), ValueError, "feature_weight must be a positive number"),

@@ -39,7 +39,7 @@ DEFAULT_LR = 3e-4
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_AUGMENT = "mixup+shift"
-DEFAULT_DENSE_LOSS = "mse"
+DEFAULT_DENSE_LOSS = "auto"
 
 
 def recover(pruned: PrunedModel, teacher: torch.nn.Module, data, *, steps: int = DEFAULT_STEPS,
@@ -68,9 +68,11 @@ def recover(pruned: PrunedModel, teacher: torch.nn.Module, data, *, steps: int =
             translation of up to 1/8 of the image per image, mixup = a random convex mix of two
             images of the batch (no labels involved). The data passed in is never modified.
         dense_loss: how an output with more than 2 dims is distilled: "mse" (its squared error relative to the
-            teacher's mean square: feature maps) or "kl" (per-position logits over dim 1, e.g. segmentation
-            logits (B, classes, H, W): the KL at ``temperature`` at every position, averaged over them). A
-            (batch, classes) output is always distilled by the KL.
+            teacher's mean square: feature maps), "kl" (per-position logits over dim 1, e.g. segmentation
+            logits (B, classes, H, W): the KL at ``temperature`` at every position, averaged over them),
+            "channel" (each channel's map softened over its positions at ``temperature``, the KL averaged over
+            the channels: channel-wise distillation) or "auto" (the default: a lone output "channel", feature
+            maps in a tuple / list / dict "mse"). A (batch, classes) output is always distilled by the KL.
         features: teacher submodule name(s) whose input tensors are matched too (e.g. ``"decode_head"``: the
             feature maps a decoder reads, in the pruned model restored to full size), each by its squared
             error relative to the teacher's mean square, times ``feature_weight`` (api/recover_features.py).
