@@ -39,6 +39,8 @@ DEFAULT_LR = 3e-4
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_AUGMENT = "mixup+shift"
+# README, "Segmentation": at -30%, 300 steps, seed 0, the channel-wise KL ("auto" on a lone per-pixel output)
+# recovered PlainMamba to 58.00 mIoU against 52.77 per-pixel KL, ViM to 46.54 against 45.22 (KL) and 41.87 (mse)
 DEFAULT_DENSE_LOSS = "auto"
 
 
