@@ -9,9 +9,11 @@ zeros: what a pruned position of a restored feature map holds) and every alignme
 paper's schedule, training-free: mIoU / pixel accuracy on --test-images test images (digit scans disjoint
 from training), achieved reduction, kept tokens per site. A ratio the planner refuses (it never keeps fewer
 than 1/8 of the tokens at a site) is reported as unreachable with the largest reachable reduction. Then the
-best training-free setting at --recover-ratio (0.3) is recovered label-free (`mambaprune.recover`: the
-per-pixel logits distilled by relative squared error) for --recover-steps steps on unlabelled validation
-images, and evaluated again. Writes benchmarks/results/segmentation_NAME.json / .md and a PNG of predicted
+best training-free setting at --recover-ratio (0.3) is recovered label-free (`mambaprune.recover` with
+--recover-dense-loss: the per-pixel logits distilled by relative squared error "mse" or per-pixel KL "kl";
+--recover-features: also the maps the decoder reads, matched by relative squared error) for --recover-steps
+steps on unlabelled validation images, once per --recover-seeds, and evaluated again. Where the pruned model
+loses pixels is broken down by the site at which each pixel's token was pruned (never = kept to the end). Writes benchmarks/results/segmentation_NAME.json / .md and a PNG of predicted
 masks (dense, pruned, recovered) for 4 test images. Wall times come from a 2-core VM shared with other jobs.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 
 from mambaprune import recover
 from mambaprune.api import build, prepare
+from mambaprune.api.distill import DENSE_LOSSES
+from mambaprune.api.recover import DEFAULT_DENSE_LOSS, DEFAULT_LR, DEFAULT_TEMPERATURE
 from mambaprune.data import BACKGROUND, SEG_CLASSES, confusion_matrix, make_cluttered_digits, mean_iou, pixel_accuracy
 from mambaprune.errors import UnreachableRatioError
 from mambaprune.models.pretrained import checkpoint_info, list_pretrained, load_pretrained
@@ -88,20 +92,67 @@ def run_model(name: str, args) -> dict:
         fast, pred = built[(best["ratio"], best["fill"], best["alignment"])]
         shown[f"pruned -{round(100 * args.recover_ratio)}% ({best['fill']}, {best['alignment']})"] = pred[:4]
         train = make_cluttered_digits("val", args.recover_images, info.variant, size, seed=2)
-        began = time.perf_counter()
-        better = recover(fast, model, train.inputs, steps=args.recover_steps, batch_size=args.recover_batch,
-                         seed=0, progress=False)
-        seconds = round(time.perf_counter() - began, 1)
-        recovered = predictions(better, test.inputs)
-        result["recovered"] = {"ratio": best["ratio"], "fill": best["fill"], "alignment": best["alignment"],
-                               "achieved": best["achieved"], "steps": args.recover_steps, "batch_size": args.recover_batch,
-                               "images": args.recover_images,
-                               "training_free": {k: best[k] for k in ("miou", "pixel_accuracy", "agreement")},
-                               **scores(recovered, test.masks, dense_pred), "seconds": seconds}
-        shown[f"recovered ({args.recover_steps} steps)"] = recovered[:4]
-        print(f"  recovered: {result['recovered']}", flush=True)
-    plot(test, shown, RESULTS / f"segmentation_{name}.png", name)
+        options = dict(steps=args.recover_steps, batch_size=args.recover_batch, lr=args.recover_lr,
+                       temperature=args.recover_temperature, dense_loss=args.recover_dense_loss,
+                       features=tuple(args.recover_features), feature_weight=args.recover_feature_weight)
+        cls = getattr(model.backbone, "token_position", None)
+        result["by_site"] = {"training_free": by_pruning_site(fast, test, pred, dense_pred, model.grid, cls)}
+        result["recovered"] = []
+        for seed in args.recover_seeds:
+            began = time.perf_counter()
+            better = recover(fast, model, train.inputs, seed=seed, progress=False, **options)
+            seconds = round(time.perf_counter() - began, 1)
+            recovered = predictions(better, test.inputs)
+            result["recovered"].append({
+                "ratio": best["ratio"], "fill": best["fill"], "alignment": best["alignment"], "achieved": best["achieved"],
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}, "seed": seed,
+                "images": args.recover_images, "training_free": {k: best[k] for k in ("miou", "pixel_accuracy", "agreement")},
+                **scores(recovered, test.masks, dense_pred), "seconds": seconds})
+            result["by_site"][f"recovered, seed {seed}"] = by_pruning_site(better, test, recovered, dense_pred, model.grid, cls)
+            shown[f"recovered ({args.recover_steps} steps, seed {seed})"] = recovered[:4]
+            print(f"  recovered: {result['recovered'][-1]}", flush=True)
+    plot(test, shown, RESULTS / (f"segmentation_{name}" + (f"_{args.tag}" if args.tag else "") + ".png"), name)
     return result
+
+
+def by_pruning_site(fast, test, predicted: torch.Tensor, dense: torch.Tensor, grid: tuple, class_position,
+                    batch_size: int = 50) -> dict:
+    """{site at which a pixel's token was pruned ("never": kept to the end): % of the pixels, % of them that
+    are ink, accuracy of the dense and of the pruned prediction on their ink pixels}. ``class_position``: the
+    class token's place in the token sequence (ViM), None without one; ``grid``: the token grid (rows, columns)."""
+    n, side = len(test.inputs), test.masks.shape[-1]
+    rows, cols = grid
+    pruned_at = torch.cat([_pruned_at(fast.kept_positions(test.inputs[i:i + batch_size]), rows * cols, class_position)
+                           for i in range(0, n, batch_size)])
+    cell = pruned_at.view(n, rows, cols).repeat_interleave(side // rows, 1).repeat_interleave(side // cols, 2)
+    ink = test.masks != BACKGROUND
+    out = {}
+    for site in sorted(cell.unique().tolist()):
+        where, inked = cell == site, (cell == site) & ink
+        out["never" if site == NEVER else str(site)] = {
+            "pixels": round(100 * where.float().mean().item(), 1), "ink": round(100 * ink[where].float().mean().item(), 1),
+            "dense_ink_accuracy": round(100 * (dense[inked] == test.masks[inked]).float().mean().item(), 1),
+            "ink_accuracy": round(100 * (predicted[inked] == test.masks[inked]).float().mean().item(), 1)}
+    return out
+
+
+NEVER = 10 ** 6
+
+
+def _pruned_at(kept: dict, tokens: int, class_position) -> torch.Tensor:
+    """(batch, grid tokens): the site at which each grid token was pruned, NEVER where it was kept to the end
+    (``kept``: {site: (batch, K) kept positions in the token sequence}; the class token is never pruned)."""
+    first = next(iter(kept.values()))
+    pruned_at = torch.full((len(first), tokens), NEVER)
+    alive = torch.ones(len(first), tokens, dtype=torch.bool)
+    for site, pos in sorted(kept.items()):
+        if class_position is not None:
+            pos = pos[pos != class_position].view(len(pos), -1)
+            pos = torch.where(pos > class_position, pos - 1, pos)
+        now = torch.zeros_like(alive).scatter_(1, pos, True)
+        pruned_at[alive & ~now] = site
+        alive = now
+    return pruned_at
 
 
 def markdown(result: dict) -> str:
@@ -119,13 +170,22 @@ def markdown(result: dict) -> str:
         else:
             sites = ", ".join(f"{k}: {v}" for k, v in r["sites"].items())
             lines.append(f"{head} {r['achieved']:.3f} | {r['miou']} | {r['pixel_accuracy']} | {r['agreement']} | {sites} |")
-    if "recovered" in result:
-        r = result["recovered"]
-        lines += ["", f"Recovered (label-free `recover`, {r['steps']} steps, batch {r['batch_size']}, {r['images']} unlabelled "
-                  f"validation images) from -{round(100 * r['ratio'])}% {r['fill']} / {r['alignment']} (achieved "
-                  f"{r['achieved']:.3f}): mIoU {r['training_free']['miou']} -> {r['miou']}, pixel accuracy "
-                  f"{r['training_free']['pixel_accuracy']} -> {r['pixel_accuracy']}, agreement with dense "
+    for r in result.get("recovered", []):
+        how = f"{r['dense_loss']}, lr {r['lr']:g}, T {r['temperature']:g}" + (
+            f", features of {', '.join(r['features'])} x {r['feature_weight']:g}" if r["features"] else "")
+        lines += ["", f"Recovered (label-free `recover`, {r['steps']} steps, batch {r['batch_size']}, {how}, seed {r['seed']}, "
+                  f"{r['images']} unlabelled validation images) from -{round(100 * r['ratio'])}% {r['fill']} / "
+                  f"{r['alignment']} (achieved {r['achieved']:.3f}): mIoU {r['training_free']['miou']} -> {r['miou']}, "
+                  f"pixel accuracy {r['training_free']['pixel_accuracy']} -> {r['pixel_accuracy']}, agreement with dense "
                   f"{r['training_free']['agreement']} -> {r['agreement']} ({r['seconds']} s)."]
+    if result.get("by_site"):
+        lines += ["", "Where the pixels are lost, by the site at which each pixel's token was pruned (never: kept to the "
+                  "end): % of the pixels, % of them that are ink, accuracy on their ink pixels (dense -> this model):", "",
+                  "| model | " + " | ".join("kept to the end" if k == "never" else f"pruned at {k}" for k in next(iter(result["by_site"].values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(result["by_site"].values())))]
+        for label, sites in result["by_site"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{v['pixels']}% px, {v['ink']}% ink: {v['dense_ink_accuracy']} -> "
+                                                        f"{v['ink_accuracy']}" for v in sites.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,11 +226,19 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=300, help="0: no recovery")
     parser.add_argument("--recover-batch", type=int, default=16)
     parser.add_argument("--recover-images", type=int, default=1000, help="unlabelled validation images")
+    parser.add_argument("--tag", default="", help="written to segmentation_NAME[_TAG].json / .md / .png")
+    parser.add_argument("--recover-seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--recover-lr", type=float, default=DEFAULT_LR)
+    parser.add_argument("--recover-temperature", type=float, default=DEFAULT_TEMPERATURE)
+    parser.add_argument("--recover-dense-loss", default=DEFAULT_DENSE_LOSS, choices=DENSE_LOSSES)
+    parser.add_argument("--recover-features", nargs="*", default=[], help="teacher submodules whose inputs are matched too")
+    parser.add_argument("--recover-feature-weight", type=float, default=1.0)
     args = parser.parse_args()
     for name in args.models or list_pretrained("segmentation"):
         result = run_model(name, args)
-        (RESULTS / f"segmentation_{name}.json").write_text(json.dumps(result, indent=2))
-        (RESULTS / f"segmentation_{name}.md").write_text(markdown(result))
+        stem = f"segmentation_{name}" + (f"_{args.tag}" if args.tag else "")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{stem}.md").write_text(markdown(result))
         print(markdown(result))
 
 

@@ -81,3 +81,16 @@ def test_segmentation_models_prune_with_their_maps_restored_before_the_decoder(n
         torch.testing.assert_close(keep_all(x), dense, rtol=1e-5, atol=1e-5)
     assert pruned.shape == dense.shape and not torch.allclose(pruned, dense, atol=1e-4)
     assert np.isfinite(pruned.numpy()).all()
+
+
+def test_the_benchmark_finds_the_site_each_grid_token_was_pruned_at_skipping_the_class_token():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from segmentation import NEVER, _pruned_at
+    # 4 grid tokens and a class token at sequence position 2: sequence = [g0, g1, cls, g2, g3]
+    kept = {1: torch.tensor([[0, 2, 3, 4], [1, 2, 3, 4]]), 3: torch.tensor([[2, 4], [1, 2]])}
+    got = _pruned_at(kept, 4, 2)
+    assert got.tolist() == [[3, 1, 3, NEVER], [1, NEVER, 3, 3]]
+    # without a class token the positions are the grid's
+    assert _pruned_at({2: torch.tensor([[0, 3]])}, 4, None).tolist() == [[NEVER, 2, 2, NEVER]]

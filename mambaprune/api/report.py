@@ -25,11 +25,17 @@ class RecoveryRecord:
     seed: int
     world_size: int = 1            # processes that trained it together (torch.distributed)
     augment: str = "none"          # what each batch went through first (api/augment.py)
+    dense_loss: str = "auto"       # how outputs with more than 2 dims were distilled (api/distill.py)
+    features: tuple = ()           # teacher submodules whose inputs were matched too
+    feature_weight: float = 0.0
 
     def __str__(self) -> str:
         first, last = (self.losses[0], self.losses[-1]) if self.losses else (float("nan"),) * 2
         ranks = f" on {self.world_size} processes" if self.world_size > 1 else ""
         aug = f", augment {self.augment}" if self.augment != "none" else ""
+        aug += {"kl": ", per-pixel KL", "channel": ", channel-wise KL", "mse": ", dense outputs by relative squared error"
+                }.get(self.dense_loss, "")
+        aug += f", features of {', '.join(self.features)} x {self.feature_weight:g}" if self.features else ""
         return (f"recovered: {self.steps} steps of label-free distillation from the dense model (KL at temperature "
                 f"{self.temperature:g}, AdamW lr {self.lr:g} cosine, batch {self.batch_size}, seed {self.seed}{aug}){ranks} "
                 f"in {self.seconds:.1f} s; loss {first:.4g} -> {last:.4g}")
