@@ -58,45 +58,17 @@ def load_model_spec(spec: str, img_size: int | None = None) -> torch.nn.Module:
 
 def _compile(args):
     from . import compile_pruned
+    from .capture.inputs import infer_example_inputs
+    from .data.calibration import load_calibration
 
     model = load_model_spec(args.model, args.img_size)
     example = None if args.input_shape is None else (torch.randn(1, *args.input_shape),)
-    calibration = None if args.calibration is None else load_calibration(args.calibration, model, example, args)
+    calibration = None if args.calibration is None else load_calibration(
+        args.calibration, lambda: tuple((example or infer_example_inputs(model))[0].shape[-2:]),
+        mean=args.mean, std=args.std, model=model)
     return model, compile_pruned(model, ratio=args.ratio, example_inputs=example, schedule=args.schedule,
                                  alignment=args.alignment, metric=args.metric, fill=args.fill,
                                  reduction=args.reduction, calibration=calibration)
-
-
-CALIBRATION_BATCH = 8
-
-
-def load_calibration(path: str, model, example, args) -> list:
-    """--calibration as batches of 8: a folder of images (read at the model's input size, normalised with
-    --mean / --std or the model's pretrained_cfg) or a .pt / .safetensors file of one tensor (N, C, H, W)."""
-    file = Path(path)
-    if file.is_dir():
-        return _calibration_images(file, model, example, args)
-    if not file.is_file():
-        raise InvalidArgumentError(f"--calibration {path}: no such file or folder (a folder of images, or a .pt or "
-                                   ".safetensors file of one tensor of input images, (N, C, H, W))")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        tensors = list(load_file(str(file)).values())
-    else:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-        tensors = [loaded] if isinstance(loaded, torch.Tensor) else []
-    if len(tensors) != 1 or tensors[0].dim() < 2 or len(tensors[0]) == 0:
-        raise InvalidArgumentError(f"--calibration {path} must hold exactly one non-empty tensor of input images "
-                                   "(N, C, H, W), saved with torch.save(x, path) or safetensors' save_file({'x': x}, path)")
-    return list(tensors[0].float().split(CALIBRATION_BATCH))
-
-
-def _calibration_images(folder: Path, model, example, args) -> list:
-    from .capture.inputs import infer_example_inputs
-    from .data import image_folder
-
-    size = tuple((example or infer_example_inputs(model))[0].shape[-2:])
-    return list(image_folder(folder, size, mean=args.mean, std=args.std, model=model, batch_size=CALIBRATION_BATCH))
 
 
 def compile_command(args) -> None:
@@ -110,8 +82,7 @@ def compile_command(args) -> None:
     path = pruned.export(args.output, format=args.format)
     report = pruned.report
     target = f"target {report.target_ratio:.3f}" if report.uses_ratio else f"schedule {report.schedule!r}"
-    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() \
-        else Path(path).stat().st_size
+    size = sum(f.stat().st_size for f in [Path(path), *Path(path).rglob("*")] if f.is_file())
     print(f"wrote {path} ({size / 1e6:.2f} MB): FLOPs reduction "
           f"{report.achieved_ratio:.3f} ({target}), {len(report.sites)} site(s)")
 

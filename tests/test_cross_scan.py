@@ -10,6 +10,7 @@ both reversed) with a token-by-token scan, merged back at the kept positions. Ma
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -257,17 +258,27 @@ def test_other_metrics_and_alignments_run(vmamba, options):
     assert fast.kept_positions(x)[SITE].shape == (3, 8)
 
 
-def test_carry_needs_a_stream_like_the_downsampling_input():
-    """A 1x1 conv that changes the channels before the strided conv: the restored tensor is not the
-    stream, so there is nothing for a pruned cell to carry; zeros still work."""
-    model = arch.build("vmamba")
-    model.stages[0]["downsample"] = nn.Sequential(arch.Linear2d(24, 32), nn.Conv2d(32, 48, 2, stride=2),
-                                                  arch.LayerNorm2d(48))
-    with pytest.raises(UnsupportedModelError, match=r"fill='carry' found no tensor like .*fill='nearest' or fill='zeros'"):
-        mambaprune.compile_pruned(model, schedule={1: 0.5})
+def test_carry_reaches_the_stream_through_a_per_token_conv_before_the_downsampling():
+    """A 1x1 conv that changes the channels before the strided conv: carry puts the stream back at every pruned
+    cell and re-runs the 1x1 conv densely on it, so the pruned model equals the same model with the 1x1 conv
+    folded into the strided one (which reads the stream itself); zeros and nearest work too."""
+    torch.manual_seed(0)
+    model = arch.build("vmamba").eval()
+    linear, conv = arch.Linear2d(24, 32), nn.Conv2d(32, 48, 2, stride=2)
+    model.stages[0]["downsample"] = nn.Sequential(linear, conv, arch.LayerNorm2d(48))
+    folded = copy.deepcopy(model)
+    merged = nn.Conv2d(24, 48, 2, stride=2)
+    with torch.no_grad():
+        merged.weight.copy_(torch.einsum("omhw,mi->oihw", conv.weight, linear.weight))
+        merged.bias.copy_(conv.bias + torch.einsum("omhw,m->o", conv.weight, linear.bias))
+    folded.stages[0]["downsample"] = nn.Sequential(merged, copy.deepcopy(model.stages[0]["downsample"][2]))
+    x = images(batch=2)
+    fast = mambaprune.compile_pruned(model, schedule={1: 0.5})
+    reference = mambaprune.compile_pruned(folded, schedule={1: 0.5})
+    assert fast.report.sites == reference.report.sites == {1: 32}
+    torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-4)
     for fill in ("zeros", "nearest"):
-        fast = mambaprune.compile_pruned(model, schedule={1: 0.5}, fill=fill)
-        assert fast.report.sites == {1: 32}
+        assert mambaprune.compile_pruned(model, schedule={1: 0.5}, fill=fill).report.sites == {1: 32}
 
 
 def test_decay_is_refused_for_a_grouped_scan_in_several_orders(vmamba):

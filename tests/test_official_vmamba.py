@@ -137,13 +137,18 @@ def hand_cross_merge(y, in_channel_first=True, out_channel_first=True, one_by_on
     return csm_triton.cross_merge_fwd(y, in_channel_first, out_channel_first, scans)
 
 
-def test_an_unrouted_allocation_and_slice_writes_is_refused_naming_the_stack(monkeypatch):
+def test_an_unrouted_cross_scan_filling_new_empty_by_slices_prunes_as_the_routed_one(monkeypatch, v05_pruned, images):
+    """csm_triton's torch cross-scan called from the user's own function (nothing routes it): its new_empty
+    filled by slice writes is read as the cat it computes (capture/slice_fills.py), and the pruned model is
+    the one built from the routed official code."""
     monkeypatch.setattr(official, "cross_scan_fn", hand_cross_scan)
     monkeypatch.setattr(official, "cross_merge_fn", hand_cross_merge)
     torch.manual_seed(0)
-    model = official.vmamba_tiny_s1l8(dims=16, depths=[1, 1, 1, 1], num_classes=10).eval()
-    analysis = prepare(model, (torch.randn(2, 3, 64, 64),)).analysis
-    reason = analysis.not_understood[0].reason
-    assert analysis.not_understood[0].name == "layers.0.blocks.0.op"
-    assert reason.startswith("new_empty: a (B, 4, 16, 256) tensor built by aten::new_empty and 3 slice writes along dim 1")
-    assert "write it with torch.stack / torch.cat" in reason
+    model = official.vmamba_tiny_s1l8(dims=16, depths=DEPTHS, num_classes=10).eval()
+    prepared = prepare(model, (torch.randn(2, 3, 64, 64),))
+    assert prepared.analysis.not_understood == []
+    assert not any("cross_scan" in r for r in build(prepared, PruneSettings(ratio=0.0)).report.routed_scans)
+    assert (build(prepared, PruneSettings(ratio=0.0))(images) - dense(model, images)).abs().max().item() <= TOL
+    fast = build(prepared, PruneSettings(ratio=RATIO))
+    assert fast.report.sites == v05_pruned.report.sites
+    assert (fast(images) - v05_pruned(images)).abs().max().item() <= TOL

@@ -97,7 +97,7 @@ def analyse(gm: fx.GraphModule, batch: Optional[int] = None) -> GraphAnalysis:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     blocks = [describe_block(i, members, graph, order) for i, members in enumerate(group_blocks(scans, graph, order))]
     sites, invalid = find_sites(gm, blocks, flow.barriers, graph, order)
-    on_kept_tokens = set().union(*(site.fed - site.restored for site in sites.values()))
+    on_kept_tokens = set().union(*(site.fed - site.restored - site.after_stage for site in sites.values()))
     dense_everywhere = {n for n in gm.graph.nodes if n not in on_kept_tokens} if sites else set()
     return GraphAnalysis(gm, blocks, max(lengths), set(flow.protected), set(flow.class_tokens),
                          collect_not_understood(gm, dense_everywhere), list(flow.barriers), sites, invalid)

@@ -86,9 +86,9 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
         cut = block_closure(block, gm, graph)
         work = token_work(blocks[key:], cut, gm.graph.nodes)
         fed = fed_by_site(cut, work, gm.graph.nodes)
-        restored = restored_tail(fed, work, gm.graph.nodes)
         end = next((b for b in barriers if b not in cut), None)
         after = nx.descendants(graph, end) if end is not None else set()
+        restored = restored_tail(fed, work, gm.graph.nodes) - after      # dense after the stage end anyway
         reason = site_problem(cut, fed, [n for n in unknown if n not in after and n not in restored],
                               block.token_length, gm.graph.nodes) or restore_problem([n for n in gm.graph.nodes if n in restored], fed, batch_of(gm), block)
         stage_end = None

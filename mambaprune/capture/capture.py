@@ -32,6 +32,7 @@ from ..pass_infra import backend_switches_preserved, exclusive_compile, release_
 from .batch_int import symbolic_batch_int
 from .behaviour import route_by_behaviour
 from .routing import route_scans
+from .slice_fills import functionalize_slice_fills
 
 MAX_BATCH = 1 << 16
 
@@ -90,7 +91,7 @@ def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
             except Exception as again:
                 raise _capture_error(again, f"even with the example batch ({static_batch}) fixed") from again
     routes = routes + [r.route for r in recognised if r.route is not None]
-    return Capture(program, program.module(), tuple(example_inputs), [str(r) for r in routes if r.called],
+    return Capture(program, functionalize_slice_fills(program.module()), tuple(example_inputs), [str(r) for r in routes if r.called],
                    static_batch=static_batch, recognised=recognised)
 
 

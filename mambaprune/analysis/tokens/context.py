@@ -20,12 +20,15 @@ from ..ops import is_static, shape_of
 class RuleContext:
     def __init__(self, gm: fx.GraphModule, token_lengths: set, batch: Optional[int] = None):
         self.gm = gm
-        self.token_lengths = frozenset(token_lengths)
+        # a scan over one token (a 1 x 1 last stage) gives no token axis to seed: a size-1 dim is as
+        # likely a broadcast one (a pooled gate (B, 1, C)), and one token has nothing to prune
+        self.token_lengths = frozenset(length for length in token_lengths if length > 1)
         self.batch = batch                 # the batch of a graph captured with it fixed (None: dynamic)
         self.protected: set = set()        # original positions that must never be pruned
         self.class_tokens: set = set()
         self.barriers: list = []           # nodes a pruning site must precede (downsampling between stages)
         self.input_dependent: set = set()  # nodes computed from the model's inputs
+        self.summaries: set = set()        # nodes computed from token readouts (a pooled gate): never seeds
         self.evaluated: dict = {}          # movement.py: facts of moves already evaluated, by op and inputs
         self._nodes = {node.name: node for node in gm.graph.nodes}
 

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from ...meta_keys import PERMUTATION
-from ..facts import BatchTok, Fact, Grid, MultiGrid, MultiTok, NotUnderstood, Tok, TokenMap, multi, varies
+from ..facts import BatchTok, Fact, Grid, MultiGrid, MultiTok, NotUnderstood, Readout, Tok, TokenMap, multi, varies
 from ..layout import Layout
 from ..ops import aten, argument, is_static, op_name
 from ..shapes import view_groups
@@ -222,8 +222,8 @@ def describe_elements(fact, shape: tuple, symbolic: tuple, ctx: RuleContext, whi
         return paths[parts, cells], batch, part + 64 * (parts + 1)
     if isinstance(fact, TokenMap):
         return fact.positions.reshape(-1), batch, part + 64 * (fact.parts.reshape(-1) + 1)
-    if fact is None:
-        return none, batch, part
+    if fact is None or isinstance(fact, Readout):   # a readout (a pooled summary, a copy of one token) holds no
+        return none, batch, part                     # token slot of its own, as a class token's constant
     raise NotUnderstood(f"data movement of a {type(fact).__name__}")
 
 
@@ -250,7 +250,7 @@ def _fact(node: fx.Node, ctx: RuleContext, encoded: _Encoding, codes: torch.Tens
     if grid is not None and op_name(node) in _VIEW_OPS:
         # a Grid does not record which of its other dims hold samples (a window reverse splits the batch)
         raise NotUnderstood(grid_view_reason(node, ctx, grid))
-    if not all(isinstance(f, _FOLLOWED) or f is None for f in encoded.facts):
+    if not all(isinstance(f, _FOLLOWED) or f is None or isinstance(f, Readout) for f in encoded.facts):
         raise NotUnderstood(f"{describe_op(node, ctx)} moves directions folded into one tensor (or flattened batch x "
                             "tokens) in a way that is not followed")
     return TokenMap(positions, parts, length, describe_op(node, ctx))
@@ -259,7 +259,7 @@ def _fact(node: fx.Node, ctx: RuleContext, encoded: _Encoding, codes: torch.Tens
 def _length(facts: list) -> int:
     lengths = {f.length if isinstance(f, TokenMap) else
                (f.layouts[0].length if isinstance(f, (MultiTok, MultiGrid)) else f.layout.length)
-               for f in facts if f is not None}
+               for f in facts if f is not None and not isinstance(f, Readout)}
     if len(lengths) != 1:
         raise NotUnderstood("data movement that mixes token tensors of different lengths")
     return lengths.pop()

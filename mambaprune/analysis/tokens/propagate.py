@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ...errors import TokenRuleError
 from ...meta_keys import TOKENS
-from ..facts import Fact, NotUnderstood, PaddedTok, TokenMap, Unknown, is_token_fact
+from ..facts import Fact, NotUnderstood, PaddedTok, Readout, TokenMap, Unknown, is_token_fact
 from ..ops import IDENTITY_OPS, is_pointwise, op_name, tensor_args
 from . import (combining, contractions, convolutions, elementwise, indexing, movement, reductions,  # noqa: F401
                scans)
@@ -61,6 +61,9 @@ def infer(node: fx.Node, ctx: RuleContext) -> Fact:
     if unknown is not None:
         return Unknown(unknown.reason)
     if not any(is_token_fact(f) or isinstance(f, tuple) for f in facts):
+        if any(isinstance(f, Readout) or a in ctx.summaries for a, f in zip(tensor_args(node), facts)):
+            ctx.summaries.add(node)     # computed from a token readout: no token axis, whatever its sizes
+            return None
         return seed(node, ctx)
     try:
         return apply_rule(node, ctx)

@@ -180,7 +180,7 @@ class GroupMamba(nn.Module):
 
 
 def tiny(**overrides):
-    """groupmamba_tiny's structure at 16 px: stages of 4x4, 2x2, 1x1, 1x1 tokens."""
+    """groupmamba_tiny's structure at 64 px: stages of 16x16, 8x8, 4x4, 2x2 tokens."""
     config = dict(stem_hidden_dim=8, embed_dims=(32, 32, 64, 64), mlp_ratios=(2, 2, 2, 2),
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6), depths=(1, 1, 2, 1), num_classes=10, img_size=16)
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6), depths=(2, 2, 2, 1), num_classes=10, img_size=64)
     return GroupMamba(**{**config, **overrides})
