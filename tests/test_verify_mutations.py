@@ -59,10 +59,20 @@ def _vim():
     return create_model("vim_t", img_size=64, depth=6, embed_dim=32, num_classes=10)
 
 
+def _vmamba_channels_before_downsampling():
+    """The stage's stream through a 1x1 conv that changes the channels before the strided conv: fill='carry'
+    re-runs the 1x1 conv on the carried stream."""
+    model = arch.VMambaStyle(depths=(2, 3))
+    model.stages[0]["downsample"] = nn.Sequential(arch.Linear2d(24, 32), nn.Conv2d(32, 48, 2, stride=2),
+                                                  arch.LayerNorm2d(48))
+    return model
+
+
 MODELS = {
     "vim": _vim,                                           # middle class token, flipped direction, conv1d
     "features": TokenFeatures,                              # token outputs restored at full length
     "vmamba": lambda: arch.VMambaStyle(depths=(2, 3)),     # cross-scan, conv2d, a stage end
+    "vmamba_channels": _vmamba_channels_before_downsampling,          # carry through a per-token conv
     "hierarchical_vim": lambda: arch.HierarchicalVim(depths=(3, 3)),   # two sites in a stage, carry fill
     "plainmamba": lambda: create_model("plainmamba_l1", img_size=32, patch_size=4, depth=6, embed_dim=32,
                                        d_state=4, num_classes=10),     # zig-zag scans, dt/B/C in raster order
@@ -80,6 +90,7 @@ CONFIGS = {   # model, settings
     "features-nearest": ("features", dict(schedule={2: 0.6}, fill="nearest")),
     "features-zeros": ("features", dict(schedule={2: 0.6}, fill="zeros")),
     "vmamba-stage-nearest": ("vmamba", dict(schedule={1: 0.6}, fill="nearest")),
+    "vmamba-channels-carry": ("vmamba_channels", dict(schedule={1: 0.6})),
     "segmenter-nearest": ("segmenter", dict(schedule={2: 0.6}, fill="nearest")),
     "segmenter-zeros": ("segmenter", dict(schedule={2: 0.6}, fill="zeros")),
 }
@@ -172,6 +183,14 @@ def restore_fills_zeros(mp):
     mp.setattr(restore, "crossing_stream", crossing_stream)
 
 
+def carry_skips_the_chain(mp):
+    """The per-token ops between the stream and the downsampling re-run on the pruned stream scattered with
+    zeros, as if the carried values were never put back."""
+    mp.setattr(restore, "carried_stream", lambda ctx, stream: restore.scattered(
+        ctx, ctx.env[stream], ctx.state.of(ctx.env[stream]).fact,
+        ctx.tables.dense_index(ctx.state.of(ctx.env[stream]).site, ctx.state.of(ctx.env[stream]).fact.layout)))
+
+
 def restore_carries_first_site(mp):
     """Cells pruned at the second site of a stage carry the stream of the first site."""
     mp.setattr(IndexTables, "sites_up_to", lambda self, site: self.site_order[:1])
@@ -232,6 +251,8 @@ FAULTS = {
     "output restored at compacted slots": Fault(output_restored_at_compacted_slots, "features-hold", False),
     "output restored one slot off": Fault(output_restored_one_slot_off, "features-hold", True),
     "restore fills zeros for carry": Fault(restore_fills_zeros, "vmamba-stage", False),
+    "restore fills zeros for carry through a 1x1 conv": Fault(restore_fills_zeros, "vmamba-channels-carry", False),
+    "carry skips the 1x1 conv at pruned cells": Fault(carry_skips_the_chain, "vmamba-channels-carry", False),
     "restore carries the first site": Fault(restore_carries_first_site, "hierarchical-carry", False),
     "decay gaps ignored": Fault(decay_gaps_ignored, "vim-decay", False),
     "decay gaps off by one": Fault(decay_gaps_off_by_one, "vim-decay", False),

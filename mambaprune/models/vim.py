@@ -98,7 +98,9 @@ class VimBlock(nn.Module):
 
 class VisionMamba(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=192,
-                 depth=24, d_state=16, d_conv=4, expand=2, norm_eps=1e-5):
+                 depth=24, d_state=16, d_conv=4, expand=2, norm_eps=1e-5, block=None):
+        """`block`: a callable making one block (default: a ``VimBlock`` of these sizes; VisionMamba2 gives
+        its Mamba-2 block)."""
         super().__init__()
         self.num_classes, self.embed_dim = num_classes, embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -108,9 +110,8 @@ class VisionMamba(nn.Module):
         self.num_prefix_tokens = 1
         self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim)))
         self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, num_patches + 1, embed_dim)))
-        self.layers = nn.ModuleList(
-            VimBlock(embed_dim, d_state, d_conv, expand, norm_eps) for _ in range(depth)
-        )
+        block = block or (lambda: VimBlock(embed_dim, d_state, d_conv, expand, norm_eps))
+        self.layers = nn.ModuleList(block() for _ in range(depth))
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from mambaprune.runtime import ssd_scan
 
 from ._registry import register_model
-from .layers import PatchEmbed, RMSNorm, causal_conv1d, depthwise_causal_conv1d, trunc_normal_
+from .layers import RMSNorm, causal_conv1d, depthwise_causal_conv1d
+from .vim import VisionMamba
 
 
 def _dt_bias(heads: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> nn.Parameter:
@@ -99,40 +100,14 @@ class Vim2Block(nn.Module):
         return self.mixer(self.norm(residual)), residual
 
 
-class VisionMamba2(nn.Module):
+class VisionMamba2(VisionMamba):
+    """ViM's backbone (models/vim.py: embedding, middle class token, residual stream, readout) with
+    Mamba-2 blocks."""
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=192, depth=24,
                  d_state=64, d_conv=4, expand=2, headdim=64, ngroups=1, norm_eps=1e-5):
-        super().__init__()
-        self.num_classes, self.embed_dim = num_classes, embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.img_size = self.patch_embed.img_size
-        num_patches = self.patch_embed.num_patches
-        self.token_position = num_patches // 2  # index of the middle class token
-        self.num_prefix_tokens = 1
-        self.cls_token = nn.Parameter(trunc_normal_(torch.zeros(1, 1, embed_dim)))
-        self.pos_embed = nn.Parameter(trunc_normal_(torch.zeros(1, num_patches + 1, embed_dim)))
-        self.layers = nn.ModuleList(
-            Vim2Block(embed_dim, d_state, d_conv, expand, headdim, ngroups, norm_eps) for _ in range(depth)
-        )
-        self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        M = self.token_position
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        return torch.cat((x[:, :M], cls, x[:, M:]), dim=1) + self.pos_embed
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        M = self.token_position
-        hidden, residual = self.embed_tokens(x), None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
-        hidden = self.norm_f(residual + hidden)
-        return hidden[:, M]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim, depth, norm_eps=norm_eps,
+                         block=lambda: Vim2Block(embed_dim, d_state, d_conv, expand, headdim, ngroups, norm_eps))
 
 
 def _vim2(default_embed_dim: int, **overrides) -> VisionMamba2:

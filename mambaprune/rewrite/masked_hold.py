@@ -41,12 +41,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..analysis import GraphAnalysis, Grid, Readout, Tok, fact_of
+from ..analysis import GraphAnalysis, Readout, Tok, fact_of
 from ..analysis.facts import MultiTok, is_token_fact
 from ..analysis.ops import (argument, call_argument, is_scan, looks_at_neighbours, op_name, scan_signature,
                             with_argument)
 from ..settings import Alignment, Fill
-from .restore import slot_coordinates
+from .masks import filled, mask_like, path_of
+from .restore import stream_and_chain
 
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
 _MASKED_REDUCTIONS = ("aten::mean", "aten::sum", "aten::amax")
@@ -65,63 +66,11 @@ def descendants_of_site(analysis: GraphAnalysis, key: int) -> set:
     return seen - analysis.sites[key].cut
 
 
-def mask_like(fact, shape: tuple, keep: torch.Tensor) -> Optional[torch.Tensor]:
-    """The (broadcastable) bool mask of a tensor of `shape` with token fact `fact`, True where the
-    slot holds a kept token; `keep` (B, L) is True at the kept original positions. None when the
-    fact is not one the mask can be laid on (or the token count is another stage's)."""
-    batch, length = keep.shape
-    view = [batch] + [1] * (len(shape) - 1)
-    if isinstance(fact, Tok) and fact.layout.length == length and shape[fact.dim] == length:
-        view[fact.dim] = length
-        return keep[:, _path(fact.layout)].reshape(view)
-    if isinstance(fact, Grid) and fact.layout.length == length and (shape[fact.hdim], shape[fact.wdim]) == (
-            fact.height, fact.width) and fact.hdim < fact.wdim:
-        view[fact.hdim], view[fact.wdim] = fact.height, fact.width
-        return keep[:, _path(fact.layout)].reshape(view)
-    if isinstance(fact, MultiTok) and fact.gdim < fact.dim and all(layout.length == length for layout in fact.layouts) \
-            and shape[fact.dim] == length and shape[fact.gdim] % len(fact.layouts) == 0:
-        parts = torch.stack([keep[:, _path(layout)] for layout in fact.layouts], dim=1)   # (B, G, L)
-        parts = parts.repeat_interleave(shape[fact.gdim] // len(fact.layouts), dim=1)
-        view[fact.gdim], view[fact.dim] = shape[fact.gdim], length
-        return parts.reshape(view)
-    return None
-
-
-def filled(fact, value: torch.Tensor, keep: torch.Tensor, fill: Fill) -> Optional[torch.Tensor]:
-    """`value` (a dense tensor with token fact `fact`) with `fill`'s value at the slots of tokens that
-    `keep` (B, L) prunes, by the definition of rewrite/restore.py: "zeros" 0, "nearest" the value of the
-    kept slot whose original token is nearest (squared distance of the positions on a sequence, of
-    (row, column) on a grid; ties to the first such slot), found here by brute force per sample.
-    None where it is not defined on dense values ("carry": the pruned token's own past) or `fact`
-    cannot be masked."""
-    mask = mask_like(fact, tuple(value.shape), keep)
-    if mask is None or fill is Fill.CARRY or not isinstance(fact, (Tok, Grid)):
-        return None
-    if fill is Fill.ZEROS:
-        return torch.where(mask, value, torch.zeros_like(value))
-    dims = (fact.hdim, fact.wdim) if isinstance(fact, Grid) else (fact.dim,)
-    slots = value.movedim(dims, tuple(range(value.dim() - len(dims), value.dim())))
-    slots = slots.reshape(*slots.shape[:value.dim() - len(dims)], -1)              # (B, ..., L) in slot order
-    kept_slots = keep[:, _path(fact.layout)]                                        # (B, L): slot holds a kept token
-    coords = slot_coordinates(fact).to(value.device)
-    out = torch.empty_like(slots)
-    for b in range(slots.shape[0]):
-        kept = kept_slots[b].nonzero().flatten()
-        distance = ((coords[:, None, :] - coords[kept][None]) ** 2).sum(-1)      # (L, K)
-        out[b] = slots[b][..., kept[distance.argmin(dim=1)]]
-    out = out.reshape(*slots.shape[:-1], *(value.shape[d] for d in dims))
-    return out.movedim(tuple(range(value.dim() - len(dims), value.dim())), dims)
-
-
 def _along(bias: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
     """A 1-D bias shaped to broadcast along `axis` of an ndim-dim step size."""
     shape = [1] * ndim
     shape[axis] = -1
     return bias.reshape(shape)
-
-
-def _path(layout) -> torch.Tensor:
-    return torch.from_numpy(layout.path.copy())
 
 
 def _per_group_layouts(fact, groups: int) -> Optional[tuple]:
@@ -154,7 +103,7 @@ def _zipped_to_u(n: fx.Node, keep: torch.Tensor, args, kwargs) -> Optional[tuple
     if not isinstance(u_fact, Tok):
         return None
     args, kwargs = tuple(args), dict(kwargs)
-    to = keep[:, _path(u_fact.layout)]
+    to = keep[:, path_of(u_fact.layout)]
     for name in signature.token_operands:
         fact = fact_of(argument(n, name))
         if fact is None or fact == u_fact:
@@ -162,7 +111,7 @@ def _zipped_to_u(n: fx.Node, keep: torch.Tensor, args, kwargs) -> Optional[tuple
         if not isinstance(fact, Tok):
             return None
         value = call_argument(n.target, args, kwargs, name)
-        source, moved = keep[:, _path(fact.layout)], torch.zeros_like(value)
+        source, moved = keep[:, path_of(fact.layout)], torch.zeros_like(value)
         for b in range(value.shape[0]):
             moved[b][..., to[b]] = value[b][..., source[b]]
         args, kwargs = with_argument(n.target, args, kwargs, name, moved)
@@ -319,7 +268,7 @@ class MaskedHold(fx.Interpreter):
         if self.alignment is Alignment.DECAY:
             if not isinstance(fact_of(n), Tok):
                 return call(), f"{n.name}: decay across the gaps of directions folded into one scan"
-            gap = path_gaps_dense(keep[:, _path(fact_of(n).layout)])
+            gap = path_gaps_dense(keep[:, path_of(fact_of(n).layout)])
             args, kwargs = with_argument(target, args, kwargs, "gap", gap)
         return n.target(*args, **kwargs), None
 
@@ -358,13 +307,45 @@ class MaskedHold(fx.Interpreter):
             if value_filled is None:
                 return value, f"{restore.name}: fill={self.fill} could not be laid on the stage's stream"
             return value_filled, None
-        streams = [self._stream(restore, key) for key in keys]
+        carried = self._carried(restore, value, keys, masks)
+        if carried is not None:
+            return carried, None
+        pruned = self._pruned_ancestors(restore)
+        is_stream = lambda n: op_name(n) == "aten::add" and all(self._stream(n, k) is not None for k in keys)  # noqa: E731
+        source = stream_and_chain(restore, pruned, is_stream)
+        if source is None:
+            return value, (f"{restore.name}: no stream like it crosses a site of its stage, nor one it is computed "
+                           "from token by token (fill='carry')")
+        stream, chain = source                          # re-run on the carried stream, as the rewrite does
+        masks = [mask_like(fact_of(stream), tuple(self.env[stream].shape), self.keep[key]) for key in keys]
+        if any(m is None for m in masks):
+            return value, f"{restore.name}: the stream {stream.name} it is computed from could not be masked"
+        values = {stream: self._carried(stream, self.env[stream], keys, masks)}
+        fetch = lambda a: values[a] if a in values else self.env[a]      # noqa: E731
+        for node in chain:
+            values[node] = node.target(*fx.node.map_arg(node.args, fetch), **fx.node.map_arg(node.kwargs, fetch))
+        return values[chain[-1] if chain else stream], None
+
+    def _carried(self, node: fx.Node, value: torch.Tensor, keys: list, masks: list) -> Optional[torch.Tensor]:
+        """`value` (of `node`) with every cell pruned at a site of `keys` holding the stream's value at that
+        site; None when no stream like `node` crosses one of them."""
+        streams = [self._stream(node, key) for key in keys]
         if any(s is None for s in streams):
-            return value, f"{restore.name}: no stream like it crosses a site of its stage (fill='carry')"
+            return None
         carried = streams[0]
         for before, stream in zip(masks, streams[1:]):    # a cell pruned at a later site carries that site's stream
             carried = torch.where(before, stream, carried)
-        return torch.where(masks[-1], value, carried), None
+        return torch.where(masks[-1], value, carried)
+
+    def _pruned_ancestors(self, node: fx.Node) -> set:
+        """`node` and its ancestors that a site's mask applies to."""
+        found, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n not in found and n in self.site_of:
+                found.add(n)
+                stack.extend(n.all_input_nodes)
+        return found
 
     def _stream(self, restore: fx.Node, key: int) -> Optional[torch.Tensor]:
         """The masked run's stream at site `key`: the sum of the tensors like `restore` crossing it."""

@@ -153,12 +153,18 @@ def output_names(output: fx.Node) -> list:
 def carry_source(ctx: SiteContext, old: fx.Node):
     """(stream, chain) such that `old` is computed from the stream node by the per-token ops `chain` (old
     graph nodes in graph order, `old` last unless it is the stream itself), or a string saying why none is."""
-    ancestors = _pruned_ancestors(ctx, old)
-    stream = next((n for n in sorted(ancestors, key=_graph_order(old), reverse=True) if _is_stream(ctx, n)), None)
-    chain = None if stream is None else _per_token_chain(stream, old, ancestors)
-    if chain is None:
+    found = stream_and_chain(old, _pruned_ancestors(ctx, old), lambda n: _is_stream(ctx, n))
+    if found is None:
         return f"{old.name} is not computed token by token from the token stream (a residual sum) of the pruned blocks"
-    return stream, chain
+    return found
+
+
+def stream_and_chain(old: fx.Node, pruned: set, is_stream) -> Optional[tuple]:
+    """(stream, chain): the latest node of `pruned` (`old` and its ancestors holding pruned tokens) that
+    `is_stream`, and the per-token ops from it to `old` (per_token_chain); None when there are none."""
+    stream = next((n for n in sorted(pruned, key=_graph_order(old), reverse=True) if is_stream(n)), None)
+    chain = None if stream is None else per_token_chain(stream, old, pruned)
+    return None if chain is None else (stream, chain)
 
 
 def carried(ctx: SiteContext, stream: fx.Node, chain: list) -> fx.Node:
@@ -233,7 +239,7 @@ def _graph_order(old: fx.Node):
     return order.__getitem__
 
 
-def _per_token_chain(stream: fx.Node, old: fx.Node, pruned: set) -> Optional[list]:
+def per_token_chain(stream: fx.Node, old: fx.Node, pruned: set) -> Optional[list]:
     """The nodes after `stream` up to `old` (the pruned ancestors of `old` that `stream` reaches), in graph
     order, when each is a per-token op whose pruned inputs are the stream or nodes of the chain; else None."""
     between, stack = set(), [u for u in stream.users if u in pruned]

@@ -36,7 +36,8 @@ from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..errors import UnsupportedModelError
 from ..meta_keys import KEPT_POSITIONS
 from ..settings import Alignment, Fill, PruneSettings
-from .masked_hold import MaskedHold, descendants_of_site, filled, mask_like
+from .masked_hold import MaskedHold, descendants_of_site
+from .masks import filled, mask_like
 from .verify import relative_difference, verify_tolerance
 
 DENSE_TOLERANCE = 1e-6    # fp32 and wider: values no site feeds
