@@ -17,8 +17,9 @@ Rewritten only when the whole pattern is understood: every use of the allocation
 of full slices and at most one `select` or step-1 `slice` along one common axis, every write is a
 `copy_` of a value of the view's shape and dtype whose result is unused, and every read finds the
 elements it reads written before it. Anything else (strided or 2-D slice writes, `index_put_`, a
-read of an element never written, an in-place op on the allocation or on a view of it
-other than those writes) is left as it is, and the analysis refuses the allocation by name.
+read of an element never written, an in-place op on the allocation or on a view of it other than
+those writes, a view of it taken before a later write) is left as it is, and the analysis refuses
+the allocation by name.
 """
 from __future__ import annotations
 
@@ -133,6 +134,8 @@ def _step(user: fx.Node, node: fx.Node, dims: list, view: _View) -> Optional[tup
         return _View(user, view.axis, view.start, view.stop, view.selects), dims
     if view.axis is not None or not isinstance(length, int):
         return None
+    if start >= min(stop, length):
+        return None                              # an empty slice: nothing this pass needs to read
     return _View(user, axis, start, min(stop, length), False), dims
 
 
@@ -164,6 +167,9 @@ def _plan(alloc: fx.Node) -> Optional[tuple]:
             else:
                 events.append(("read", user, view))
     events.sort(key=lambda e: order[e[1]])
+    last_write = max((order[node] for kind, node, _ in events if kind == "write"), default=-1)
+    if any(kind == "read" and _is_view(node) and order[node] < last_write for kind, node, _ in events):
+        return None       # a view taken before a later write would see that write: not a value at one time
     written = [False] * shape[axis]
     for kind, _, view in events:
         span = range(shape[axis]) if view.axis is None else range(view.start, view.stop)
@@ -179,6 +185,12 @@ def _schema(node: fx.Node):
     return getattr(node.target, "_schema", None) if node.op == "call_function" else None
 
 
+def _is_view(node: fx.Node) -> bool:
+    """`node`'s result aliases its input (`view`, `permute`, `unsqueeze`, ...)."""
+    schema = _schema(node)
+    return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
+
+
 def _writes_through(node: fx.Node) -> bool:
     """`node` writes into what it reads in place (`add_`), or is a view (`permute`, `view`) that something
     writes through: a read this pass would turn into a copy, losing the write."""
@@ -187,8 +199,7 @@ def _writes_through(node: fx.Node) -> bool:
         return False
     if schema.is_mutable:
         return True
-    is_view = bool(schema.returns) and schema.returns[0].alias_info is not None
-    return is_view and any(_writes_through(user) for user in node.users)
+    return _is_view(node) and any(_writes_through(user) for user in node.users)
 
 
 def _same_value_type(value, view: fx.Node) -> bool:
