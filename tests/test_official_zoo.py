@@ -25,7 +25,7 @@ NO_SCAN = "no selective scan was found in the captured graph"
 EXPECTED = {
     "localmamba": None,
     "videomamba": None,
-    "mambar": (UnsupportedModelError, [NO_SCAN, "layers.0.mixer", "register_scan"]),
+    "mambar": None,           # the extensions' fwd found by behaviour (the scan's tuple, the causal conv1d)
     "mamba_nd": (UnsupportedModelError, ["aten::im2col", "backbone.layers.3.down_sample_layer.sampler",
                                          "after block 1 (backbone.layers.0.mixer)"]),
     "groupmamba": None,       # checked at its own RATIO (0.2): each stage ends in a dense downsampling

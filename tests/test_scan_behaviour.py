@@ -6,6 +6,7 @@ The mixers reproduce how published vision Mamba code (LocalMamba, EfficientVMamb
 calls its scans; the kernels are our own reproductions in tests/vendored_kernels.py.
 """
 import sys
+import types
 from functools import partial
 
 import pytest
@@ -17,6 +18,7 @@ import mambaprune
 import vendored_kernels
 from mambaprune import UnsupportedModelError
 from mambaprune.capture import capture
+from mambaprune.capture.conv_probe import conv_probe, conv_readings
 from mambaprune.capture.scan_probe import probe, readings
 from vendored_kernels import SelectiveScan, selective_scan_easy
 
@@ -55,12 +57,15 @@ class MixerBase(nn.Module):
     def forward(self, hidden):
         length = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :length])
+        x = self.causal_conv(x)
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
         A = -torch.exp(self.A_log.float())
         y = self.scan(x, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), z)
         return self.out_proj(y.transpose(1, 2))
+
+    def causal_conv(self, x):
+        return F.silu(self.conv1d(x)[..., :x.shape[-1]])
 
 
 class PartialMixer(MixerBase):
@@ -138,12 +143,64 @@ class NearMissMixer(MixerBase):
 
 
 class LastStateMixer(MixerBase):
-    """A scan that also returns its last state: not one tensor, so it is not routed."""
+    """A scan that also returns its last state, which the model does not read."""
 
     def scan(self, x, delta, A, B, C, z):
         y, _ = vendored_kernels.selective_scan_with_state(x, delta, A, B, C, self.D.float(), z,
                                                           self.dt_proj.bias.float(), True)
         return y
+
+
+class StateReadingMixer(MixerBase):
+    """A scan that also returns its last state, and the model reads it."""
+
+    def scan(self, x, delta, A, B, C, z):
+        y, last = vendored_kernels.selective_scan_with_state(x, delta, A, B, C, self.D.float(), z,
+                                                             self.dt_proj.bias.float(), True)
+        return y + last.mean(-1, keepdim=True)
+
+
+def _extension_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """What mamba_ssm's compiled selective_scan_cuda.fwd returns: out, the states its backward saves,
+    and out * silu(z) when a gate is given."""
+    out, last = vendored_kernels.selective_scan_with_state(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
+    return (out, last) if z is None else (out, last, out * F.silu(z))
+
+
+def _extension_conv(x, weight, bias, seq_idx, silu_activation):
+    """What causal_conv1d's compiled causal_conv1d_fwd computes: a depthwise conv over the last axis, padded
+    on the left only (written here with F.pad, as no ViM-style conv: the analysis does not follow it)."""
+    out = F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+    return F.silu(out) if silu_activation else out
+
+
+def _centred_conv(x, weight, bias, seq_idx, silu_activation):
+    """A near miss: the same arguments, but the conv is centred, not causal."""
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=weight.shape[-1] // 2, groups=x.shape[1])[..., :x.shape[-1]]
+    return F.silu(out) if silu_activation else out
+
+
+selective_scan_cuda = types.ModuleType("selective_scan_cuda")
+selective_scan_cuda.fwd = _extension_fwd
+causal_conv1d_cuda = types.ModuleType("causal_conv1d_cuda")
+causal_conv1d_cuda.causal_conv1d_fwd = _extension_conv
+
+
+class ExtensionMixer(MixerBase):
+    """(f) the compiled extension's fwd called straight through its module, its tuple unpacked (Mamba-R's
+    vendored MambaInnerFnCustom)."""
+
+    def scan(self, x, delta, A, B, C, z):
+        out, scan_intermediates, out_z = selective_scan_cuda.fwd(x, delta, A, B, C, self.D.float(), z,
+                                                                 self.dt_proj.bias.float(), True)
+        return out_z
+
+
+class ExtensionConvMixer(ExtensionMixer):
+    """(f) and the causal conv1d through its compiled extension too (Mamba-R)."""
+
+    def causal_conv(self, x):
+        return causal_conv1d_cuda.causal_conv1d_fwd(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, None, True)
 
 
 class Block(nn.Module):
@@ -183,6 +240,8 @@ KINDS = {
     "vendored_module": (VendoredModuleMixer, "vendored_kernels.selective_scan_ref"),
     "autograd_function": (FunctionMixer, "vendored_kernels.SelectiveScan.apply"),
     "function_in_partial": (PartialFunctionMixer, "vendored_kernels.SelectiveScanCore.apply"),
+    "extension_tuple": (ExtensionMixer, "test_scan_behaviour._extension_fwd"),
+    "extension_conv": (ExtensionConvMixer, "test_scan_behaviour._extension_fwd"),
 }
 
 
@@ -199,6 +258,8 @@ def state(model):
         "globals": {"easy": THIS.selective_scan_easy, **{n: getattr(vendored_kernels, n) for n in ORIGINALS}},
         "apply": "apply" in vars(SelectiveScan) or "apply" in vars(vendored_kernels.SelectiveScanCore),
         "fwd": vendored_kernels.selective_scan_cuda_core.fwd,
+        "extension_fwd": selective_scan_cuda.fwd,
+        "extension_conv": causal_conv1d_cuda.causal_conv1d_fwd,
         "scan_methods": {cls: vars(cls).get("scan") for cls, _ in KINDS.values()},
         "cells": [c.cell_contents for cls, _ in KINDS.values() for c in (getattr(cls.scan, "__closure__", None) or ())],
     }
@@ -216,6 +277,8 @@ def assert_untouched(model, before, x, expected):
     assert all(getattr(vendored_kernels, n) is fn for n, fn in ORIGINALS.items())
     assert after["apply"] is before["apply"] is False
     assert after["fwd"] is before["fwd"]
+    assert after["extension_fwd"] is before["extension_fwd"] is _extension_fwd
+    assert after["extension_conv"] is before["extension_conv"] is _extension_conv
     assert after["scan_methods"] == before["scan_methods"]
     assert all(a is b for a, b in zip(after["cells"], before["cells"]))
     with torch.no_grad():
@@ -240,7 +303,8 @@ def test_the_scan_is_routed_and_named(compiled):
     want = f"recognised by behaviour: {KINDS[kind][1]}"
     assert any(want in entry for entry in pruned.report.routed_scans), pruned.report.routed_scans
     lines = [line for line in str(pruned.report).splitlines() if line.startswith("recognised by behaviour: ")]
-    assert lines and all("is a selective scan: it agrees with mambaprune.selective_scan" in line for line in lines)
+    assert lines and all("is a selective scan: it agrees with mambaprune.selective_scan" in line
+                         or "is a depthwise causal conv1d: it agrees with torch's conv1d" in line for line in lines)
     assert any(KINDS[kind][1] in line for line in lines), lines
     assert len(pruned.report.blocks) == 4
     assert abs(pruned.report.achieved_ratio - 0.3) <= 0.03
@@ -292,18 +356,42 @@ def test_a_near_miss_is_refused_naming_it():
     assert_untouched(model, before, x, expected)
 
 
-def test_a_scan_returning_its_state_is_left_alone_and_named():
+def test_a_scan_returning_its_state_is_routed_with_the_state_left_out():
     torch.manual_seed(0)
     model = TinyViM(LastStateMixer, depth=2).eval()
     x = images()
     before = state(model)
     with torch.no_grad():
         expected = model(x)
-    with pytest.raises(UnsupportedModelError, match=r"no selective scan was found.*Callables probed as scans: .*not routed: "
-                       r"vendored_kernels.selective_scan_with_state has the arguments of a selective scan, but its "
-                       r"result is not one \(batch, D, L\) tensor"):
+    dense = mambaprune.compile_pruned(model, ratio=0.0)
+    assert any("selective_scan_with_state is a selective scan" in line and "routed element by element (0: the gated "
+               "output, 1: not computed (given as None))" in line for line in str(dense.report).splitlines())
+    with torch.no_grad():
+        assert max_diff(dense(x), expected) <= TOL
+    assert_untouched(model, before, x, expected)
+
+
+def test_a_model_reading_what_the_op_does_not_compute_is_refused_naming_it():
+    torch.manual_seed(0)
+    model = TinyViM(StateReadingMixer, depth=2).eval()
+    x = images()
+    before = state(model)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(UnsupportedModelError, match=r"the model failed \(AttributeError: .NoneType. .*\) after "
+                       r"vendored_kernels\.\w+ was routed to mambaprune.selective_scan by its behaviour; its result is a "
+                       r"tuple whose elements \(0: .*, 1: not computed \(given as None\)\).* reads one it does not"):
         mambaprune.compile_pruned(model, ratio=0.3)
     assert_untouched(model, before, x, expected)
+
+
+def test_the_extension_tuple_is_routed_element_by_element(compiled):
+    kind, model, x, before, expected, dense, pruned = compiled
+    if not kind.startswith("extension"):
+        pytest.skip("the extension's tuple only")
+    assert any("_extension_fwd" in r for r in pruned.report.routed_scans), pruned.report.routed_scans
+    line = next(r for r in str(pruned.report).splitlines() if "_extension_fwd) is a selective scan" in r)
+    assert "(0: the output before the gate, 1: not computed (given as None), 2: the gated output)" in line, line
 
 
 def test_a_failed_compile_restores_everything():
@@ -372,3 +460,23 @@ def test_a_time_invariant_B_and_C_are_read_as_per_channel():
     args = (u, delta.abs(), A, B, C, D)
     verdict = probe(lti_scan, args, {}, lti_scan(*args), readings(args, {}))
     assert verdict.agrees and verdict.reading.softplus is False
+
+
+def test_the_extension_conv_is_computed_as_a_causal_conv1d(compiled):
+    kind, model, x, before, expected, dense, pruned = compiled
+    if kind != "extension_conv":
+        pytest.skip("the extension's conv only")
+    line = next(r for r in str(pruned.report).splitlines() if "_extension_conv) is a depthwise causal conv1d" in r)
+    assert "weight=argument 1, bias=argument 2, then SiLU=True" in line, line
+    assert not any("_extension_conv" in r for r in pruned.report.routed_scans)     # not listed as a scan
+    assert "conv1d" in pruned.report.blocks[0].mixing
+
+
+def test_the_conv_probe_refuses_a_centred_conv():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 6, 9), torch.randn(6, 4), torch.randn(6)
+    args = (x, weight, bias, None, True)
+    candidates = conv_readings(args, {})
+    assert candidates
+    assert not conv_probe(_centred_conv, args, {}, _centred_conv(*args), candidates).agrees
+    assert conv_probe(_extension_conv, args, {}, _extension_conv(*args), candidates).reading.silu is True

@@ -8,6 +8,12 @@ has the shapes of a scan (scan_probe.readings) compares the callable with
 `mambaprune.selective_scan` on probe inputs (scan_probe.probe); if one reading of its arguments
 agrees, every later call with the same argument structure, the export's included, is computed
 with our op instead, so it becomes ONE graph node. Nothing is routed on the callable's name.
+A compiled extension's `fwd` returns a tuple (out, the states its backward saves, out * silu(z)):
+each element the op computes (the output, gated or not) is matched on the probes too and routed in
+place, and the rest, which an inference graph does not use, comes back as None (the report says so;
+a model that reads them fails to capture). A call with the arguments of a depthwise causal conv1d
+(conv_probe.py: the compiled `causal_conv1d_fwd` such code calls beside the scan) that agrees with
+torch's conv1d is computed in ViM's form of it; one that does not is left alone.
 
 A scan-shaped callable that returns a (batch, D, L) tensor, disagrees with the op under every
 reading, and does not itself run one of our scans or call another scan-shaped callable (which is
@@ -31,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import UnsupportedModelError
 from .reachable import Site, reachable_sites
 from .routing import Route
+from .conv_probe import conv_probe, conv_readings
 from .scan_probe import PROBES, Verdict, probe, readings
 
 
@@ -43,6 +50,7 @@ class Recognition:
     verdict: Verdict
     runs_a_scan: bool            # its code ran one of mambaprune's scans or another scan-shaped callable
     route: Optional[Route] = None
+    is_scan: bool = True         # probed as a scan (False: as the causal conv1d beside one)
 
     @property
     def reported(self) -> bool:
@@ -52,9 +60,12 @@ class Recognition:
     def __str__(self) -> str:
         named = self.where if self.where == self.callable_name else f"{self.where} ({self.callable_name})"
         if self.verdict.agrees:
-            return (f"recognised by behaviour: {named} is a selective scan: it agrees with "
-                    f"mambaprune.selective_scan on {PROBES} random probes and on the model's own inputs, its "
-                    f"arguments read as {self.verdict.reading}")
+            reading = self.verdict.reading
+            elements = "" if self.verdict.elements is None else \
+                f"; its result is a tuple, routed element by element ({self.verdict.describe_elements()})"
+            return (f"recognised by behaviour: {named} is {reading.kind}: it agrees with "
+                    f"{reading.reference} on {PROBES} random probes and on the model's own inputs, its "
+                    f"arguments read as {reading}{elements}")
         why = self.verdict.error or f"it differs from mambaprune.selective_scan (max difference " \
                                     f"{self.verdict.difference:.3g} of the output's magnitude)"
         return f"not routed: {named} has the arguments of a selective scan, but {why}"
@@ -74,40 +85,43 @@ class _Session:
             callee, c_args, c_kwargs = _unpartial(original, args, kwargs)
             key = (_identity(callee), _structure(c_args, c_kwargs))
             found = self.recognitions.get(key)
-            if found is not None:
+            if found is not None and found.is_scan:
                 self.scan_shaped_calls += 1
             if found is None and self.dry_run:
                 candidates = readings(c_args, c_kwargs)
                 if candidates:
-                    return self._recognise(key, site, callee, c_args, c_kwargs, candidates)
+                    return self._recognise(key, site, callee, c_args, c_kwargs, candidates, probe)
+                candidates = conv_readings(c_args, c_kwargs)     # the causal conv1d beside the scan
+                if candidates:
+                    return self._recognise(key, site, callee, c_args, c_kwargs, candidates, conv_probe)
             if found is not None and found.verdict.agrees:
                 if not self.dry_run:
                     found.route.called = True
-                return found.verdict.reading.scan(c_args, c_kwargs, found.verdict.out_dtype)
+                return found.verdict.result(c_args, c_kwargs)
             return original(*args, **kwargs)
 
         if isinstance(original, (types.FunctionType, types.MethodType)):
             functools.update_wrapper(routed, original)
         return routed
 
-    def _recognise(self, key, site: Site, callee, args, kwargs, candidates):
-        self.scan_shaped_calls += 1
+    def _recognise(self, key, site: Site, callee, args, kwargs, candidates, check):
+        self.scan_shaped_calls += check is probe
         before = self.scan_shaped_calls
         with _ScanCounter(self) as counter, torch.no_grad():
             out = callee(*args, **kwargs)
         inner = self.scan_shaped_calls > before
         self.probing += 1
         try:
-            verdict = probe(callee, args, kwargs, out, candidates)
+            verdict = check(callee, args, kwargs, out, candidates)
         finally:
             self.probing -= 1
-        found = Recognition(site.where, _name(callee), verdict, counter.count > 0 or inner)
+        found = Recognition(site.where, _name(callee), verdict, counter.count > 0 or inner, is_scan=check is probe)
         self.recognitions[key] = found
         if not verdict.agrees:
             return out
         found.route = Route(site.where, f"recognised by behaviour: {_name(callee)}")
         # from now on this call is our op, the first one too: a caller probed around it sees one of our scans
-        return verdict.reading.scan(args, kwargs, verdict.out_dtype)
+        return verdict.result(args, kwargs)
 
     def refusals(self) -> list:
         return [r for r in self.recognitions.values()
@@ -125,7 +139,7 @@ def route_by_behaviour(model: torch.nn.Module, example_inputs: tuple, known_rout
             site.install(session.wrapper(site))
             installed.append(site)
         if installed:
-            _dry_run(model, example_inputs)
+            _dry_run(model, example_inputs, session)
             for route in known_routes:   # the export says which entry points the graph calls
                 route.called = False
         session.dry_run = False
@@ -138,15 +152,25 @@ def route_by_behaviour(model: torch.nn.Module, example_inputs: tuple, known_rout
             site.undo()
 
 
-def _dry_run(model, example_inputs: tuple) -> None:
-    """Run the private copy once; a model that fails here fails the export too, with its own message."""
+def _dry_run(model, example_inputs: tuple, session: _Session) -> None:
+    """Run the private copy once; a model that fails here fails the export too, with its own message,
+    unless a routed tuple gave None for what the scan does not compute: then that is the reason."""
     try:
         with torch.no_grad():
             model(*example_inputs)
     except UnsupportedModelError:
         raise
-    except Exception:
-        pass
+    except Exception as err:
+        partial_routes = [r for r in session.recognitions.values()
+                          if r.verdict.agrees and r.verdict.elements is not None and None in r.verdict.elements]
+        if partial_routes:
+            first = partial_routes[0]
+            raise UnsupportedModelError(
+                f"the model failed ({type(err).__name__}: {err}) after {first.callable_name} was routed to "
+                f"mambaprune.selective_scan by its behaviour; its result is a tuple whose elements "
+                f"({first.verdict.describe_elements()}) the op computes only in part, and the model reads one it "
+                "does not. Declare the scan with mambaprune.register_scan(fn, adapter), the adapter computing "
+                "everything the model reads") from err
 
 
 def _refusal_message(refused: list) -> str:

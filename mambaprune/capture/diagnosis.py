@@ -6,7 +6,8 @@ import torch
 
 def no_scan_message(model: torch.nn.Module, recognised: list = ()) -> str:
     """Why no scan was found; `recognised`: the capture's behaviour.Recognitions (those not routed are named)."""
-    left_alone = [str(r) for r in recognised if not r.verdict.agrees]
+    left_alone = [str(r) for r in recognised
+                  if not r.verdict.agrees and (r.verdict.error is not None or r.verdict.difference is not None)]
     message = _no_scan_message(model)
     return message + (" Callables probed as scans: " + "; ".join(left_alone[:3]) + "." if left_alone else "")
 

@@ -3,8 +3,8 @@
 A scan the routing cannot name (scan_registry) may still be reached: a function stored on a layer
 (`self.scan = partial(kernel, ...)` in __init__), a method, a global of the module defining a
 layer or of a function it calls (a vendored copy of a kernel under another module name), a closure
-cell of a method, or an autograd Function class (`SelectiveScan.apply`, also one bound into a
-partial). `reachable_sites` lists every such place holding a callable that could take the five
+cell of a method, an autograd Function class (`SelectiveScan.apply`, also one bound into a
+partial), or a compiled extension's function reached through its module (`selective_scan_cuda.fwd`). `reachable_sites` lists every such place holding a callable that could take the five
 tensors of a scan; a `Site` replaces the callable there and puts it back (`undo`). Library code
 (torch, mambaprune, ...) is never a candidate.
 """
@@ -115,18 +115,18 @@ class _Finder:
     def value(self, value, container, key, where: str, install, undo, depth: int) -> None:
         """A callable found in a container: explore it, and make the place a site if it may be a scan."""
         if _is_function_class(value):
-            self._function_class(value)
+            self._function_class(value, depth)
             return
         if isinstance(value, functools.partial):
             for inner in list(value.args) + list(value.keywords.values()):
                 if _is_function_class(inner):
-                    self._function_class(inner)
+                    self._function_class(inner, depth)
             self.value(value.func, None, None, where, None, None, depth)
         elif isinstance(value, types.MethodType) and not isinstance(value.__self__, type):
             self.explore(value.__func__, depth)
         elif isinstance(value, types.FunctionType):
             self.explore(value, depth)
-        else:
+        elif not isinstance(value, types.BuiltinFunctionType):   # a compiled extension's function: a leaf
             return
         target = value.func if isinstance(value, functools.partial) else value
         if container is not None and not _is_library(value) and _takes_scan_arguments(target, skip=0):
@@ -138,9 +138,16 @@ class _Finder:
             self.places.add(place)
             self.sites.append(Site(where, original, install, undo))
 
-    def _function_class(self, cls) -> None:
-        """`Cls.apply(...)` reaches the class wherever it is referred to: its `apply` is the site."""
-        if cls in self.functions or _is_library(cls) or not _takes_scan_arguments(cls.forward, skip=1):
+    def _function_class(self, cls, depth: int) -> None:
+        """`Cls.apply(...)` reaches the class wherever it is referred to: its `apply` is the site, and what its
+        forward calls is explored (a compiled extension's fwd inside: Mamba-R's MambaInnerFnCustom)."""
+        if cls in self.functions or _is_library(cls):
+            return
+        forward = vars(cls).get("forward")
+        forward = forward.__func__ if isinstance(forward, staticmethod) else forward
+        if isinstance(forward, types.FunctionType):
+            self.explore(forward, depth)
+        if not _takes_scan_arguments(cls.forward, skip=1):
             return
         self.functions.add(cls)
         had = "apply" in vars(cls)
@@ -183,8 +190,8 @@ def _takes_scan_arguments(fn, skip: int) -> bool:
     """Whether fn can take at least u, delta, A, B, C (`skip`: leading self / ctx parameters)."""
     try:
         parameters = list(inspect.signature(fn).parameters.values())[skip:]
-    except (TypeError, ValueError):  # no signature (a builtin): not followed
-        return False
+    except (TypeError, ValueError):  # no signature: a compiled extension's function may take them (probed if so)
+        return isinstance(fn, types.BuiltinFunctionType)
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
         return True
     return sum(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters) >= _MIN_ARGUMENTS

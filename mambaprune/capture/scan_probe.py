@@ -15,11 +15,13 @@ difference in the math, not an overflow.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..runtime import selective_scan
 
@@ -55,6 +57,9 @@ class Reading:
     z: Optional[Slot]
     delta_bias: Optional[Slot]
     softplus: bool
+
+    kind = "a selective scan"
+    reference = "mambaprune.selective_scan"
 
     def scan(self, args: tuple, kwargs: dict, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The call's value computed with `mambaprune.selective_scan`."""
@@ -146,6 +151,9 @@ def _optional_pairs(vectors: list) -> list:
     return pairs
 
 
+GATED, PLAIN = "the gated output", "the output before the gate"
+
+
 @dataclass
 class Verdict:
     """What probing a scan-shaped call found: the reading it agrees with, or why none."""
@@ -154,17 +162,35 @@ class Verdict:
     out_dtype: Optional[torch.dtype] = None
     difference: Optional[float] = None     # smallest max difference over the readings (disagreement)
     error: Optional[str] = None            # the callable raised on a probe
+    # a tuple result (a compiled extension's `fwd`: out, the states its backward saves, out * silu(z)):
+    # per element GATED or PLAIN where it is a scan output, None where the scan does not define it
+    elements: Optional[tuple] = None
 
     @property
     def agrees(self) -> bool:
         return self.reading is not None
 
+    def result(self, args: tuple, kwargs: dict):
+        """The call's value computed with `mambaprune.selective_scan`: the scan's output, or the tuple with
+        the scan outputs at their places and None where the scan defines nothing (states saved for a
+        backward pass, which an inference graph does not run)."""
+        if self.elements is None:
+            return self.reading.scan(args, kwargs, self.out_dtype)
+        refs = _references(self.reading, args, kwargs, self.out_dtype, whole=False)
+        return tuple(None if kind is None else refs[kind] for kind in self.elements)
+
+    def describe_elements(self) -> str:
+        return ", ".join(f"{i}: {kind or 'not computed (given as None)'}" for i, kind in enumerate(self.elements))
+
 
 def probe(fn: Callable, args: tuple, kwargs: dict, observed, candidates: list) -> Verdict:
     """Compare fn with the reference under each reading, on probes and on the observed call's result."""
     u = candidates[0].u.get(args, kwargs)
-    if not isinstance(observed, torch.Tensor) or observed.shape != u.shape:
-        return Verdict(None, error=f"its result is not one (batch, D, L) tensor like u {tuple(u.shape)}")
+    pieces = list(observed) if isinstance(observed, (tuple, list)) else [observed]
+    like_u = [p for p in pieces if isinstance(p, torch.Tensor) and p.shape == u.shape]
+    if not like_u:
+        return Verdict(None, error=f"its result is not a (batch, D, L) tensor like u {tuple(u.shape)}, nor a tuple "
+                                   "holding one")
     best = float("inf")
     by_delta: dict = {}
     for reading in candidates:
@@ -177,29 +203,57 @@ def probe(fn: Callable, args: tuple, kwargs: dict, observed, candidates: list) -
         except Exception as err:  # a callable that cannot run on other values is not recognised
             return Verdict(None, error=f"it raised {type(err).__name__} on a probe input: {err}")
         for reading in group:
-            worst = _worst(reading, probes + [(args, kwargs)], outs + [observed])
+            worst, elements = _worst(reading, probes + [(args, kwargs)], outs + [observed])
             if worst is None:
-                return Verdict(reading, observed.dtype)
+                return Verdict(reading, like_u[0].dtype, elements=elements)
             best = min(best, worst)
     return Verdict(None, difference=best)
 
 
-def _worst(reading: Reading, calls: list, outs: list) -> Optional[float]:
-    """None when every output agrees with the reference, else the first max difference (relative)."""
+def _references(reading: Reading, args: tuple, kwargs: dict, out_dtype=None, whole: bool = True) -> dict:
+    """What the reading computes: {GATED or PLAIN: the scan} for a call returning one tensor (`whole`);
+    for a tuple, one scan without the gate (PLAIN) and, when the reading has z, GATED = PLAIN * silu(z):
+    one scan node whichever elements the model reads."""
+    if whole or reading.z is None:
+        return {(GATED if whole and reading.z is not None else PLAIN): reading.scan(args, kwargs, out_dtype)}
+    plain = dataclasses.replace(reading, z=None).scan(args, kwargs, out_dtype)
+    z = reading.z.get(args, kwargs)
+    return {PLAIN: plain, GATED: (plain.float() * F.silu(z.float())).to(plain.dtype)}
+
+
+def _worst(reading: Reading, calls: list, outs: list) -> tuple:
+    """(None, elements) when every output agrees with the reference (elements: what each element of a
+    tuple result is, None for a tensor result), else (the first max difference (relative), None). A tuple
+    must give the same elements on every call, and the gated output where the reading has a gate z."""
+    labels = None
     with torch.no_grad():
         for (p_args, p_kwargs), out in zip(calls, outs):
-            if not isinstance(out, torch.Tensor) or out.shape != reading.u.get(p_args, p_kwargs).shape:
-                return float("inf")
             try:
-                ref = reading.scan(p_args, p_kwargs).float()
+                refs = _references(reading, p_args, p_kwargs, whole=isinstance(out, torch.Tensor))
             except ValueError:  # the reading breaks one of the op's own shape checks
-                return float("inf")
-            scale = max(1.0, float(ref.abs().max()))
-            diff = float((out.float() - ref).abs().max()) / scale
-            tolerance = _FP32_TOLERANCE if out.dtype in (torch.float32, torch.float64) else _HALF_TOLERANCE
-            if not diff <= tolerance:
-                return diff
-    return None
+                return float("inf"), None
+            pieces = list(out) if isinstance(out, (tuple, list)) else [out]
+            found = []
+            for piece in pieces:
+                if not isinstance(piece, torch.Tensor) or piece.shape != reading.u.get(p_args, p_kwargs).shape:
+                    found.append(None)
+                    continue
+                diffs = {kind: _difference(piece, ref) for kind, ref in refs.items()}
+                kind = min(diffs, key=diffs.get)
+                tolerance = _FP32_TOLERANCE if piece.dtype in (torch.float32, torch.float64) else _HALF_TOLERANCE
+                if not diffs[kind] <= tolerance:
+                    return diffs[kind], None
+                found.append(kind)
+            if not any(found) or (labels is not None and found != labels) or \
+                    (reading.z is not None and GATED not in found):
+                return float("inf"), None
+            labels = found
+    return None, (None if isinstance(outs[0], torch.Tensor) else tuple(labels))
+
+
+def _difference(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.float()
+    return float((out.float() - ref).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
 def _probe_inputs(args: tuple, kwargs: dict, delta_slot: Slot, seed: int):
