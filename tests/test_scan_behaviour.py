@@ -344,25 +344,26 @@ def test_every_scan_is_one_graph_node():
     assert any("SelectiveScan.apply" in t and "u=argument 0" in t and "delta_bias=argument 6" in t for t in text), text
 
 
-def test_a_near_miss_is_refused_naming_it():
+def fresh(mixer, **kwargs):
+    """A TinyViM of `mixer`, images, its state and its outputs before any compile."""
     torch.manual_seed(0)
-    model = TinyViM(NearMissMixer).eval()
+    model = TinyViM(mixer, **kwargs).eval()
     x = images()
     before = state(model)
     with torch.no_grad():
         expected = model(x)
+    return model, x, before, expected
+
+
+def test_a_near_miss_is_refused_naming_it():
+    model, x, before, expected = fresh(NearMissMixer)
     with pytest.raises(UnsupportedModelError, match=r"selective_scan_no_skip.*differs from mambaprune.selective_scan"):
         mambaprune.compile_pruned(model, ratio=0.3)
     assert_untouched(model, before, x, expected)
 
 
 def test_a_scan_returning_its_state_is_routed_with_the_state_left_out():
-    torch.manual_seed(0)
-    model = TinyViM(LastStateMixer, depth=2).eval()
-    x = images()
-    before = state(model)
-    with torch.no_grad():
-        expected = model(x)
+    model, x, before, expected = fresh(LastStateMixer, depth=2)
     dense = mambaprune.compile_pruned(model, ratio=0.0)
     assert any("selective_scan_with_state is a selective scan" in line and "routed element by element (0: the gated "
                "output, 1: not computed (given as None))" in line for line in str(dense.report).splitlines())
@@ -372,12 +373,7 @@ def test_a_scan_returning_its_state_is_routed_with_the_state_left_out():
 
 
 def test_a_model_reading_what_the_op_does_not_compute_is_refused_naming_it():
-    torch.manual_seed(0)
-    model = TinyViM(StateReadingMixer, depth=2).eval()
-    x = images()
-    before = state(model)
-    with torch.no_grad():
-        expected = model(x)
+    model, x, before, expected = fresh(StateReadingMixer, depth=2)
     with pytest.raises(UnsupportedModelError, match=r"the model failed \(AttributeError: .NoneType. .*\) after "
                        r"vendored_kernels\.\w+ was routed to mambaprune.selective_scan by its behaviour; its result is a "
                        r"tuple whose elements \(0: .*, 1: not computed \(given as None\)\).* reads one it does not"):
