@@ -5,6 +5,7 @@ autograd Function calling an extension's fwd), and a near miss with scan shapes 
 The mixers reproduce how published vision Mamba code (LocalMamba, EfficientVMamba, VMamba's copies)
 calls its scans; the kernels are our own reproductions in tests/vendored_kernels.py.
 """
+import functools
 import sys
 import types
 from functools import partial
@@ -285,9 +286,9 @@ def assert_untouched(model, before, x, expected):
         assert torch.equal(model(x), expected)
 
 
-@pytest.fixture(scope="module", params=list(KINDS))
-def compiled(request):
-    kind = request.param
+@functools.lru_cache(maxsize=None)
+def compiled_kind(kind):
+    """(kind, model, images, its state, its outputs, ratio 0 build, ratio 0.3 build), once per kind."""
     model = model_of(kind)
     x = images()
     before = state(model)
@@ -296,6 +297,11 @@ def compiled(request):
     dense = mambaprune.compile_pruned(model, ratio=0.0)
     pruned = mambaprune.compile_pruned(model, ratio=0.3)
     return kind, model, x, before, expected, dense, pruned
+
+
+@pytest.fixture(params=list(KINDS))
+def compiled(request):
+    return compiled_kind(request.param)
 
 
 def test_the_scan_is_routed_and_named(compiled):
@@ -381,10 +387,9 @@ def test_a_model_reading_what_the_op_does_not_compute_is_refused_naming_it():
     assert_untouched(model, before, x, expected)
 
 
-def test_the_extension_tuple_is_routed_element_by_element(compiled):
-    kind, model, x, before, expected, dense, pruned = compiled
-    if not kind.startswith("extension"):
-        pytest.skip("the extension's tuple only")
+@pytest.mark.parametrize("kind", ["extension_tuple", "extension_conv"])
+def test_the_extension_tuple_is_routed_element_by_element(kind):
+    pruned = compiled_kind(kind)[-1]
     assert any("_extension_fwd" in r for r in pruned.report.routed_scans), pruned.report.routed_scans
     line = next(r for r in str(pruned.report).splitlines() if "_extension_fwd) is a selective scan" in r)
     assert "(0: the output before the gate, 1: not computed (given as None), 2: the gated output)" in line, line
@@ -458,10 +463,8 @@ def test_a_time_invariant_B_and_C_are_read_as_per_channel():
     assert verdict.agrees and verdict.reading.softplus is False
 
 
-def test_the_extension_conv_is_computed_as_a_causal_conv1d(compiled):
-    kind, model, x, before, expected, dense, pruned = compiled
-    if kind != "extension_conv":
-        pytest.skip("the extension's conv only")
+def test_the_extension_conv_is_computed_as_a_causal_conv1d():
+    pruned = compiled_kind("extension_conv")[-1]
     line = next(r for r in str(pruned.report).splitlines() if "_extension_conv) is a depthwise causal conv1d" in r)
     assert "weight=argument 1, bias=argument 2, then SiLU=True" in line, line
     assert not any("_extension_conv" in r for r in pruned.report.routed_scans)     # not listed as a scan

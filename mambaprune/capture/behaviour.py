@@ -35,9 +35,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import UnsupportedModelError
+from .conv_probe import conv_probe, conv_readings
 from .reachable import Site, reachable_sites
 from .routing import Route
-from .conv_probe import conv_probe, conv_readings
 from .scan_probe import PROBES, Verdict, probe, readings
 
 
@@ -105,7 +105,8 @@ class _Session:
         return routed
 
     def _recognise(self, key, site: Site, callee, args, kwargs, candidates, check):
-        self.scan_shaped_calls += check is probe
+        if check is probe:
+            self.scan_shaped_calls += 1
         before = self.scan_shaped_calls
         with _ScanCounter(self) as counter, torch.no_grad():
             out = callee(*args, **kwargs)

@@ -91,8 +91,8 @@ def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
             except Exception as again:
                 raise _capture_error(again, f"even with the example batch ({static_batch}) fixed") from again
     routes = routes + [r.route for r in recognised if r.route is not None and r.is_scan]
-    return Capture(program, functionalize_slice_fills(program.module()), tuple(example_inputs), [str(r) for r in routes if r.called],
-                   static_batch=static_batch, recognised=recognised)
+    return Capture(program, functionalize_slice_fills(program.module()), tuple(example_inputs),
+                   [str(r) for r in routes if r.called], static_batch=static_batch, recognised=recognised)
 
 
 def _specialises_the_batch(err: Exception) -> bool:

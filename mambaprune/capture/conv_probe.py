@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .scan_probe import PROBES, Slot, Verdict, tensor_slots
+from .scan_probe import PROBES, Slot, Verdict, tensor_slots, with_fresh_tensors
 
 _TOLERANCE = 1e-5
 
@@ -72,16 +72,8 @@ def conv_probe(fn: Callable, args: tuple, kwargs: dict, observed, candidates: li
     if not isinstance(observed, torch.Tensor) or observed.shape != x.shape:
         return Verdict(None)
     g = torch.Generator().manual_seed(4321)
-    probes = []
-    for _ in range(PROBES):
-        p_args, p_kwargs = list(args), dict(kwargs)
-        for slot, t in tensor_slots(args, kwargs):
-            value = torch.randn(t.shape, generator=g).to(device=t.device, dtype=t.dtype)
-            if slot.name is None:
-                p_args[slot.index] = value
-            else:
-                p_kwargs[slot.name] = value
-        probes.append((tuple(p_args), p_kwargs))
+    fresh = lambda slot, t: torch.randn(t.shape, generator=g).to(device=t.device, dtype=t.dtype)  # noqa: E731
+    probes = [with_fresh_tensors(args, kwargs, fresh) for _ in range(PROBES)]
     try:
         with torch.no_grad():
             outs = [fn(*p_args, **p_kwargs) for p_args, p_kwargs in probes]

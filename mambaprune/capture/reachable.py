@@ -4,8 +4,9 @@ A scan the routing cannot name (scan_registry) may still be reached: a function 
 (`self.scan = partial(kernel, ...)` in __init__), a method, a global of the module defining a
 layer or of a function it calls (a vendored copy of a kernel under another module name), a closure
 cell of a method, an autograd Function class (`SelectiveScan.apply`, also one bound into a
-partial), or a compiled extension's function reached through its module (`selective_scan_cuda.fwd`). `reachable_sites` lists every such place holding a callable that could take the five
-tensors of a scan; a `Site` replaces the callable there and puts it back (`undo`). Library code
+partial, and what its forward calls), or a compiled extension's function reached through its module
+(`selective_scan_cuda.fwd`). `reachable_sites` lists every such place holding a callable that could
+take the five tensors of a scan; a `Site` replaces the callable there and puts it back (`undo`). Library code
 (torch, mambaprune, ...) is never a candidate.
 """
 from __future__ import annotations

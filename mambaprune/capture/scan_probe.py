@@ -272,6 +272,11 @@ def _probe_inputs(args: tuple, kwargs: dict, delta_slot: Slot, seed: int):
             value = torch.randn(t.shape, generator=g)
         return value.to(device=t.device, dtype=t.dtype)
 
+    return with_fresh_tensors(args, kwargs, fresh)
+
+
+def with_fresh_tensors(args: tuple, kwargs: dict, fresh: Callable) -> tuple:
+    """(args, kwargs) with every floating-point tensor argument replaced by fresh(slot, tensor)."""
     p_args, p_kwargs = list(args), dict(kwargs)
     for slot, t in tensor_slots(args, kwargs):
         if slot.name is None:

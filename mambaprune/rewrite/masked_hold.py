@@ -47,7 +47,7 @@ from ..analysis.ops import (argument, call_argument, is_scan, looks_at_neighbour
                             with_argument)
 from ..settings import Alignment, Fill
 from .masks import filled, mask_like, path_of
-from .restore import stream_and_chain
+from .restore import ancestors_where, stream_and_chain
 
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
 _MASKED_REDUCTIONS = ("aten::mean", "aten::sum", "aten::amax")
@@ -310,7 +310,7 @@ class MaskedHold(fx.Interpreter):
         carried = self._carried(restore, value, keys, masks)
         if carried is not None:
             return carried, None
-        pruned = self._pruned_ancestors(restore)
+        pruned = ancestors_where(restore, lambda n: n in self.site_of)     # those a site's mask applies to
         is_stream = lambda n: op_name(n) == "aten::add" and all(self._stream(n, k) is not None for k in keys)  # noqa: E731
         source = stream_and_chain(restore, pruned, is_stream)
         if source is None:
@@ -336,16 +336,6 @@ class MaskedHold(fx.Interpreter):
         for before, stream in zip(masks, streams[1:]):    # a cell pruned at a later site carries that site's stream
             carried = torch.where(before, stream, carried)
         return torch.where(masks[-1], value, carried)
-
-    def _pruned_ancestors(self, node: fx.Node) -> set:
-        """`node` and its ancestors that a site's mask applies to."""
-        found, stack = set(), [node]
-        while stack:
-            n = stack.pop()
-            if n not in found and n in self.site_of:
-                found.add(n)
-                stack.extend(n.all_input_nodes)
-        return found
 
     def _stream(self, restore: fx.Node, key: int) -> Optional[torch.Tensor]:
         """The masked run's stream at site `key`: the sum of the tensors like `restore` crossing it."""

@@ -161,9 +161,9 @@ def carry_source(ctx: SiteContext, old: fx.Node):
 
 def stream_and_chain(old: fx.Node, pruned: set, is_stream) -> Optional[tuple]:
     """(stream, chain): the latest node of `pruned` (`old` and its ancestors holding pruned tokens) that
-    `is_stream`, and the per-token ops from it to `old` (per_token_chain); None when there are none."""
+    `is_stream`, and the per-token ops from it to `old` (_per_token_chain); None when there are none."""
     stream = next((n for n in sorted(pruned, key=_graph_order(old), reverse=True) if is_stream(n)), None)
-    chain = None if stream is None else per_token_chain(stream, old, pruned)
+    chain = None if stream is None else _per_token_chain(stream, old, pruned)
     return None if chain is None else (stream, chain)
 
 
@@ -224,10 +224,15 @@ def _is_stream(ctx: SiteContext, node: fx.Node) -> bool:
 
 def _pruned_ancestors(ctx: SiteContext, old: fx.Node) -> set:
     """`old` and its ancestors whose new value holds pruned tokens."""
+    return ancestors_where(old, lambda node: ctx.state.of(ctx.env.get(node)) is not None)
+
+
+def ancestors_where(old: fx.Node, holds) -> set:
+    """`old` and its ancestors reached through nodes for which `holds` is true (those nodes only)."""
     seen, stack = set(), [old]
     while stack:
         node = stack.pop()
-        if node in seen or ctx.state.of(ctx.env.get(node)) is None:
+        if node in seen or not holds(node):
             continue
         seen.add(node)
         stack.extend(node.all_input_nodes)
@@ -239,7 +244,7 @@ def _graph_order(old: fx.Node):
     return order.__getitem__
 
 
-def per_token_chain(stream: fx.Node, old: fx.Node, pruned: set) -> Optional[list]:
+def _per_token_chain(stream: fx.Node, old: fx.Node, pruned: set) -> Optional[list]:
     """The nodes after `stream` up to `old` (the pruned ancestors of `old` that `stream` reaches), in graph
     order, when each is a per-token op whose pruned inputs are the stream or nodes of the chain; else None."""
     between, stack = set(), [u for u in stream.users if u in pruned]
