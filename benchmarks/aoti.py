@@ -96,15 +96,20 @@ def markdown(result: dict) -> str:
              f"{result['date']}; {result['machine']}; `{result['command']}`", ""]
     if result["quick"]:
         lines += ["**--quick smoke run on a shared machine: not a measurement to quote.**", ""]
-    lines += ["| batch | ratio | ideal | (a) eager model ms | (c) eager pruned ms | (d) AOTI ms | (c)/(a) speed-up | "
-              "(d)/(a) speed-up | (d) vs pruned max abs diff | others' CPU share |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["(d)/(d0): the pruned package against the ratio-0 package (the dense-equivalent engine), and that "
+              "speed-up's share of the FLOPs ideal; (c)/(a) likewise for the eager pruned graph.", "",
+              "| batch | ratio | ideal | (a) eager model ms | (c) eager pruned ms | (d) AOTI ms | (c)/(a) speed-up | "
+              "(c)/(a) of ideal | (d)/(a) speed-up | (d)/(d0) speed-up | (d)/(d0) of ideal | (d) vs pruned max abs diff | "
+              "others' CPU share |", "|---" * 13 + "|"]
     for row in result["rows"]:
         a = row["ms"]["a_eager_model"]
+        d0 = row["ms"].get(f"d_aoti_{result['ratios'][0]}") if result["ratios"][0] == 0 else None
         for ratio in result["ratios"]:
-            c, d = row["ms"][f"c_eager_pruned_{ratio}"], row["ms"][f"d_aoti_{ratio}"]
-            lines.append(f"| {row['batch']} | {ratio} | {result['ideal'][str(ratio)]:.2f}x | {a:.1f} | {c:.1f} | {d:.1f} | "
-                         f"{a / c:.2f}x | {a / d:.2f}x | {row['max_abs_diff_package_vs_pruned'][ratio]:.1e} | "
-                         f"{row['others_cpu_share']:.2f} |")
+            c, d, ideal = row["ms"][f"c_eager_pruned_{ratio}"], row["ms"][f"d_aoti_{ratio}"], result["ideal"][str(ratio)]
+            package = f"{d0 / d:.2f}x | {d0 / d / ideal:.2f}" if d0 and ratio else "- | -"
+            lines.append(f"| {row['batch']} | {ratio} | {ideal:.2f}x | {a:.1f} | {c:.1f} | {d:.1f} | "
+                         f"{a / c:.2f}x | {a / c / ideal:.2f} | {a / d:.2f}x | {package} | "
+                         f"{row['max_abs_diff_package_vs_pruned'][ratio]:.1e} | {row['others_cpu_share']:.2f} |")
     lines += ["", "AOTI compile seconds per ratio: " + ", ".join(f"{r}: {s}" for r, s in result["compile_s"].items())]
     if result.get("cpp"):
         lines += ["", f"C++ example (examples/aoti_cpp): {json.dumps(result['cpp'])}"]

@@ -287,7 +287,7 @@ def test_wrong_arguments_name_the_argument_and_the_expected_shape(name, bad, mes
 @pytest.mark.parametrize("D_per_channel", [False, True])
 @pytest.mark.parametrize("scan_form", ["scan", "doubling"])
 def test_onnx_translation_runs_in_onnxruntime_like_the_op(scan_form, D_per_channel, tmp_path):
-    """Both ONNX forms of the SSD op (standard ops only), with every option, a dynamic batch and 13
+    """Both ONNX forms of the SSD op (standard ops only), with every option, a dynamic batch and 37
     tokens (not a power of two: the last doubling round)."""
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
@@ -295,7 +295,7 @@ def test_onnx_translation_runs_in_onnxruntime_like_the_op(scan_form, D_per_chann
 
     model = TinySsdMixer(D_per_channel=D_per_channel)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(model, _mixer_inputs(2, length=13), dynamic_shapes=({0: batch}, {0: batch}))
+    program = torch.export.export(model, _mixer_inputs(2, length=37), dynamic_shapes=({0: batch}, {0: batch}))
     onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=custom_translation_table(scan_form),
                                      opset_version=18)
     path = str(tmp_path / "ssd.onnx")
@@ -303,7 +303,7 @@ def test_onnx_translation_runs_in_onnxruntime_like_the_op(scan_form, D_per_chann
     onnx.checker.check_model(onnx.load(path), full_check=True)
     assert ("Scan" in {n.op_type for n in onnx.load(path).graph.node}) == (scan_form == "scan")
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    tokens, gap = _mixer_inputs(5, length=13, seed=1)
+    tokens, gap = _mixer_inputs(5, length=37, seed=1)
     names = [i.name for i in session.get_inputs()]
     (got,) = session.run(None, dict(zip(names, (tokens.numpy(), gap.numpy()))))
     with torch.no_grad():
