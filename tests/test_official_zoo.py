@@ -15,7 +15,8 @@ import functools
 import pytest
 import torch
 
-from mambaprune.errors import UnreachableRatioError, UnsupportedModelError
+from mambaprune import compile_pruned
+from mambaprune.errors import InvalidArgumentError, UnreachableRatioError, UnsupportedModelError
 from tests import official_zoo
 from tests.official_zoo import checks
 
@@ -33,8 +34,8 @@ EXPECTED = {
     # the atrous scan's strided slice writes into new_empty are not followed (capture/slice_fills.py: step 1 only)
     "efficientvmamba": (UnsupportedModelError, ["a (B, 32, 8, 8) tensor built by aten::new_empty and 4 strided "
                                                 "slice writes along dim 2, 3", "after block 1 (layers.0.blocks.0.op)"]),
-    # sites only inside a stage (PatchMerging2D's strided slices end each one): 0.208 at most at this depth
-    "medmamba": (UnreachableRatioError, ["the maximum FLOPs reduction with pruning after blocks [1, 3] is 0.208"]),
+    # PatchMerging2D reads each stage's grid through 8 strided slices: sites in the last stage only, 0.041 at most
+    "medmamba": (UnreachableRatioError, ["the maximum FLOPs reduction with pruning after blocks [5] is 0.041"]),
 }
 
 
@@ -86,3 +87,17 @@ def test_refusal_names_what_and_where(name):
     for fragment in fragments:
         assert fragment in message, message
 
+
+
+def test_a_stage_read_through_strided_slices_without_token_facts_is_refused_before_the_rewrite():
+    """MedMamba's PatchMerging2D at 8x8 grids: the token flow of its strided slices is not inferred (no fact),
+    and a site inside the stage once passed the analysis, then failed in the rewrite with torch's own error
+    (a cat of slices of different sizes). Every slice reads the pruned stream beside the one restored
+    downsampling input, so the site is refused, by name, before anything is built."""
+    with official_zoo.installed():
+        torch.manual_seed(0)
+        model = official_zoo.family("medmamba").tiny().eval()
+        x = torch.randn(2, 3, model.img_size, model.img_size)
+        with pytest.raises(InvalidArgumentError, match=r"after block 1: the downsampling layers.0.downsample reads the "
+                                                       r"stage's grid through 8 strided slices"):
+            compile_pruned(model, 0.1, (x,), schedule={1: 0.5})

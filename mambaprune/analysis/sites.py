@@ -276,15 +276,28 @@ def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, no
     if not isinstance(fact, (Tok, Grid)) or fact.layout.length != length or restore in cut:
         return (f"the downsampling {module_of(end)} reads {restore.name}, which is not the token stream of the "
                 "pruned stage: sites are possible inside the last stage only")
+    nodes = list(nodes)
+    pruned_stream = downstream_of(restore, nodes)
     for node in (n for n in nodes if n in after and n.op != "output"):   # outputs are restored on their own
         for arg in node.all_input_nodes:
             if arg is end or arg in after or arg in cut or arg.op != "call_function":
                 continue
-            if fact_of(arg) is not None:
+            # a token tensor, or anything computed from the pruned stream whose token flow was not
+            # inferred (a strided slice of a small grid): either would carry the kept tokens alone
+            if fact_of(arg) is not None or arg in pruned_stream:
                 return _strided_reads(end, nodes) or (
                     f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
                     f"downsampling {module_of(end)}: only the downsampling's input can be restored")
     return None
+
+
+def downstream_of(source: fx.Node, nodes) -> set:
+    """`source` and every node of `nodes` (graph order) computed from it."""
+    found = {source}
+    for node in nodes:
+        if node not in found and any(arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _strided_reads(end: fx.Node, nodes) -> Optional[str]:

@@ -32,8 +32,9 @@ and per-step overhead, not arithmetic (about 13 us per body op on a 6K-float sta
 per step). The former layout, (batch, G, Dg, N, L) with C read out inside the body (4 ops per step
 and a Scan over the innermost axis), took 9.9 ms at batch 1 and 80.5 ms at batch 8; this one 6.2 and
 48.5 ms; PyTorch's C++ kernel 2.3 and 18.1 ms. A chunked Scan (16 tokens per step, unrolled: fewer
-loop steps, Split + Concat per chunk) was slower in both layouts (11.3 / 85.0 ms time-major); the
-doubling form is 4-5x slower than the Scan. Without a fused scan kernel (a custom op, or TensorRT)
+loop steps, Split + Concat per chunk) was slower in both layouts (11.3 / 85.0 ms time-major); a
+two-op body (dA_t * h as the scan output, dBu added after the loop, no Identity) was no faster
+(5.98 vs 5.92 ms, 50.8 vs 47.9 ms, interleaved); the doubling form is 4-6x slower than the Scan. Without a fused scan kernel (a custom op, or TensorRT)
 ONNX Runtime stays several times slower than PyTorch on the scan.
 
 ``pos_conv1d`` is translated exactly like its composite definition in ``runtime/token_ops.py``: a
