@@ -115,17 +115,26 @@ def test_the_users_model_is_untouched(v05, v05_pruned, images):
         model(images)
 
 
-def test_v0_ratio_0_is_the_dense_model_and_patch_merging_is_refused_by_name(images):
+def test_v0_patch_merging_reads_the_restored_grid_through_each_of_its_strided_slices(images):
+    """v0's PatchMerging2D reads the stage's grid through 8 strided slices; every one of them reads the
+    restored grid, so sites inside the first three stages are possible: ratio 0 exact, 0.3 reached, every
+    token kept at the pruned sites reproduces the model, batch invariant."""
     torch.manual_seed(0)
     model = official.vanilla_vmamba_tiny(dims=16, depths=DEPTHS, num_classes=10).eval()
     prepared = prepare(model, (torch.randn(2, 3, 64, 64),))
     fast = build(prepared, PruneSettings(ratio=0.0))
     assert (fast(images) - dense(model, images)).abs().max().item() <= TOL
     assert all("4 directions in one call" in b.mixing for b in prepared.analysis.blocks)   # cat + flip, einsum
-    invalid = prepared.analysis.invalid_sites
-    assert "the downsampling layers.0.downsample reads the stage's grid through 8 strided slices" in invalid[1]
-    assert "PatchMerging2D's x[..., 0::2, 0::2, :]" in invalid[1] and "only a downsampling with one input" in invalid[1]
-    assert sorted(prepared.analysis.sites) == [9]                   # inside the last stage only
+    assert sorted(prepared.analysis.sites) == [1, 3, 5, 6, 7, 9]
+    assert all(len(prepared.analysis.stage_end(k).readers) == 6 for k in (1, 3, 5))   # the slices beside the first
+    pruned = build(prepared, PruneSettings(ratio=RATIO))
+    assert abs(pruned.report.achieved_ratio - RATIO) <= 0.03 and min(pruned.report.sites) == 1
+    keep_all = build(prepared, PruneSettings(ratio=RATIO, schedule={k: 1.0 for k in pruned.report.sites}))
+    with torch.no_grad():
+        assert (keep_all(images) - dense(model, images)).abs().max().item() <= TOL
+        whole = pruned(images)
+        one_by_one = torch.cat([pruned(images[i:i + 1]) for i in range(len(images))])
+    assert (whole - one_by_one).abs().max().item() <= TOL
 
 
 def hand_cross_scan(x, in_channel_first=True, out_channel_first=True, one_by_one=False, scans=0, force_torch=False):

@@ -22,10 +22,14 @@ from .ops import LAYOUT_OPS, TOKEN_CONVS, is_assert, is_scan, looks_at_neighbour
 class StageEnd:
     """Where a pruned stage ends: `downsampling` (a conv2d that changes the token grid) reads the
     stage's last token tensor `restore` through the layout-only ops `chain` (transposes, reshapes to
-    the grid; empty for a grid stream); the rewrite makes `restore` whole again (rewrite/stage_end.py)."""
+    the grid; empty for a grid stream); the rewrite makes `restore` whole again (rewrite/stage_end.py).
+    `readers`: the other slices and layout ops that carry `restore` into the downsampling beside
+    `chain` (PatchMerging2D's x[:, 0::2, 0::2], x[:, 1::2, 0::2], ...: the first is `downsampling`,
+    the others read the same grid); they run on the restored grid too."""
     downsampling: fx.Node
     restore: fx.Node
     chain: list
+    readers: frozenset = frozenset()
 
 
 @dataclass
@@ -93,7 +97,7 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
                               block.token_length, gm.graph.nodes) or restore_problem([n for n in gm.graph.nodes if n in restored], fed, batch_of(gm), block)
         stage_end = None
         if not reason and end is not None:
-            stage_end = describe_stage_end(end, cut)
+            stage_end = describe_stage_end(end, cut, after, gm.graph.nodes)
             next_length = blocks[key].token_length if key < len(blocks) else None
             if next_length != block.token_length and not works_after(cut, nx.ancestors(graph, end)):
                 reason = (f"block {block.name} is the last of its stage: no block before the downsampling "
@@ -257,14 +261,32 @@ def block_closure(block: Block, gm: fx.GraphModule, graph: nx.DiGraph) -> set:
     return cut
 
 
-def describe_stage_end(end: fx.Node, cut: set) -> StageEnd:
-    """Walk back from the downsampling's input through single-use layout ops to the stage's stream."""
+def describe_stage_end(end: fx.Node, cut: set, after: set, nodes) -> StageEnd:
+    """Walk back from the downsampling's input through single-use layout ops to the stage's stream, then
+    collect the other readers of that stream on the way into the next stage (`StageEnd.readers`)."""
     restore, chain = end.args[0], []
     while (isinstance(restore, fx.Node) and restore not in cut and op_name(restore) in LAYOUT_OPS
            and len(restore.users) == 1 and isinstance(restore.args[0], fx.Node)):
         chain.insert(0, restore)
         restore = restore.args[0]
-    return StageEnd(end, restore, chain)
+    return StageEnd(end, restore, chain, _grid_readers(restore, {end, *chain}, after, nodes))
+
+
+def _grid_readers(restore: fx.Node, taken: set, after: set, nodes) -> frozenset:
+    """The slices and layout ops computed from `restore` alone (through each other) that feed `after`
+    (the next stage), other than `taken` (the downsampling and its chain)."""
+    moves = LAYOUT_OPS | {"aten::slice"}
+    candidates = []
+    for node in nodes:
+        if node in taken or node in after or node.op != "call_function" or op_name(node) not in moves:
+            continue
+        if all(arg is restore or arg in candidates for arg in node.all_input_nodes) and node.all_input_nodes:
+            candidates.append(node)
+    readers = set()
+    for node in reversed(candidates):
+        if any(user in after or user in readers for user in node.users):
+            readers.add(node)
+    return frozenset(readers)
 
 
 def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, nodes) -> Optional[str]:
@@ -280,14 +302,13 @@ def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, no
     pruned_stream = downstream_of(restore, nodes)
     for node in (n for n in nodes if n in after and n.op != "output"):   # outputs are restored on their own
         for arg in node.all_input_nodes:
-            if arg is end or arg in after or arg in cut or arg.op != "call_function":
+            if arg is end or arg in after or arg in cut or arg.op != "call_function" or arg in stage_end.readers:
                 continue
             # a token tensor, or anything computed from the pruned stream whose token flow was not
             # inferred (a strided slice of a small grid): either would carry the kept tokens alone
             if fact_of(arg) is not None or arg in pruned_stream:
-                return _strided_reads(end, nodes) or (
-                    f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
-                    f"downsampling {module_of(end)}: only the downsampling's input can be restored")
+                return (f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
+                        f"downsampling {module_of(end)}: only the downsampling's input can be restored")
     return None
 
 
@@ -298,20 +319,6 @@ def downstream_of(source: fx.Node, nodes) -> set:
         if node not in found and any(arg in found for arg in node.all_input_nodes):
             found.add(node)
     return found
-
-
-def _strided_reads(end: fx.Node, nodes) -> Optional[str]:
-    """The refusal for a downsampling that reads the grid through several strided slices (VMamba
-    v0's PatchMerging2D: x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], ...); None for another one."""
-    if op_name(end) != "aten::slice":
-        return None
-    module = module_of(end)
-    slices = [n.name for n in nodes if op_name(n) == "aten::slice" and module_of(n) == module
-              and isinstance(n.args[-1], int) and len(n.args) == 5 and n.args[-1] > 1]
-    return (f"the downsampling {module} reads the stage's grid through {len(slices)} strided slices "
-            f"({', '.join(slices)}: PatchMerging2D's x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], ...), and only a "
-            "downsampling with one input can be restored: sites are possible inside the last stage only "
-            "(a strided conv2d downsampling, as VMamba v05_noz's, can be restored)")
 
 
 def crosses(node: fx.Node, fed: set) -> bool:

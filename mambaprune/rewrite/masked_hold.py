@@ -160,9 +160,10 @@ class MaskedHold(fx.Interpreter):
             end = analysis.stage_end(key)
             if end is not None:
                 self.stage_ends.setdefault(end.restore, (end, []))[1].append(key)
-        # the node that reads a stage's stream into its downsampling -> the stream (restore node)
-        self._fill_readers = {(end.chain[0] if end.chain else end.downsampling): restore
-                              for restore, (end, _) in self.stage_ends.items()}
+        # the nodes that read a stage's stream into its downsampling -> the stream (restore node)
+        self._fill_readers = {reader: restore for restore, (end, _) in self.stage_ends.items()
+                              for reader in (end.chain[0] if end.chain else end.downsampling,
+                                             *(r for r in end.readers if restore in r.all_input_nodes))}
         # a node of a restored tail (a decoder's conv) -> {token input holding pruned tokens: the last site
         # that pruned them}. Which values hold pruned tokens is the definition of a site (the analysis'
         # `Site.fed`: on the way to later token work), not something this formulation re-derives: a feature

@@ -22,7 +22,8 @@ from .restore import carried, carried_stream, carry_source, nearest, scattered, 
 
 
 def emit_stage_end(ctx: SiteContext, old: fx.Node) -> fx.Node:
-    """Re-emit `old` (a node of the stage end's chain, or the downsampling) on dense inputs."""
+    """Re-emit `old` (a node of the stage end's chain, one of its readers, or the downsampling) on dense
+    inputs."""
     stage_end = ctx.analysis.stage_end(ctx.site)
 
     def dense(arg: fx.Node) -> fx.Node:
