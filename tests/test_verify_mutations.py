@@ -93,6 +93,12 @@ CONFIGS = {   # model, settings
     "vmamba-channels-carry": ("vmamba_channels", dict(schedule={1: 0.6})),
     "segmenter-nearest": ("segmenter", dict(schedule={2: 0.6}, fill="nearest")),
     "segmenter-zeros": ("segmenter", dict(schedule={2: 0.6}, fill="zeros")),
+    "vim-none": ("vim", dict(schedule={2: 0.6, 4: 0.7}, alignment="none")),
+    "features-none": ("features", dict(schedule={2: 0.6}, alignment="none")),
+    "vmamba-none": ("vmamba", dict(schedule={1: 0.6}, alignment="none")),
+    "plainmamba-none": ("plainmamba", dict(schedule={2: 0.6, 4: 0.7}, alignment="none")),
+    "segmenter-none-nearest": ("segmenter", dict(schedule={2: 0.6}, alignment="none", fill="nearest")),
+    "features-unsorted-nearest": ("features", dict(schedule={2: 0.6}, alignment="none-unsorted", fill="nearest")),
 }
 
 
@@ -207,6 +213,20 @@ def decay_gaps_off_by_one(mp):
     mp.setattr(ti, "path_gaps", path_gaps)
 
 
+def none_claims_original_positions(mp):
+    """Under `none` the kept tokens claim their original positions (hold's), not 0..K-1."""
+    mp.setattr(ti, "compacted_positions", lambda index: index)
+
+
+def nearest_ties_in_slot_order(mp):
+    """fill='nearest' breaks ties between equally near kept tokens by the order the pruned slots hold them
+    (under none-unsorted: score order) instead of by their positions (the defect this check found)."""
+    def nearest_kept(index, coords):
+        kept = coords.to(index.device)[index]
+        return ((coords.unsqueeze(0).unsqueeze(2) - kept.unsqueeze(1)) ** 2).sum(-1).argmin(dim=-1)
+    mp.setattr(ti, "nearest_kept", nearest_kept)
+
+
 def kept_positions_not_sorted(mp):
     original = ti.select_tokens
 
@@ -262,6 +282,13 @@ FAULTS = {
     "nearest from compacted slots (stage end)": Fault(nearest_from_compacted_slots, "vmamba-stage-nearest", False),
     "nearest fills zeros (decoder input)": Fault(nearest_fills_zeros, "segmenter-nearest", False),
     "output restored at compacted slots (zeros fill)": Fault(output_restored_at_compacted_slots, "features-zeros", False),
+    "none claims original positions (flip, conv1d)": Fault(none_claims_original_positions, "vim-none", False),
+    "none claims original positions (zig-zag)": Fault(none_claims_original_positions, "plainmamba-none", False),
+    "none claims original positions (cross-scan, conv2d)": Fault(none_claims_original_positions, "vmamba-none", False),
+    "none claims original positions (decoder)": Fault(none_claims_original_positions, "segmenter-none-nearest", False),
+    "output restored at compacted slots (none)": Fault(output_restored_at_compacted_slots, "features-none", False),
+    "readout of the compacted slot (none)": Fault(readout_of_compacted_slot, "vim-none", False),
+    "nearest ties in slot order": Fault(nearest_ties_in_slot_order, "features-unsorted-nearest", False),
 }
 
 

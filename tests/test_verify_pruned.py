@@ -102,12 +102,26 @@ def test_isotropic_and_hierarchical_models_are_compared_with_the_masked_run():
 
 
 def test_what_cannot_be_compared_is_said():
-    _, _, none = check_of(create_model("vim_t", img_size=64, depth=6, embed_dim=32, num_classes=10), images(64),
-                          alignment="none")
-    assert "alignment='none' has no masked formulation" in none.outputs[0].skipped
-    _, _, attention = check_of(arch.build("mambavision"), images(arch.build("mambavision").img_size))
-    assert "attention over the tokens" in attention.outputs[0].skipped
-    assert attention.unchecked == [attention.outputs[0]] and "not compared" in attention.describe()
+    _, _, merged = check_of(create_model("vim_t", img_size=64, depth=6, embed_dim=32, num_classes=10), images(64),
+                            reduction="merge-nearest")
+    assert "reduction='merge-nearest' has no masked formulation" in merged.outputs[0].skipped
+    model = arch.build("mambavision_explicit_attn")     # attention after the mixers runs on restored tokens
+    _, _, carried = check_of(model, images(model.img_size), ratio=0.2)
+    assert "restored with fill=carry, which has no masked formulation" in carried.outputs[0].skipped
+    assert carried.unchecked == [carried.outputs[0]] and "not compared" in carried.describe()
+
+
+@pytest.mark.parametrize("alignment", ["hold", "none"])
+def test_attention_over_the_tokens_is_compared_with_the_pruned_keys_masked(monkeypatch, alignment):
+    """MambaVision's sdpa blocks after a site: the masked run lets every query attend to the kept keys only.
+    Without that mask the formulation is another model, and the check says so."""
+    model = arch.build("mambavision")
+    x = images(model.img_size, batch=2)
+    _, _, check = check_of(model, x, alignment=alignment)
+    assert [o.compared_with for o in check.outputs] == ["masked"], check.describe()
+    monkeypatch.setattr(MaskedHold, "_attention", lambda self, n, keep, args, kwargs: (n.target(*args, **kwargs), None))
+    with pytest.raises(UnsupportedModelError, match="pruned this model wrongly"):
+        check_of(model, x, alignment=alignment)
 
 
 def test_official_plainmamba_zipped_scans_are_compared():

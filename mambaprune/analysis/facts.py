@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
+
 from ..meta_keys import TOKENS
 from .layout import Layout
 from .ops import is_static
@@ -237,6 +239,19 @@ class TokenMap:
     @property
     def token_dims(self) -> tuple:
         return tuple(d for d in range(self.positions.ndim) if varies(self.positions, d))
+
+    @property
+    def rearranges(self) -> bool:
+        """Whether it holds every token of each part equally often and nothing else (windows, directions
+        stacked on a new axis), rather than a subset of them (a class token cut out) or empty slots."""
+        positions, parts = np.asarray(self.positions).ravel(), np.asarray(self.parts).ravel()
+        if positions.size == 0 or (positions < 0).any():
+            return False
+        for part in np.unique(parts):
+            counts = np.bincount(positions[parts == part], minlength=self.length)
+            if len(counts) != self.length or not (counts == counts[0]).all() or counts[0] == 0:
+                return False
+        return True
 
     @property
     def refusal(self) -> str:

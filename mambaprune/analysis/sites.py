@@ -31,6 +31,14 @@ class StageEnd:
     chain: list
     readers: frozenset = frozenset()
 
+    def runs_on_restored(self, node: fx.Node) -> bool:
+        """Whether `node` runs on the restored stream: the downsampling, its chain or another reader."""
+        return node is self.downsampling or node in self.chain or node in self.readers
+
+    def reading_restore(self) -> tuple:
+        """Those of them that read `restore` itself (the others read these)."""
+        return tuple(n for n in (*self.chain, self.downsampling, *self.readers) if self.restore in n.all_input_nodes)
+
 
 @dataclass
 class Site:
@@ -103,7 +111,7 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
                 reason = (f"block {block.name} is the last of its stage: no block before the downsampling "
                           f"{module_of(end)} would run on fewer tokens")
             else:
-                reason = stage_end_problem(stage_end, cut, after, block.token_length, gm.graph.nodes)
+                reason = stage_end_problem(stage_end, cut, after, block.token_length, gm.graph.nodes, graph)
         if reason:
             invalid[key] = reason
             continue
@@ -289,17 +297,17 @@ def _grid_readers(restore: fx.Node, taken: set, after: set, nodes) -> frozenset:
     return frozenset(readers)
 
 
-def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, nodes) -> Optional[str]:
+def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, nodes, graph: nx.DiGraph) -> Optional[str]:
     """Why the pruned stage could not be restored before its downsampling (None: it can): the
     restore puts the kept tokens of `stage_end.restore` back at their places in the full tensor,
-    and that is all the next stage may receive from the pruned one."""
+    and that is all the next stage may receive from the pruned one. `nodes` in graph order, `graph`
+    their data flow."""
     end, restore = stage_end.downsampling, stage_end.restore
     fact = fact_of(restore)
     if not isinstance(fact, (Tok, Grid)) or fact.layout.length != length or restore in cut:
         return (f"the downsampling {module_of(end)} reads {restore.name}, which is not the token stream of the "
                 "pruned stage: sites are possible inside the last stage only")
-    nodes = list(nodes)
-    pruned_stream = downstream_of(restore, nodes)
+    pruned_stream = nx.descendants(graph, restore) | {restore}
     for node in (n for n in nodes if n in after and n.op != "output"):   # outputs are restored on their own
         for arg in node.all_input_nodes:
             if arg is end or arg in after or arg in cut or arg.op != "call_function" or arg in stage_end.readers:
@@ -310,15 +318,6 @@ def stage_end_problem(stage_end: StageEnd, cut: set, after: set, length: int, no
                 return (f"{arg.name} reaches {module_of(node)} in the next stage without going through the "
                         f"downsampling {module_of(end)}: only the downsampling's input can be restored")
     return None
-
-
-def downstream_of(source: fx.Node, nodes) -> set:
-    """`source` and every node of `nodes` (graph order) computed from it."""
-    found = {source}
-    for node in nodes:
-        if node not in found and any(arg in found for arg in node.all_input_nodes):
-            found.add(node)
-    return found
 
 
 def crosses(node: fx.Node, fed: set) -> bool:

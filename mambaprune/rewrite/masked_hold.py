@@ -13,6 +13,7 @@ without any gather, index table or rewrite rule, on the dense graph of the same 
 - a conv1d along the tokens or a conv2d on the grid sees zeros at pruned neighbours (its input
   multiplied by the mask);
 - a pooled readout (mean / sum / max over the tokens, a global average pool) reads kept tokens only;
+- scaled_dot_product_attention over the tokens attends to the kept keys only (a boolean key mask);
 - the grid restored before a downsampling holds the kept tokens, and at pruned cells the fill
   `fill` defines (rewrite/stage_end.py): "carry" = the stream crossing the site at which the
   cell was pruned (the sum of the stream's parts), "zeros" = 0, "nearest" = the nearest kept
@@ -29,8 +30,8 @@ closure of the block, `Site.cut`). An early feature map that no site feeds is th
 
 Where the formulation does not apply, the run goes on densely and the node (and everything it
 feeds) is marked `untrusted` with the reason: a scan whose operands are in different token orders
-and folded directions, attention over the tokens, `decay` on directions folded into one scan, a
-pooling we do not model, a fill we do not model.
+and folded directions, attention spelled out as matmuls and a softmax or already masked, `decay` on
+directions folded into one scan, a pooling we do not model, a fill we do not model.
 """
 from __future__ import annotations
 
@@ -55,15 +56,18 @@ _MASKED_REDUCTIONS = ("aten::mean", "aten::sum", "aten::amax")
 
 def descendants_of_site(analysis: GraphAnalysis, key: int) -> set:
     """The nodes site `key` feeds: descendants of block `key`'s scored output y outside the block."""
-    start = analysis.blocks[key - 1].y
-    seen, todo = set(), [start]
+    return descendants([analysis.blocks[key - 1].y]) - analysis.sites[key].cut
+
+
+def descendants(starts: list) -> set:
+    """Every node computed from one of `starts` (a start itself only when computed from another)."""
+    seen, todo = set(), list(starts)
     while todo:
-        node = todo.pop()
-        for user in node.users:
+        for user in todo.pop().users:
             if user not in seen:
                 seen.add(user)
                 todo.append(user)
-    return seen - analysis.sites[key].cut
+    return seen
 
 
 def _along(bias: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
@@ -148,6 +152,7 @@ class MaskedHold(fx.Interpreter):
                  fed: Optional[dict] = None):
         super().__init__(analysis.gm, garbage_collect_values=False)
         self.analysis, self.keep, self.alignment, self.fill = analysis, keep, alignment, fill
+        self.kept_at = keep     # {site: (B, L) True at the kept ORIGINAL positions}: fills and restores read these
         self.fed = fed if fed is not None else {key: descendants_of_site(analysis, key) for key in keep}
         keys = sorted(self.fed)     # a site in `fed` but not in `keep`: its kept positions are unknown
         self.site_of: dict = {}
@@ -162,8 +167,7 @@ class MaskedHold(fx.Interpreter):
                 self.stage_ends.setdefault(end.restore, (end, []))[1].append(key)
         # the nodes that read a stage's stream into its downsampling -> the stream (restore node)
         self._fill_readers = {reader: restore for restore, (end, _) in self.stage_ends.items()
-                              for reader in (end.chain[0] if end.chain else end.downsampling,
-                                             *(r for r in end.readers if restore in r.all_input_nodes))}
+                              for reader in end.reading_restore()}
         # a node of a restored tail (a decoder's conv) -> {token input holding pruned tokens: the last site
         # that pruned them}. Which values hold pruned tokens is the definition of a site (the analysis'
         # `Site.fed`: on the way to later token work), not something this formulation re-derives: a feature
@@ -190,18 +194,29 @@ class MaskedHold(fx.Interpreter):
         elif n.op != "call_function" or (key is None and n not in self._fill_readers):
             value = super().run_node(n)
         else:
-            restore = self._fill_readers.get(n)
-            fetch = lambda a: self._filled[a] if a is restore else self.env[a]      # noqa: E731
             with self._set_current_node(n):
-                args, kwargs = fx.node.map_arg(n.args, fetch), fx.node.map_arg(n.kwargs, fetch)
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
                 value, reason = self._masked_call(n, key, args, kwargs)
         if n in self.stage_ends:
-            self._filled[n], fill_reason = self._fill(n, value)
+            self.env[n] = value
+            self._filled[n], fill_reason = self._fill(n, self.original(n))
             if fill_reason:
                 self.untrusted.setdefault(self.stage_ends[n][0].downsampling, fill_reason)
         if reason or inherited or n in self.untrusted:
             self.untrusted[n] = self.untrusted.get(n) or reason or inherited
         return value
+
+    def map_nodes_to_values(self, args, n: fx.Node):
+        return fx.node.map_arg(args, lambda a: self.read(a, n))
+
+    def read(self, a: fx.Node, n: fx.Node):
+        """The value of `a` as node `n` reads it: a stage's stream read into its downsampling is the stream
+        restored with the fill."""
+        return self._filled[a] if self._fill_readers.get(n) is a else self.env[a]
+
+    def original(self, a: fx.Node):
+        """The value of `a` with its tokens at their original positions (here: as run)."""
+        return self.env[a]
 
     def _run_restored(self, n: fx.Node) -> tuple:
         """(value, reason or None) of a decoder node run densely on its token inputs restored with the fill."""
@@ -209,11 +224,11 @@ class MaskedHold(fx.Interpreter):
         for a, key in self._restored_reads[n].items():
             if key not in self.keep:
                 return super().run_node(n), f"{n.name}: the positions kept by the site after block {key} are unknown"
-            values[a] = filled(fact_of(a), self.env[a], self.keep[key], self.fill)
+            values[a] = filled(fact_of(a), self.original(a), self.kept_at[key], self.fill)
             if values[a] is None:
                 return super().run_node(n), (f"{n.name}: reads {a.name} restored with fill={self.fill}, which has no "
                                              "masked formulation here")
-        fetch = lambda a: values[a] if a in values else self.env[a]      # noqa: E731
+        fetch = lambda a: values[a] if a in values else self.read(a, n)      # noqa: E731
         with self._set_current_node(n):
             return n.target(*fx.node.map_arg(n.args, fetch), **fx.node.map_arg(n.kwargs, fetch)), None
 
@@ -235,6 +250,8 @@ class MaskedHold(fx.Interpreter):
             return call((x * mask,) + tuple(args[1:])), None
         if isinstance(fact_of(n), Readout) and fact_of(n).kind == "pool":
             return self._pool(n, keep, args, kwargs)
+        if name == "aten::scaled_dot_product_attention":
+            return self._attention(n, keep, args, kwargs)
         if name in _ATTENTION and sum(is_token_fact(fact_of(a)) for a in n.all_input_nodes) >= 2:
             return call(), f"{n.name}: attention over the tokens (no masked formulation)"
         return call(), None
@@ -273,6 +290,21 @@ class MaskedHold(fx.Interpreter):
             args, kwargs = with_argument(target, args, kwargs, "gap", gap)
         return n.target(*args, **kwargs), None
 
+    def _attention(self, n: fx.Node, keep: torch.Tensor, args, kwargs) -> tuple:
+        """scaled_dot_product_attention with the pruned keys masked out: every query attends to the kept
+        tokens only (the rows of pruned queries are not read as kept tokens)."""
+        fact = fact_of(argument(n, "key"))
+        key = call_argument(n.target, args, kwargs, "key")
+        if argument(n, "attn_mask") is not None or argument(n, "is_causal", False) or not isinstance(fact, Tok) \
+                or fact != fact_of(argument(n, "value")) or fact.dim != key.dim() - 2:
+            return n.target(*args, **kwargs), f"{n.name}: attention over the tokens with a mask, causal, or keys and " \
+                "values in different orders (no masked formulation)"
+        mask = mask_like(fact, tuple(key.shape), keep)
+        if mask is None:
+            return n.target(*args, **kwargs), f"{n.name}: attention whose keys could not be masked"
+        args, kwargs = with_argument(n.target, tuple(args), dict(kwargs), "attn_mask", mask.transpose(-1, -2))
+        return n.target(*args, **kwargs), None
+
     def _pool(self, n: fx.Node, keep: torch.Tensor, args, kwargs) -> tuple:
         x, name = args[0], op_name(n)
         mask = mask_like(fact_of(n.args[0]), tuple(x.shape), keep)
@@ -300,11 +332,11 @@ class MaskedHold(fx.Interpreter):
         fact = fact_of(restore)
         if any(key not in self.keep for key in keys):
             return value, f"{restore.name}: the positions kept in its stage are unknown"
-        masks = [mask_like(fact, tuple(value.shape), self.keep[key]) for key in keys]
+        masks = [mask_like(fact, tuple(value.shape), self.kept_at[key]) for key in keys]
         if any(m is None for m in masks):
             return value, f"{restore.name}: the stage's stream could not be masked before {end.downsampling.name}"
         if self.fill is not Fill.CARRY:
-            value_filled = filled(fact, value, self.keep[keys[-1]], self.fill)
+            value_filled = filled(fact, value, self.kept_at[keys[-1]], self.fill)
             if value_filled is None:
                 return value, f"{restore.name}: fill={self.fill} could not be laid on the stage's stream"
             return value_filled, None
@@ -318,11 +350,11 @@ class MaskedHold(fx.Interpreter):
             return value, (f"{restore.name}: no stream like it crosses a site of its stage, nor one it is computed "
                            "from token by token (fill='carry')")
         stream, chain = source                          # re-run on the carried stream, as the rewrite does
-        masks = [mask_like(fact_of(stream), tuple(self.env[stream].shape), self.keep[key]) for key in keys]
+        masks = [mask_like(fact_of(stream), tuple(self.env[stream].shape), self.kept_at[key]) for key in keys]
         if any(m is None for m in masks):
             return value, f"{restore.name}: the stream {stream.name} it is computed from could not be masked"
-        values = {stream: self._carried(stream, self.env[stream], keys, masks)}
-        fetch = lambda a: values[a] if a in values else self.env[a]      # noqa: E731
+        values = {stream: self._carried(stream, self.original(stream), keys, masks)}
+        fetch = lambda a: values[a] if a in values else self.original(a)      # noqa: E731
         for node in chain:
             values[node] = node.target(*fx.node.map_arg(node.args, fetch), **fx.node.map_arg(node.kwargs, fetch))
         return values[chain[-1] if chain else stream], None
@@ -341,7 +373,7 @@ class MaskedHold(fx.Interpreter):
     def _stream(self, restore: fx.Node, key: int) -> Optional[torch.Tensor]:
         """The masked run's stream at site `key`: the sum of the tensors like `restore` crossing it."""
         wanted = (fact_of(restore), tuple(restore.meta["val"].shape[1:]))
-        parts = [self.env[n] for n in self.analysis.crossing_tokens(key)
+        parts = [self.original(n) for n in self.analysis.crossing_tokens(key)
                  if (fact_of(n), tuple(n.meta["val"].shape[1:])) == wanted]
         return sum(parts[1:], parts[0]) if parts else None
 

@@ -34,6 +34,12 @@ def mask_like(fact, shape: tuple, keep: torch.Tensor) -> Optional[torch.Tensor]:
     return None
 
 
+def keep_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) bool, True at the kept `positions` (B, K)."""
+    mask = torch.zeros(positions.shape[0], length, dtype=torch.bool, device=positions.device)
+    return mask.scatter(1, positions, True)
+
+
 def filled(fact, value: torch.Tensor, keep: torch.Tensor, fill: Fill) -> Optional[torch.Tensor]:
     """`value` (a dense tensor with token fact `fact`) with `fill`'s value at the slots of tokens that
     `keep` (B, L) prunes, by the definition of rewrite/restore.py: "zeros" 0, "nearest" the value of the

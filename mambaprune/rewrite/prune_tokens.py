@@ -98,7 +98,7 @@ def emit_node(ctx: RewriteContext, old: fx.Node, key: int) -> fx.Node:
     if key == 0 or old.op != "call_function" or old in ctx.analysis.after_stage(key):
         return graph.node_copy(old, env.__getitem__)  # dense (a later stage runs densely up to its own sites)
     stage_end = ctx.analysis.stage_end(key)
-    if stage_end is not None and (old is stage_end.downsampling or old in stage_end.chain or old in stage_end.readers):
+    if stage_end is not None and stage_end.runs_on_restored(old):
         return emit_stage_end(ctx.at(key), old)
     if ctx.analysis.runs_dense(old, key):
         return emit_restored(ctx.at(key), old)    # after the last token mixer, on restored tokens

@@ -9,16 +9,18 @@ kept, and checks every graph output (tuple / list / dict outputs flattened):
    outside that block; an early feature map, an auxiliary head) equals the dense graph's output:
    relative difference <= DENSE_TOLERANCE in fp32 (they compute the same ops on the same values),
    `verify_tolerance` in float16 / bfloat16;
-2. under `hold` and `decay`, an output a site feeds equals the second formulation of the alignment
-   (masked_hold.MaskedHold: the dense graph with the pruned tokens masked) at the positions kept by
+2. an output a site feeds equals the second formulation of the alignment (masked_hold.MaskedHold under
+   `hold` and `decay`: the dense graph with the pruned tokens masked; masked_compacted.MaskedCompacted
+   under `none` and `none-unsorted`: the same in each site's compacted coordinates, where the kept
+   tokens hold the first K positions) at the positions kept by
    the last site that feeds it (token outputs) or wholly (pooled and read-out outputs, values
    after a restored stage, token outputs restored with fill "zeros" or "nearest", and the outputs
    of a neck or decoder run on tokens restored with those fills), within MASKED_TOLERANCE in fp32,
    `verify_tolerance` in halves. Outputs behind something the formulation does not define
-   (attention over tokens, directions folded into one scan whose operands are in different orders,
-   a decoder reading tokens restored with "carry", ...) and every output under the `none`
-   alignments or a merging reduction (the masked formulation drops what is pruned) are not compared:
-   the result says which and why.
+   (attention spelled out as matmuls, directions folded into one scan whose operands are in different orders,
+   a decoder reading tokens restored with "carry", a class token cut out of the tokens under `none`,
+   ...) and every output under a merging reduction (the masked formulation drops what is pruned) are
+   not compared: the result says which and why.
 Besides, the kept positions of every site the pruned graph computes them for (a site followed by
 attention only may not need them) must be valid: K distinct positions in range per sample,
 the protected ones among them, sorted (but under `none-unsorted`), within a subset of the previous
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -36,8 +39,9 @@ from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..errors import UnsupportedModelError
 from ..meta_keys import KEPT_POSITIONS
 from ..settings import Alignment, Fill, PruneSettings
+from .masked_compacted import MaskedCompacted
 from .masked_hold import MaskedHold, descendants_of_site
-from .masks import filled, mask_like
+from .masks import filled, keep_mask, mask_like
 from .verify import relative_difference, verify_tolerance
 
 DENSE_TOLERANCE = 1e-6    # fp32 and wider: values no site feeds
@@ -91,12 +95,11 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
     with torch.no_grad():
         got, kept = _run_pruned(pruned, flat)
         check_kept_positions(kept, sites, analysis, settings.alignment)
-        keep = {key: _keep_mask(kept[key], analysis.site_length(key)) for key in keys if key in kept}
+        keep = {key: keep_mask(kept[key], analysis.site_length(key)) for key in keys if key in kept}
         dense = fx.Interpreter(gm).run(*flat)
         fed = {key: descendants_of_site(analysis, key) for key in keys}
-        masked_run, masked = None, None
-        if settings.alignment in (Alignment.HOLD, Alignment.DECAY) and not settings.reduction.merges:
-            masked_run = MaskedHold(analysis, keep, settings.alignment, settings.fill, fed)
+        masked_run, masked = masked_formulation(analysis, kept, keep, settings, fed), None
+        if masked_run is not None:
             masked = pytree.tree_leaves(masked_run.run(*flat))
     outputs = _output_nodes(gm)
     dense, got = pytree.tree_leaves(dense), pytree.tree_leaves(got)
@@ -109,6 +112,18 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
         checks.append(_check_output(index, node, e, g, m, fed, keep, masked_run, settings))
     return PrunedRunCheck(str(settings.alignment), {s.key: s.keep for s in sites}, tuple(checks),
                           time.perf_counter() - started)
+
+
+def masked_formulation(analysis: GraphAnalysis, kept: dict, keep: dict, settings: PruneSettings,
+                       fed: dict) -> Optional[MaskedHold]:
+    """The second formulation of the alignment that outputs a site feeds are compared with: the dense graph
+    with the pruned tokens masked (hold, decay) or in each site's compacted coordinates (the `none` modes);
+    None under a merging reduction, which the masked formulation does not describe."""
+    if settings.reduction.merges:
+        return None
+    if settings.alignment.claims_positions:
+        return MaskedHold(analysis, keep, settings.alignment, settings.fill, fed)
+    return MaskedCompacted(analysis, {key: kept[key] for key in keep}, settings.fill, fed)
 
 
 def _run_pruned(pruned: fx.GraphModule, flat: list) -> tuple:
@@ -124,11 +139,6 @@ def _run_pruned(pruned: fx.GraphModule, flat: list) -> tuple:
             return value
 
     return Recorder(pruned).run(*flat), kept
-
-
-def _keep_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
-    mask = torch.zeros(positions.shape[0], length, dtype=torch.bool, device=positions.device)
-    return mask.scatter(1, positions, True)
 
 
 def _output_nodes(gm: fx.GraphModule) -> list:
@@ -151,7 +161,7 @@ def check_kept_positions(kept: dict, sites: list, analysis: GraphAnalysis, align
         elif alignment.keeps_order and not bool((positions[:, 1:] > positions[:, :-1]).all()):
             problem = "the kept positions are not strictly increasing"
         if problem is None:
-            mask = _keep_mask(positions, length)
+            mask = keep_mask(positions, length)
             protected = [p for p in analysis.protected if p < length]
             if int(mask.sum()) != positions.numel():
                 problem = "a position is kept twice"
@@ -183,9 +193,8 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, set
                     f"{_positions_differing(expected, got)})", settings)
         return OutputCheck(index, name, "dense", "all positions", difference, tolerance)
     if masked_run is None:
-        why = (f"reduction='{settings.reduction}'" if settings.reduction.merges
-               else f"alignment='{settings.alignment}'")
-        return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}; {why} has no masked formulation")
+        return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}; reduction='{settings.reduction}' "
+                           "has no masked formulation")
     if node in masked_run.untrusted:
         return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}: {masked_run.untrusted[node]}")
     behind = [key for key in feeding if key in masked_run.analysis.sites and node in masked_run.analysis.sites[key].restored]

@@ -186,12 +186,14 @@ def nearest_kept(index: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
     index: (B, K) dense slots of the kept tokens; coords: (L, c) float coordinates of the dense slots
     (a sequence position, or a grid cell's row and column). Squared distances are computed exactly
-    (integer coordinates), so a kept slot is its own nearest; ties go to the lower pruned slot.
+    (integer coordinates), so a kept slot is its own nearest; ties go to the kept token of the lower dense
+    slot, whatever order the pruned slots hold them in (`none-unsorted` keeps them in score order).
     """
     coords = coords.to(device=index.device)
-    kept = coords[index]                                              # (B, K, c)
+    order = index.argsort(dim=1)                                      # pruned slots by dense slot
+    kept = coords[index.gather(1, order)]                             # (B, K, c)
     distance = ((coords.unsqueeze(0).unsqueeze(2) - kept.unsqueeze(1)) ** 2).sum(-1)   # (B, L, K)
-    return distance.argmin(dim=-1)
+    return order.gather(1, distance.argmin(dim=-1))
 
 
 def nearest_tokens(x: torch.Tensor, index: torch.Tensor, coords: torch.Tensor, dim: int) -> torch.Tensor:
