@@ -32,6 +32,7 @@ from mambaprune.rewrite import SiteSpec, verify_pruned_run, verify_rewrite  # no
 from mambaprune.rewrite.indices import IndexTables  # noqa: E402
 from mambaprune.rewrite.rules import ScanGaps  # noqa: E402
 from mambaprune.runtime import token_index as ti  # noqa: E402
+from mambaprune.runtime import token_merge as tm  # noqa: E402
 from mambaprune.settings import PruneSettings  # noqa: E402
 
 
@@ -99,6 +100,10 @@ CONFIGS = {   # model, settings
     "plainmamba-none": ("plainmamba", dict(schedule={2: 0.6, 4: 0.7}, alignment="none")),
     "segmenter-none-nearest": ("segmenter", dict(schedule={2: 0.6}, alignment="none", fill="nearest")),
     "features-unsorted-nearest": ("features", dict(schedule={2: 0.6}, alignment="none-unsorted", fill="nearest")),
+    "vim-merge-nearest": ("vim", dict(schedule={2: 0.6, 4: 0.7}, reduction="merge-nearest")),
+    "vim-merge-similar-none": ("vim", dict(schedule={2: 0.6, 4: 0.7}, reduction="merge-similar", alignment="none")),
+    "plainmamba-merge-nearest": ("plainmamba", dict(schedule={2: 0.6, 4: 0.7}, reduction="merge-nearest")),
+    "vmamba-merge-zeros": ("vmamba", dict(schedule={1: 0.6}, reduction="merge-similar", fill="zeros")),
 }
 
 
@@ -227,6 +232,32 @@ def nearest_ties_in_slot_order(mp):
     mp.setattr(ti, "nearest_kept", nearest_kept)
 
 
+def merge_ignores_sizes(mp):
+    """A merge averages plainly, as if every token stood for one (right at a stage's first site only)."""
+    original = tm.merge_tokens
+    mp.setattr(tm, "merge_tokens", lambda x, sel, pruned, target, size, merged_size, dim: original(
+        x, sel, pruned, target, None, tm.merged_sizes(None, sel, pruned, target), dim))
+
+
+def merge_into_protected_tokens(mp):
+    """Pruned tokens may be merged into the class token."""
+    mp.setattr(tm, "kept_is_protected", lambda positions, protected: torch.zeros_like(positions, dtype=torch.bool))
+
+
+def merge_into_the_next_kept_token(mp):
+    """merge-nearest's target one kept slot off."""
+    original = tm.nearest_targets
+    mp.setattr(tm, "nearest_targets", lambda prev_idx, sel, *rest: (original(prev_idx, sel, *rest) + 1).clamp(
+        max=sel.shape[1] - 1))
+
+
+def similarity_of_the_wrong_tokens(mp):
+    """merge-similar compares the stream's tokens in reversed order: targets chosen for other tokens."""
+    original = tm.similar_targets
+    mp.setattr(tm, "similar_targets", lambda stream, dim, prev_idx, sel, pruned, protected: original(
+        stream.flip(dim), dim, prev_idx, sel, pruned, protected))
+
+
 def kept_positions_not_sorted(mp):
     original = ti.select_tokens
 
@@ -289,6 +320,11 @@ FAULTS = {
     "output restored at compacted slots (none)": Fault(output_restored_at_compacted_slots, "features-none", False),
     "readout of the compacted slot (none)": Fault(readout_of_compacted_slot, "vim-none", False),
     "nearest ties in slot order": Fault(nearest_ties_in_slot_order, "features-unsorted-nearest", False),
+    "merge ignores sizes": Fault(merge_ignores_sizes, "vim-merge-nearest", False),
+    "merge into protected tokens": Fault(merge_into_protected_tokens, "vim-merge-nearest", False),
+    "merge into the next kept token (grid)": Fault(merge_into_the_next_kept_token, "plainmamba-merge-nearest", False),
+    "similarity of the wrong tokens (none)": Fault(similarity_of_the_wrong_tokens, "vim-merge-similar-none", False),
+    "similarity of the wrong tokens (stage end)": Fault(similarity_of_the_wrong_tokens, "vmamba-merge-zeros", False),
 }
 
 

@@ -102,9 +102,8 @@ def test_isotropic_and_hierarchical_models_are_compared_with_the_masked_run():
 
 
 def test_what_cannot_be_compared_is_said():
-    _, _, merged = check_of(create_model("vim_t", img_size=64, depth=6, embed_dim=32, num_classes=10), images(64),
-                            reduction="merge-nearest")
-    assert "reduction='merge-nearest' has no masked formulation" in merged.outputs[0].skipped
+    _, _, merged = check_of(arch.VMambaStyle(depths=(2, 3)), images(32), reduction="merge-nearest", schedule={1: 0.6})
+    assert "fill='carry' under a merge (ToMe's unmerge) has no masked formulation" in merged.outputs[0].skipped
     model = arch.build("mambavision_explicit_attn")     # attention after the mixers runs on restored tokens
     _, _, carried = check_of(model, images(model.img_size), ratio=0.2)
     assert "restored with fill=carry, which has no masked formulation" in carried.outputs[0].skipped

@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from ..analysis import GraphAnalysis, Grid, Readout, Tok, fact_of
 from ..analysis.facts import BatchTok, MultiGrid, MultiTok, PaddedTok, TokenMap, is_token_fact
-from ..settings import Alignment, Fill
+from ..settings import Alignment, Fill, Reduction
 from .masked_hold import MaskedHold, descendants
 from .masks import keep_mask, path_of
 
@@ -86,11 +86,12 @@ class MaskedCompacted(MaskedHold):
 
     `kept`: {site key: (B, K) the original positions the pruned graph keeps there, in slot order}."""
 
-    def __init__(self, analysis: GraphAnalysis, kept: dict, fill: Fill, fed: dict):
+    def __init__(self, analysis: GraphAnalysis, kept: dict, fill: Fill, fed: dict, reduction: Optional[Reduction] = None):
         lengths = {key: analysis.site_length(key) for key in kept}
         first = {key: (torch.arange(lengths[key], device=kept[key].device) < kept[key].shape[1]).expand(
             kept[key].shape[0], -1) for key in kept}
-        super().__init__(analysis, first, Alignment.HOLD, fill, fed)
+        merge = (reduction, kept) if reduction is not None and reduction.merges else None
+        super().__init__(analysis, first, Alignment.HOLD, fill, fed, merge)
         # a value the site's kept tokens flow into (the analysis' `Site.fed`) runs in its coordinates; one the
         # site merely reads (a feature map at the site reaching no later mixer) stays dense, as the model computes it
         self.site_of = {node: key for key in sorted(fed) if key in analysis.sites
@@ -123,6 +124,9 @@ class MaskedCompacted(MaskedHold):
         return value
 
     def read(self, a: fx.Node, n: fx.Node):
+        merged = self.merged_read(a, n)
+        if merged is not None:
+            return self._move(a, merged, None, self.coordinates(n))
         value = super().read(a, n)
         source = None if self._fill_readers.get(n) is a else self.coordinates(a)
         return self._move(a, value, source, self.coordinates(n))

@@ -14,6 +14,8 @@ without any gather, index table or rewrite rule, on the dense graph of the same 
   multiplied by the mask);
 - a pooled readout (mean / sum / max over the tokens, a global average pool) reads kept tokens only;
 - scaled_dot_product_attention over the tokens attends to the kept keys only (a boolean key mask);
+- under reduction="merge-*", the parts of the stream crossing a site are read with every pruned token
+  averaged into its target (masked_merge.py);
 - the grid restored before a downsampling holds the kept tokens, and at pruned cells the fill
   `fill` defines (rewrite/stage_end.py): "carry" = the stream crossing the site at which the
   cell was pruned (the sum of the stream's parts), "zeros" = 0, "nearest" = the nearest kept
@@ -47,6 +49,7 @@ from ..analysis.facts import MultiTok, is_token_fact
 from ..analysis.ops import (argument, call_argument, is_scan, looks_at_neighbours, op_name, scan_signature,
                             with_argument)
 from ..settings import Alignment, Fill
+from .masked_merge import MaskedMerges
 from .masks import filled, mask_like, path_of
 from .restore import ancestors_where, stream_and_chain
 
@@ -149,10 +152,12 @@ class MaskedHold(fx.Interpreter):
     to the latest such site of its stage."""
 
     def __init__(self, analysis: GraphAnalysis, keep: dict, alignment: Alignment, fill: Fill,
-                 fed: Optional[dict] = None):
+                 fed: Optional[dict] = None, merge: Optional[tuple] = None):
         super().__init__(analysis.gm, garbage_collect_values=False)
         self.analysis, self.keep, self.alignment, self.fill = analysis, keep, alignment, fill
         self.kept_at = keep     # {site: (B, L) True at the kept ORIGINAL positions}: fills and restores read these
+        # merge = (reduction, {site: (B, K) kept positions in slot order}): the stream's parts are read merged
+        self.merges = MaskedMerges(analysis, merge[1], merge[0], self.original) if merge else None
         self.fed = fed if fed is not None else {key: descendants_of_site(analysis, key) for key in keep}
         keys = sorted(self.fed)     # a site in `fed` but not in `keep`: its kept positions are unknown
         self.site_of: dict = {}
@@ -179,6 +184,7 @@ class MaskedHold(fx.Interpreter):
         self._restored_reads = {n: r for n, r in reads.items() if r}
         self.untrusted: dict = {}
         self._filled: dict = {}       # restore node -> its value with the fill at pruned cells
+        self._merged_parts = {key: set(self.merges.parts(key)) for key in keys} if self.merges else {}
 
     def feeds(self, node: fx.Node) -> list:
         """The sites that feed `node`."""
@@ -211,8 +217,18 @@ class MaskedHold(fx.Interpreter):
 
     def read(self, a: fx.Node, n: fx.Node):
         """The value of `a` as node `n` reads it: a stage's stream read into its downsampling is the stream
-        restored with the fill."""
+        restored with the fill; a part of the stream crossing a merging site, merged."""
+        merged = self.merged_read(a, n)
+        if merged is not None:
+            return merged
         return self._filled[a] if self._fill_readers.get(n) is a else self.env[a]
+
+    def merged_read(self, a: fx.Node, n: fx.Node):
+        """`a` merged as the site `n` runs after merges it (original positions); None where no merge applies."""
+        key = self.site_of.get(n)     # what the site's kept tokens flow into (`Site.fed`); a map it only reads stays dense
+        if key is None or a not in self._merged_parts.get(key, ()) or n not in self.analysis.sites[key].fed:
+            return None
+        return self.merges.merged(key, a)
 
     def original(self, a: fx.Node):
         """The value of `a` with its tokens at their original positions (here: as run)."""
@@ -335,6 +351,8 @@ class MaskedHold(fx.Interpreter):
         masks = [mask_like(fact, tuple(value.shape), self.kept_at[key]) for key in keys]
         if any(m is None for m in masks):
             return value, f"{restore.name}: the stage's stream could not be masked before {end.downsampling.name}"
+        if self.merges is not None and self.fill is Fill.CARRY:
+            return value, f"{restore.name}: fill='carry' under a merge (ToMe's unmerge) has no masked formulation"
         if self.fill is not Fill.CARRY:
             value_filled = filled(fact, value, self.kept_at[keys[-1]], self.fill)
             if value_filled is None:

@@ -19,8 +19,8 @@ kept, and checks every graph output (tuple / list / dict outputs flattened):
    `verify_tolerance` in halves. Outputs behind something the formulation does not define
    (attention spelled out as matmuls, directions folded into one scan whose operands are in different orders,
    a decoder reading tokens restored with "carry", a class token cut out of the tokens under `none`,
-   ...) and every output under a merging reduction (the masked formulation drops what is pruned) are
-   not compared: the result says which and why.
+   a stage restored with "carry" under a merge, ...) are not compared: the result says which and why.
+   Under reduction="merge-*" the stream's parts crossing each site are read merged (masked_merge.py).
 Besides, the kept positions of every site the pruned graph computes them for (a site followed by
 attention only may not need them) must be valid: K distinct positions in range per sample,
 the protected ones among them, sorted (but under `none-unsorted`), within a subset of the previous
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -98,12 +97,10 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
         keep = {key: keep_mask(kept[key], analysis.site_length(key)) for key in keys if key in kept}
         dense = fx.Interpreter(gm).run(*flat)
         fed = {key: descendants_of_site(analysis, key) for key in keys}
-        masked_run, masked = masked_formulation(analysis, kept, keep, settings, fed), None
-        if masked_run is not None:
-            masked = pytree.tree_leaves(masked_run.run(*flat))
+        masked_run = masked_formulation(analysis, kept, keep, settings, fed)
+        masked = pytree.tree_leaves(masked_run.run(*flat))
     outputs = _output_nodes(gm)
     dense, got = pytree.tree_leaves(dense), pytree.tree_leaves(got)
-    masked = masked if masked is not None else [None] * len(dense)
     if not (len(outputs) == len(dense) == len(got) == len(masked)):
         raise UnsupportedModelError(f"the pruned graph returns {len(got)} values, the model {len(dense)}: "
                                     "please report the model")
@@ -115,15 +112,15 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
 
 
 def masked_formulation(analysis: GraphAnalysis, kept: dict, keep: dict, settings: PruneSettings,
-                       fed: dict) -> Optional[MaskedHold]:
+                       fed: dict) -> MaskedHold:
     """The second formulation of the alignment that outputs a site feeds are compared with: the dense graph
-    with the pruned tokens masked (hold, decay) or in each site's compacted coordinates (the `none` modes);
-    None under a merging reduction, which the masked formulation does not describe."""
-    if settings.reduction.merges:
-        return None
+    with the pruned tokens masked (hold, decay) or in each site's compacted coordinates (the `none` modes),
+    the stream's parts merged at each site under a merging reduction (masked_merge.py)."""
+    kept = {key: kept[key] for key in keep}
     if settings.alignment.claims_positions:
-        return MaskedHold(analysis, keep, settings.alignment, settings.fill, fed)
-    return MaskedCompacted(analysis, {key: kept[key] for key in keep}, settings.fill, fed)
+        merge = (settings.reduction, kept) if settings.reduction.merges else None
+        return MaskedHold(analysis, keep, settings.alignment, settings.fill, fed, merge)
+    return MaskedCompacted(analysis, kept, settings.fill, fed, settings.reduction)
 
 
 def _run_pruned(pruned: fx.GraphModule, flat: list) -> tuple:
@@ -192,9 +189,6 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, set
                     f"differs by {difference:.3g} of its magnitude (allowed {tolerance:.3g}; "
                     f"{_positions_differing(expected, got)})", settings)
         return OutputCheck(index, name, "dense", "all positions", difference, tolerance)
-    if masked_run is None:
-        return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}; reduction='{settings.reduction}' "
-                           "has no masked formulation")
     if node in masked_run.untrusted:
         return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}: {masked_run.untrusted[node]}")
     behind = [key for key in feeding if key in masked_run.analysis.sites and node in masked_run.analysis.sites[key].restored]
