@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..settings import Reduction
+from .masks import keep_mask
 
 
 class MaskedMerges:
@@ -51,7 +52,7 @@ class MaskedMerges:
             owner, weight = self._owner(key)
             size = self._sizes[key]
             self._merged[(key, node)] = _average(self.value_of(node), fact_of(node), owner, weight, size,
-                                                 _keep_of(self.kept[key], owner.shape[1]))
+                                                 keep_mask(self.kept[key], owner.shape[1]))
         return self._merged[(key, node)]
 
     # -- targets and sizes --------------------------------------------------------------------------------
@@ -67,14 +68,14 @@ class MaskedMerges:
         kept, length = self.kept[key], self.analysis.site_length(key)
         previous = self._previous(key)
         size = self._sizes_after(previous, kept.shape[0], length, kept.device)
-        present = _keep_of(self.kept[previous], length) if previous is not None else torch.ones_like(size, dtype=torch.bool)
+        present = keep_mask(self.kept[previous], length) if previous is not None else torch.ones_like(size, dtype=torch.bool)
         owner = torch.arange(length, device=kept.device).expand(kept.shape[0], -1).clone()
         coords = self._coordinates(key)
         stream = self._stream(key)
         protected = [p for p in self.analysis.protected if p < length]
         for b in range(kept.shape[0]):
             held = kept[b]
-            loose = (present[b] & ~_keep_of(held[None], length)[0]).nonzero().flatten()
+            loose = (present[b] & ~keep_mask(held[None], length)[0]).nonzero().flatten()
             if not len(loose):
                 continue
             if self.reduction is Reduction.MERGE_NEAREST:
@@ -93,7 +94,7 @@ class MaskedMerges:
         if key is None:
             return torch.ones(batch, length, device=device)
         self._owner(key)
-        kept = _keep_of(self.kept[key], length)
+        kept = keep_mask(self.kept[key], length)
         return torch.where(kept, self._sizes[key], torch.ones_like(self._sizes[key]))
 
     def _coordinates(self, key: int) -> torch.Tensor:
@@ -117,10 +118,6 @@ class MaskedMerges:
         parts = self.parts(key)
         total = sum(_per_token(self.value_of(p).float(), fact_of(p)) for p in parts)
         return total / total.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _keep_of(positions: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.zeros(positions.shape[0], length, dtype=torch.bool, device=positions.device).scatter(1, positions, True)
 
 
 def _per_token(x: torch.Tensor, fact) -> torch.Tensor:
