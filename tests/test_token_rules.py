@@ -268,6 +268,25 @@ def test_a_strided_conv2d_that_changes_the_grid_is_a_barrier():
     assert rule_for(same)(same, ctx) == Grid(2, 3, IDENTITY, 4, 4)
 
 
+def test_an_unfold_whose_blocks_tile_the_grid_is_a_barrier():
+    """mmpretrain's PatchMerging: nn.Unfold(2, stride=2) of the (B, C, H, W) grid is a downsampling."""
+    b = Builder()
+    x = b.input((2, 8, 4, 4), Grid(2, 3, IDENTITY, 4, 4))
+    down = b.op(aten.im2col.default, [x, [2, 2], [1, 1], [0, 0], [2, 2]], (2, 32, 4))
+    ctx = b.context()
+    assert rule_for(down)(down, ctx) is None and ctx.barriers == [down]
+
+
+def test_an_unfold_that_keeps_every_cell_or_reads_no_grid_is_refused():
+    b = Builder()
+    x = b.input((2, 8, 4, 4), Grid(2, 3, IDENTITY, 4, 4))
+    with pytest.raises(NotUnderstood, match="keeps every cell of the token grid"):
+        run(b, b.op(aten.im2col.default, [x, [3, 3], [1, 1], [1, 1], [1, 1]], (2, 72, L)))
+    rows = b.input((2, 8, 4, 4), Grid(1, 2, IDENTITY, 4, 4), "rows")
+    with pytest.raises(NotUnderstood, match="other than the \\(B, C, H, W\\) token grid"):
+        run(b, b.op(aten.im2col.default, [rows, [2, 2], [1, 1], [0, 0], [2, 2]], (2, 32, 4)))
+
+
 # --------------------------------------------------------------------------------- indexing family
 def test_select_of_a_token_is_a_protected_readout():
     b = Builder()

@@ -15,9 +15,9 @@ import torch.fx as fx
 from ..meta_keys import TOKENS
 from ..pass_infra import GraphPass, InvariantError, PassResult
 from .blocks import Block, describe_block, group_blocks, to_networkx
-from .facts import Grid, Tok, fact_of
+from .facts import fact_of
 from .ops import is_scan, scan_length, shape_of
-from .sites import NotUnderstoodNode, Site, StageEnd, collect_not_understood, crosses, find_sites
+from .sites import NotUnderstoodNode, Site, StageEnd, collect_not_understood, crossing, find_sites
 from .tokens import propagate_tokens
 
 __all__ = ["AnalyseGraph", "GraphAnalysis", "Block", "Site", "StageEnd", "NotUnderstoodNode", "analyse"]
@@ -71,11 +71,8 @@ class GraphAnalysis:
     def crossing_tokens(self, key: int) -> list:
         """The token tensors computed before site `key` and read by what it feeds, in graph order: the
         token stream the next block receives (one tensor, or a hidden and a residual part as in ViM)."""
-        site, length = self.sites[key], self.site_length(key)
-        return [n for n in self.gm.graph.nodes
-                if n in site.cut and n.op == "call_function" and isinstance(fact_of(n), (Tok, Grid))
-                and fact_of(n).layout.length == length
-                and crosses(n, site.fed)]
+        site = self.sites[key]
+        return crossing(site.cut, site.fed, self.site_length(key), self.gm.graph.nodes)
 
     def stream_parts(self, key: int) -> list:
         """crossing_tokens(key) when they are parts of one stream (same token axis, order and shape:

@@ -96,6 +96,11 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
                             f"block {block.name}: its scan outputs never merge into one token tensor")
             continue
         cut = block_closure(block, gm, graph)
+        inside = downsampling_inside(block, cut, barriers, graph)
+        if inside is not None:
+            invalid[key] = (f"block {block.name} ends with the downsampling {module_of(inside)}: its scan's output "
+                            "scores the tokens of the stage before it, not the ones crossing the site")
+            continue
         work = token_work(blocks[key:], cut, gm.graph.nodes)
         fed = fed_by_site(cut, work, gm.graph.nodes)
         end = next((b for b in barriers if b not in cut), None)
@@ -105,7 +110,8 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
                               block.token_length, gm.graph.nodes) or restore_problem([n for n in gm.graph.nodes if n in restored], fed, batch_of(gm), block)
         stage_end = None
         if not reason and end is not None:
-            stage_end = describe_stage_end(end, cut, after, gm.graph.nodes)
+            stream = {fact_of(n) for n in crossing(cut, fed, block.token_length, gm.graph.nodes)}
+            stage_end = describe_stage_end(end, cut, after, gm.graph.nodes, stream)
             next_length = blocks[key].token_length if key < len(blocks) else None
             if next_length != block.token_length and not works_after(cut, nx.ancestors(graph, end)):
                 reason = (f"block {block.name} is the last of its stage: no block before the downsampling "
@@ -117,6 +123,13 @@ def find_sites(gm: fx.GraphModule, blocks: list, barriers: list, graph: nx.DiGra
             continue
         sites[key] = Site(key, cut, stage_end, after if stage_end is not None else set(), fed, restored)
     return sites, invalid
+
+
+def downsampling_inside(block: Block, cut: set, barriers: list, graph: nx.DiGraph) -> Optional[fx.Node]:
+    """The downsampling that the block itself ends with (in its dense part `cut`, after its scans: Mamba-ND's
+    PatchMerging inside the last block of a stage), or None."""
+    after_scans = set().union(*(nx.descendants(graph, scan) for scan in block.scans))
+    return next((b for b in barriers if b in cut and b in after_scans), None)
 
 
 def reaches(work: set, order: list) -> set:
@@ -269,15 +282,25 @@ def block_closure(block: Block, gm: fx.GraphModule, graph: nx.DiGraph) -> set:
     return cut
 
 
-def describe_stage_end(end: fx.Node, cut: set, after: set, nodes) -> StageEnd:
+def describe_stage_end(end: fx.Node, cut: set, after: set, nodes, stream: set = frozenset()) -> StageEnd:
     """Walk back from the downsampling's input through single-use layout ops to the stage's stream, then
-    collect the other readers of that stream on the way into the next stage (`StageEnd.readers`)."""
+    collect the other readers of that stream on the way into the next stage (`StageEnd.readers`). The walk
+    stops at a node laid out as the stream crossing the site (`stream`: its facts), where a block that moves
+    its tokens for its scan has moved them back (Mamba-ND's column-major and flipped blocks)."""
     restore, chain = end.args[0], []
     while (isinstance(restore, fx.Node) and restore not in cut and op_name(restore) in LAYOUT_OPS
-           and len(restore.users) == 1 and isinstance(restore.args[0], fx.Node)):
+           and len(restore.users) == 1 and isinstance(restore.args[0], fx.Node) and fact_of(restore) not in stream):
         chain.insert(0, restore)
         restore = restore.args[0]
     return StageEnd(end, restore, chain, _grid_readers(restore, {end, *chain}, after, nodes))
+
+
+def crossing(cut: set, fed: set, length: int, nodes) -> list:
+    """The token tensors of `length` tokens computed in a site's dense part `cut` and read by what it feeds
+    (`fed`), in the order of `nodes`: the token stream the next block receives (one tensor, or a hidden and
+    a residual part as in ViM)."""
+    return [n for n in nodes if n in cut and n.op == "call_function" and isinstance(fact_of(n), (Tok, Grid))
+            and fact_of(n).layout.length == length and crosses(n, fed)]
 
 
 def _grid_readers(restore: fx.Node, taken: set, after: set, nodes) -> frozenset:

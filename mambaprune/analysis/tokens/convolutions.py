@@ -76,3 +76,19 @@ def conv2d(node: fx.Node, ctx: RuleContext) -> Fact:
     if list(argument(node, "stride", [1, 1])) not in ([1], [1, 1]):
         raise NotUnderstood("strided conv2d on the token grid")
     return x
+
+
+@token_rule(aten.im2col)
+def im2col(node: fx.Node, ctx: RuleContext) -> Fact:
+    """nn.Unfold on the (B, C, H, W) token grid. When its blocks do not correspond one to one with the
+    grid's cells (mmpretrain's PatchMerging: 2x2 blocks, stride 2) it is a downsampling, like a strided
+    conv2d: a new stage starts after it. One that keeps the cell count gathers each cell's neighbours
+    into its channels, which the rewrite does not follow."""
+    x = ctx.fact(node.args[0])
+    if not isinstance(x, Grid) or (x.hdim, x.wdim) != (2, 3) or len(ctx.shape(node.args[0])) != 4:
+        raise NotUnderstood("im2col (nn.Unfold) over something other than the (B, C, H, W) token grid")
+    if ctx.shape(node)[-1] != x.height * x.width:
+        ctx.barrier(node)
+        return None
+    raise NotUnderstood("im2col (nn.Unfold) that keeps every cell of the token grid: each block reads its "
+                        "neighbours, which the rewrite does not follow")
