@@ -104,6 +104,9 @@ CONFIGS = {   # model, settings
     "vim-merge-similar-none": ("vim", dict(schedule={2: 0.6, 4: 0.7}, reduction="merge-similar", alignment="none")),
     "plainmamba-merge-nearest": ("plainmamba", dict(schedule={2: 0.6, 4: 0.7}, reduction="merge-nearest")),
     "vmamba-merge-zeros": ("vmamba", dict(schedule={1: 0.6}, reduction="merge-similar", fill="zeros")),
+    "segmenter-carry": ("segmenter", dict(schedule={2: 0.6})),
+    "vmamba-merge-carry": ("vmamba", dict(schedule={1: 0.6}, reduction="merge-similar")),
+    "hierarchical-merge-carry": ("hierarchical_vim", dict(schedule={1: 0.7, 2: 0.7}, reduction="merge-nearest")),
 }
 
 
@@ -285,6 +288,13 @@ def nearest_fills_zeros(mp):
     mp.setattr(restore, "nearest", restore.scattered)
 
 
+def unmerge_into_the_next_kept_token(mp):
+    """ToMe's unmerge reads every pruned token's value from the kept slot after the one it was merged into."""
+    original = tm.merge_assignment
+    mp.setattr(tm, "merge_assignment", lambda sel, pruned, target: original(
+        sel, pruned, (target + 1).clamp(max=sel.shape[1] - 1)))
+
+
 @dataclass(frozen=True)
 class Fault:
     inject: Callable
@@ -325,6 +335,11 @@ FAULTS = {
     "merge into the next kept token (grid)": Fault(merge_into_the_next_kept_token, "plainmamba-merge-nearest", False),
     "similarity of the wrong tokens (none)": Fault(similarity_of_the_wrong_tokens, "vim-merge-similar-none", False),
     "similarity of the wrong tokens (stage end)": Fault(similarity_of_the_wrong_tokens, "vmamba-merge-zeros", False),
+    "restore fills zeros for carry (token output)": Fault(restore_fills_zeros, "features-hold", False),
+    "restore fills zeros for carry (decoder input)": Fault(restore_fills_zeros, "segmenter-carry", False),
+    "unmerge into the next kept token (stage end)": Fault(unmerge_into_the_next_kept_token, "vmamba-merge-carry", False),
+    "unmerge into the next kept token (two sites of a stage)": Fault(unmerge_into_the_next_kept_token,
+                                                                     "hierarchical-merge-carry", False),
 }
 
 

@@ -101,13 +101,35 @@ def test_isotropic_and_hierarchical_models_are_compared_with_the_masked_run():
             assert check.outputs[0].difference <= check.outputs[0].tolerance
 
 
+@pytest.mark.parametrize("name, settings", [
+    ("mambavision_explicit_attn", dict(ratio=0.2)),      # attention after the mixers runs on restored tokens
+    ("vmamba_merge", dict(reduction="merge-nearest", schedule={1: 0.6})),   # ToMe's unmerge before the downsampling
+    ("vmamba_merge", dict(reduction="merge-similar", schedule={1: 0.6})),
+])
+def test_restores_under_carry_are_compared_and_a_wrong_fill_is_refused(name, settings):
+    """fill='carry' where the rewrite restores tokens (a decoder's inputs, falling back to nearest where carry is
+    not defined; a stage under a merge: the value of the kept token each pruned one ended in) has a masked
+    formulation: compared at every position, and the check refuses the build when it assumes another fill."""
+    model = arch.VMambaStyle(depths=(2, 3)) if name == "vmamba_merge" else arch.build(name)
+    x = images(getattr(model, "img_size", 32))
+    prep, config, check = check_of(model, x, fill="carry", **settings)
+    assert [o.compared_with for o in check.outputs] == ["masked"] and check.outputs[0].where == "all positions", \
+        check.describe()
+    assert check.outputs[0].difference <= check.outputs[0].tolerance
+    pruned = build(prep, config.with_(verify=False))
+    sites = [SiteSpec(k, keep) for k, keep in pruned.report.sites.items()]
+    wrong = "zeros" if settings.get("reduction") == "merge-nearest" else "nearest"   # unmerge of merge-nearest ~ nearest
+    with pytest.raises(UnsupportedModelError, match="pruned this model wrongly"):
+        verify_pruned_run(prep.captured.gm, pruned.graph_module, prep.analysis, sites, prep.flat,
+                          config.with_(fill=wrong))
+
+
 def test_what_cannot_be_compared_is_said():
-    _, _, merged = check_of(arch.VMambaStyle(depths=(2, 3)), images(32), reduction="merge-nearest", schedule={1: 0.6})
-    assert "fill='carry' under a merge (ToMe's unmerge) has no masked formulation" in merged.outputs[0].skipped
-    model = arch.build("mambavision_explicit_attn")     # attention after the mixers runs on restored tokens
-    _, _, carried = check_of(model, images(model.img_size), ratio=0.2)
-    assert "restored with fill=carry, which has no masked formulation" in carried.outputs[0].skipped
-    assert carried.unchecked == [carried.outputs[0]] and "not compared" in carried.describe()
+    """A class token cut out of the tokens under alignment='none' has no meaning in compacted coordinates."""
+    model = arch.build("cls_sliced_middle")
+    _, _, check = check_of(model, images(model.img_size), alignment="none")
+    assert "a cut of the token axis" in check.outputs[0].skipped, check.describe()
+    assert check.unchecked == [check.outputs[0]] and "not compared" in check.describe()
 
 
 @pytest.mark.parametrize("alignment", ["hold", "none"])

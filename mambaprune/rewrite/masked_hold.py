@@ -16,15 +16,16 @@ without any gather, index table or rewrite rule, on the dense graph of the same 
 - scaled_dot_product_attention over the tokens attends to the kept keys only (a boolean key mask);
 - under reduction="merge-*", the parts of the stream crossing a site are read with every pruned token
   averaged into its target (masked_merge.py);
-- the grid restored before a downsampling holds the kept tokens, and at pruned cells the fill
-  `fill` defines (rewrite/stage_end.py): "carry" = the stream crossing the site at which the
-  cell was pruned (the sum of the stream's parts), "zeros" = 0, "nearest" = the nearest kept
-  cell's value (`filled`, by brute force on the dense values);
-- a neck or decoder that runs densely on restored tokens (the analysis' `Site.restored`) reads its
-  token inputs with the same fill at pruned positions ("zeros", "nearest"; "carry" is not defined on
-  the masked run: the pruned token's value passed through the per-token ops, untrusted).
+- a tensor restored to full length (the grid before a downsampling, rewrite/stage_end.py; a neck's or
+  decoder's token input, the analysis' `Site.restored`; a token output, verify_pruned.py) holds the
+  kept tokens, and at pruned cells what the fill defines (rewrite/restore.py, `restored`): "carry" = the
+  stream crossing the site at which the cell was pruned (the sum of the stream's parts), passed through
+  the per-token ops from the stream to the tensor, or under a merge ToMe's unmerge (the value of the
+  kept token the cell ended in, masked_merge.py); "zeros" = 0; "nearest" = the nearest kept cell's
+  value (`filled`, by brute force on the dense values). Where carry is not defined on a decoder's input
+  or an output, "nearest", as the rewrite falls back to it.
 The values of the masked run at kept positions are then what the pruned graph must compute there;
-pooled and readout values wholly.
+pooled and readout values and restored tensors wholly.
 
 Which nodes a site's mask applies to does not use the rewrite's regions: a node is fed by site k
 when it descends from block k's scored output `y` and is not part of block k (the analysis'
@@ -240,10 +241,10 @@ class MaskedHold(fx.Interpreter):
         for a, key in self._restored_reads[n].items():
             if key not in self.keep:
                 return super().run_node(n), f"{n.name}: the positions kept by the site after block {key} are unknown"
-            values[a] = filled(fact_of(a), self.original(a), self.kept_at[key], self.fill)
+            values[a], reason = self.restored(a, self.original(a), self.stage_keys(key), carry_or_nearest=True)
             if values[a] is None:
                 return super().run_node(n), (f"{n.name}: reads {a.name} restored with fill={self.fill}, which has no "
-                                             "masked formulation here")
+                                             f"masked formulation here ({reason})")
         fetch = lambda a: values[a] if a in values else self.read(a, n)      # noqa: E731
         with self._set_current_node(n):
             return n.target(*fx.node.map_arg(n.args, fetch), **fx.node.map_arg(n.kwargs, fetch)), None
@@ -341,36 +342,66 @@ class MaskedHold(fx.Interpreter):
                 value = value / mask.to(x.dtype).sum(dims, keepdim=keepdim)
         return value, None
 
-    # -- stage ends ------------------------------------------------------------------------------
+    # -- restores ----------------------------------------------------------------------------------
+    def stage_keys(self, key: int) -> list:
+        """The sites of `key`'s stage up to `key`, in order (the tokens a value fed by `key` lacks were
+        pruned at one of them)."""
+        analysis = self.analysis
+        return [k for k in sorted(self.fed) if k <= key and analysis.site_length(k) == analysis.site_length(key)
+                and analysis.stage_end(k) == analysis.stage_end(key)]
+
+    def restored(self, node: fx.Node, value: torch.Tensor, keys: list, carry_or_nearest: bool = False) -> tuple:
+        """(`value` of `node`, original positions, with the tokens the sites `keys` (one stage, in order)
+        pruned restored as rewrite/restore.py defines it, None) or (None, why it is not defined here).
+        "carry": each pruned token the stream crossing its site, through the per-token ops from the stream
+        to `node`; under a merge, ToMe's unmerge (the value of the kept token it ended in). Where carry is
+        not defined, `carry_or_nearest` (a graph output, a decoder's input) falls back to "nearest", as the
+        rewrite does."""
+        if any(key not in self.keep for key in keys):
+            return None, f"{node.name}: the positions kept in its stage are unknown"
+        fact, keep = fact_of(node), self.kept_at[keys[-1]]
+        if mask_like(fact, tuple(value.shape), keep) is None:
+            return None, f"{node.name}: its token axis could not be masked"
+        fill = self.fill
+        if fill is Fill.CARRY and self.merges is not None:
+            return self.merges.unmerged(keys[-1], fact, value), None
+        if fill is Fill.CARRY:
+            carried, reason = self._carry(node, value, keys)
+            if carried is not None or not carry_or_nearest:
+                return carried, reason
+            fill = Fill.NEAREST
+        value_filled = filled(fact, value, keep, fill)
+        return (value_filled, None) if value_filled is not None else (
+            None, f"{node.name}: fill={fill} could not be laid on its tokens")
+
     def _fill(self, restore: fx.Node, value: torch.Tensor) -> tuple:
         """(the restored stream with the fill at pruned cells, reason it is not defined or None)."""
         end, keys = self.stage_ends[restore]
-        fact = fact_of(restore)
-        if any(key not in self.keep for key in keys):
-            return value, f"{restore.name}: the positions kept in its stage are unknown"
-        masks = [mask_like(fact, tuple(value.shape), self.kept_at[key]) for key in keys]
+        restored, reason = self.restored(restore, value, keys)
+        if restored is None:
+            return value, f"{reason} (the stream restored before {end.downsampling.name})"
+        return restored, None
+
+    def _carry(self, restore: fx.Node, value: torch.Tensor, keys: list) -> tuple:
+        """(`value` with every cell pruned at a site of `keys` carried, None) or (None, why carry is not
+        defined for `restore`)."""
+        masks = [mask_like(fact_of(restore), tuple(value.shape), self.kept_at[key]) for key in keys]
         if any(m is None for m in masks):
-            return value, f"{restore.name}: the stage's stream could not be masked before {end.downsampling.name}"
-        if self.merges is not None and self.fill is Fill.CARRY:
-            return value, f"{restore.name}: fill='carry' under a merge (ToMe's unmerge) has no masked formulation"
-        if self.fill is not Fill.CARRY:
-            value_filled = filled(fact, value, self.kept_at[keys[-1]], self.fill)
-            if value_filled is None:
-                return value, f"{restore.name}: fill={self.fill} could not be laid on the stage's stream"
-            return value_filled, None
-        carried = self._carried(restore, value, keys, masks)
-        if carried is not None:
-            return carried, None
+            return None, f"{restore.name}: its tokens could not be masked at every site of its stage"
+        if restore in self.stage_ends:      # a stage's stream before its downsampling: the stream itself
+            carried = self._carried(restore, value, keys, masks)
+            if carried is not None:
+                return carried, None
         pruned = ancestors_where(restore, lambda n: n in self.site_of)     # those a site's mask applies to
         is_stream = lambda n: op_name(n) == "aten::add" and all(self._stream(n, k) is not None for k in keys)  # noqa: E731
         source = stream_and_chain(restore, pruned, is_stream)
         if source is None:
-            return value, (f"{restore.name}: no stream like it crosses a site of its stage, nor one it is computed "
-                           "from token by token (fill='carry')")
+            return None, (f"{restore.name}: no stream like it crosses a site of its stage, nor one it is computed "
+                          "from token by token (fill='carry')")
         stream, chain = source                          # re-run on the carried stream, as the rewrite does
         masks = [mask_like(fact_of(stream), tuple(self.env[stream].shape), self.kept_at[key]) for key in keys]
         if any(m is None for m in masks):
-            return value, f"{restore.name}: the stream {stream.name} it is computed from could not be masked"
+            return None, f"{restore.name}: the stream {stream.name} it is computed from could not be masked"
         values = {stream: self._carried(stream, self.original(stream), keys, masks)}
         fetch = lambda a: values[a] if a in values else self.original(a)      # noqa: E731
         for node in chain:

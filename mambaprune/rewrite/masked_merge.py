@@ -55,6 +55,19 @@ class MaskedMerges:
                                                  keep_mask(self.kept[key], owner.shape[1]))
         return self._merged[(key, node)]
 
+    def unmerged(self, key: int, fact, value: torch.Tensor) -> torch.Tensor:
+        """ToMe's unmerge of `value` (fact `fact`, original positions, fed by site `key`): every token holds the
+        value of the kept token it ended in, following its targets through the sites of the stage up to `key`
+        (its own value when kept)."""
+        chain = [key]
+        while self._previous(chain[0]) is not None:
+            chain.insert(0, self._previous(chain[0]))
+        final = None
+        for site in chain:
+            owner = self._owner(site)[0]
+            final = owner if final is None else owner.gather(1, final)
+        return _take(value, fact, final)
+
     # -- targets and sizes --------------------------------------------------------------------------------
     def _previous(self, key: int) -> Optional[int]:
         length = self.analysis.site_length(key)
@@ -138,3 +151,16 @@ def _average(x: torch.Tensor, fact, owner: torch.Tensor, weight: torch.Tensor, s
     tokens = torch.where(kept[..., None], mean, tokens)
     moved_shape = x.movedim(dims, tuple(range(1, 1 + len(dims)))).shape
     return tokens.reshape(moved_shape).movedim(tuple(range(1, 1 + len(dims))), dims)
+
+
+def _take(x: torch.Tensor, fact, source: torch.Tensor) -> torch.Tensor:
+    """x with the token at original position p replaced by the one at `source`[:, p] (B, L)."""
+    path = torch.from_numpy(fact.layout.path.copy()).to(source.device)
+    rank = torch.from_numpy(fact.layout.rank.copy()).to(source.device)
+    slots = rank[source[:, path]]                     # (B, L): slot of the value each slot takes
+    dims = (fact.hdim, fact.wdim) if isinstance(fact, Grid) else (fact.dim,)
+    moved = x.movedim(dims, tuple(range(1, 1 + len(dims))))
+    tokens = moved.reshape(x.shape[0], -1, *moved.shape[1 + len(dims):])
+    index = slots.reshape(*slots.shape, *([1] * (tokens.dim() - 2))).expand_as(tokens)
+    taken = tokens.gather(1, index).reshape(moved.shape)
+    return taken.movedim(tuple(range(1, 1 + len(dims))), dims)

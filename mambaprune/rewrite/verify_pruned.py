@@ -37,10 +37,10 @@ import torch.utils._pytree as pytree
 from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..errors import UnsupportedModelError
 from ..meta_keys import KEPT_POSITIONS
-from ..settings import Alignment, Fill, PruneSettings
+from ..settings import Alignment, PruneSettings
 from .masked_compacted import MaskedCompacted
 from .masked_hold import MaskedHold, descendants_of_site
-from .masks import filled, keep_mask, mask_like
+from .masks import keep_mask, mask_like
 from .verify import relative_difference, verify_tolerance
 
 DENSE_TOLERANCE = 1e-6    # fp32 and wider: values no site feeds
@@ -192,17 +192,21 @@ def _check_output(index, node, expected, got, masked, fed, keep, masked_run, set
     if node in masked_run.untrusted:
         return OutputCheck(index, name, "", "", skipped=f"fed by sites {feeding}: {masked_run.untrusted[node]}")
     behind = [key for key in feeding if key in masked_run.analysis.sites and node in masked_run.analysis.sites[key].restored]
-    if behind and settings.fill is Fill.CARRY:
-        return OutputCheck(index, name, "", "", skipped=f"computed from tokens restored to full length after site(s) "
-                           f"{behind} (a neck or decoder: fill={settings.fill} has no masked formulation there)")
     key = masked_run.site_of.get(node)
     if key is not None and key not in keep:
         return OutputCheck(index, name, "", "", skipped=f"the positions kept by the site after block {key} are "
                            "not computed by the pruned graph")
     fact = fact_of(node)
     where, select = "all positions", None
-    restored = None if behind or key is None else filled(fact, masked, keep[key], settings.fill)
-    if restored is not None:      # a token output restored with zeros / nearest: every position is defined
+    restored, sites = None, masked_run.analysis.sites
+    if not behind and key is not None:
+        # the last site whose kept tokens it holds: a map read at a site and reaching no later mixer holds the
+        # earlier sites' tokens (`Site.fed`), and none when read at the first (dense in both runs)
+        held = [k for k in feeding if k <= key and k in sites and node in sites[k].fed]
+        key = max(held) if held else None
+    if not behind and key is not None and isinstance(fact, (Tok, Grid)):    # a token output: restored as the fill says
+        restored, _ = masked_run.restored(node, masked, masked_run.stage_keys(key), carry_or_nearest=True)
+    if restored is not None:      # every position is defined
         masked, where = restored, f"all positions (fill={settings.fill} at those the site after block {key} pruned)"
     elif not behind and key is not None and isinstance(fact, (Tok, Grid)):
         select = mask_like(fact, tuple(expected.shape), keep[key])
