@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from ..capture import flat_inputs
 from ..errors import BatchSizeError, InputMismatchError
-from ..meta_keys import KEPT_POSITIONS
+from ..rewrite.select import run_recording_kept
 from ..settings import Backend
 from .engines import engine_for, exporter
 from .pickling import graph_module_of, graph_state
@@ -76,18 +76,8 @@ class PrunedModel(torch.nn.Module):
         """{site: (batch, K) original token positions kept there} for these inputs (eager run)."""
         args = self.signature.bind(args, kwargs)
         self.check_inputs(args)
-        wanted = {n: n.meta[KEPT_POSITIONS] for n in self.graph_module.graph.nodes if KEPT_POSITIONS in n.meta}
-        found = {}
-
-        class Recorder(torch.fx.Interpreter):
-            def run_node(self, node):
-                value = super().run_node(node)
-                if node in wanted:
-                    found[wanted[node]] = value.clone()
-                return value
-
-        Recorder(self.graph_module).run(*flat_inputs(args))
-        return dict(sorted(found.items()))
+        _, found = run_recording_kept(self.graph_module, flat_inputs(args))
+        return {site: positions.clone() for site, positions in sorted(found.items())}
 
     def check_inputs(self, args: tuple) -> None:
         if len(args) != len(self._input_spec):

@@ -27,8 +27,24 @@ def emit_selection(ctx: SiteContext, scores: fx.Node, reference: fx.Node, token_
     protected_table = ctx.builder.constant("protected", torch.tensor(sorted(protected), dtype=torch.int64))
     sel = ctx.call(ti.select_tokens, scores, prev_idx, protected_table, keep, alignment.keeps_order)
     idx = ctx.call(ti.take, prev_idx, sel)
-    idx.meta[KEPT_POSITIONS] = ctx.site  # PrunedModel.kept_positions reads these back
+    idx.meta[KEPT_POSITIONS] = ctx.site  # read back by run_recording_kept
     vpos = idx if alignment.claims_positions else ctx.call(ti.compacted_positions, idx)
     nodes = SiteNodes(keep, sel, idx, vpos, prev_idx)
     tables.add_site(ctx.site, nodes)
     return nodes
+
+
+def run_recording_kept(pruned: fx.GraphModule, flat: list) -> tuple:
+    """(the pruned graph's output on the flat inputs, {site: (B, K) original positions kept there}): the
+    graph run eagerly, the `idx` of every site recorded as it is computed."""
+    wanted = {n: n.meta[KEPT_POSITIONS] for n in pruned.graph.nodes if KEPT_POSITIONS in n.meta}
+    kept = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node in wanted:
+                kept[wanted[node]] = value
+            return value
+
+    return Recorder(pruned).run(*flat), kept

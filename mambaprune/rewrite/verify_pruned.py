@@ -36,11 +36,11 @@ import torch.utils._pytree as pytree
 
 from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..errors import UnsupportedModelError
-from ..meta_keys import KEPT_POSITIONS
 from ..settings import Alignment, PruneSettings
 from .masked_compacted import MaskedCompacted
 from .masked_hold import MaskedHold, descendants_of_site
 from .masks import keep_mask, mask_like
+from .select import run_recording_kept
 from .verify import relative_difference, verify_tolerance
 
 DENSE_TOLERANCE = 1e-6    # fp32 and wider: values no site feeds
@@ -92,7 +92,7 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
     started = time.perf_counter()
     keys = [s.key for s in sorted(sites, key=lambda s: s.key)]
     with torch.no_grad():
-        got, kept = _run_pruned(pruned, flat)
+        got, kept = run_recording_kept(pruned, flat)
         check_kept_positions(kept, sites, analysis, settings.alignment)
         keep = {key: keep_mask(kept[key], analysis.site_length(key)) for key in keys if key in kept}
         dense = fx.Interpreter(gm).run(*flat)
@@ -121,21 +121,6 @@ def masked_formulation(analysis: GraphAnalysis, kept: dict, keep: dict, settings
         merge = (settings.reduction, kept) if settings.reduction.merges else None
         return MaskedHold(analysis, keep, settings.alignment, settings.fill, fed, merge)
     return MaskedCompacted(analysis, kept, settings.fill, fed, settings.reduction)
-
-
-def _run_pruned(pruned: fx.GraphModule, flat: list) -> tuple:
-    """(the pruned graph's output, {site: (B, K) kept positions})."""
-    wanted = {n: n.meta[KEPT_POSITIONS] for n in pruned.graph.nodes if KEPT_POSITIONS in n.meta}
-    kept = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            value = super().run_node(node)
-            if node in wanted:
-                kept[wanted[node]] = value
-            return value
-
-    return Recorder(pruned).run(*flat), kept
 
 
 def _output_nodes(gm: fx.GraphModule) -> list:
