@@ -77,6 +77,7 @@ MODELS = {
     "hierarchical_vim": lambda: arch.HierarchicalVim(depths=(3, 3)),   # two sites in a stage, carry fill
     "plainmamba": lambda: create_model("plainmamba_l1", img_size=32, patch_size=4, depth=6, embed_dim=32,
                                        d_state=4, num_classes=10),     # zig-zag scans, dt/B/C in raster order
+    "cls_sliced": lambda: arch.build("cls_sliced_middle"),          # a class token cut out before every mixer
     "segmenter": lambda: create_model("vim_t_seg", img_size=64, depth=6, embed_dim=32, out_indices=(1, 3, 5),
                                       decoder_width=16),               # a decoder on restored maps
 }
@@ -105,6 +106,7 @@ CONFIGS = {   # model, settings
     "plainmamba-merge-nearest": ("plainmamba", dict(schedule={2: 0.6, 4: 0.7}, reduction="merge-nearest")),
     "vmamba-merge-zeros": ("vmamba", dict(schedule={1: 0.6}, reduction="merge-similar", fill="zeros")),
     "segmenter-carry": ("segmenter", dict(schedule={2: 0.6})),
+    "cls-sliced-none": ("cls_sliced", dict(schedule={1: 0.6, 2: 0.7}, alignment="none")),
     "vmamba-merge-carry": ("vmamba", dict(schedule={1: 0.6}, reduction="merge-similar")),
     "hierarchical-merge-carry": ("hierarchical_vim", dict(schedule={1: 0.7, 2: 0.7}, reduction="merge-nearest")),
 }
@@ -327,6 +329,8 @@ FAULTS = {
     "none claims original positions (zig-zag)": Fault(none_claims_original_positions, "plainmamba-none", False),
     "none claims original positions (cross-scan, conv2d)": Fault(none_claims_original_positions, "vmamba-none", False),
     "none claims original positions (decoder)": Fault(none_claims_original_positions, "segmenter-none-nearest", False),
+    "none claims original positions (class token cut out)": Fault(none_claims_original_positions, "cls-sliced-none",
+                                                                  False),
     "output restored at compacted slots (none)": Fault(output_restored_at_compacted_slots, "features-none", False),
     "readout of the compacted slot (none)": Fault(readout_of_compacted_slot, "vim-none", False),
     "nearest ties in slot order": Fault(nearest_ties_in_slot_order, "features-unsorted-nearest", False),

@@ -124,12 +124,44 @@ def test_restores_under_carry_are_compared_and_a_wrong_fill_is_refused(name, set
                           config.with_(fill=wrong))
 
 
+class CausalAttention(arch.Attention):
+    """timm's Attention, causal."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
 def test_what_cannot_be_compared_is_said():
-    """A class token cut out of the tokens under alignment='none' has no meaning in compacted coordinates."""
-    model = arch.build("cls_sliced_middle")
-    _, _, check = check_of(model, images(model.img_size), alignment="none")
-    assert "a cut of the token axis" in check.outputs[0].skipped, check.describe()
+    """Causal attention over the kept tokens has no masked formulation (yet): the output is not compared, and
+    the report says why."""
+    torch.manual_seed(0)
+    model = arch.MambaVisionStyle().eval()
+    for block in model.blocks:
+        if isinstance(block.mixer, arch.Attention):
+            block.mixer.__class__ = CausalAttention
+    _, _, check = check_of(model, images(model.img_size), ratio=0.2)
+    assert "attention over the tokens with a mask, causal" in check.outputs[0].skipped, check.describe()
     assert check.unchecked == [check.outputs[0]] and "not compared" in check.describe()
+
+
+@pytest.mark.parametrize("alignment", ["none", "none-unsorted"])
+def test_a_class_token_cut_out_of_the_tokens_is_compared_under_none(alignment):
+    """The stream around a class token sliced out before every mixer runs in original coordinates (as the
+    pruned graph runs it, kept tokens at their own positions); each mixer reads it in its site's compacted
+    coordinates. The check refuses the same build checked as `hold`, so the comparison has power."""
+    model = arch.build("cls_sliced_middle")
+    prep, config, check = check_of(model, images(model.img_size), alignment=alignment)
+    assert [o.compared_with for o in check.outputs] == ["masked"], check.describe()
+    assert check.outputs[0].difference <= check.outputs[0].tolerance
+    pruned = build(prep, config.with_(verify=False))
+    sites = [SiteSpec(k, keep) for k, keep in pruned.report.sites.items()]
+    with pytest.raises(UnsupportedModelError, match="pruned this model wrongly"):
+        verify_pruned_run(prep.captured.gm, pruned.graph_module, prep.analysis, sites, prep.flat,
+                          config.with_(alignment="hold"))
 
 
 @pytest.mark.parametrize("alignment", ["hold", "none"])

@@ -16,11 +16,12 @@ A value crosses from one coordinate system into another where a node of one read
 before a downsampling, a graph output): its token axis is permuted by the two sites' kept positions,
 per sample. Values that do not depend on the inputs (a positional table) are not moved: they are read
 where the kept tokens claim to be, as the pruned graph reads them. Reads of one constant position
-(a class token) and everything that restores tokens to full length run in original coordinates.
+(a class token), everything that restores tokens to full length, and a stream cut around a class token
+(`cut_region`: the slices, the cat that puts the class token back, the cat of the slices a mixer reads)
+run in original coordinates, as the pruned graph runs them.
 
-Where this does not define a value (a token axis this module cannot permute, a cut of the token axis
-such as a class token sliced out, which compacted coordinates do not describe) the node is `untrusted`
-with the reason, as in MaskedHold.
+Where this does not define a value (a token axis this module cannot permute, a mixer or pooling inside a
+cut of the token axis) the node is `untrusted` with the reason, as in MaskedHold.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ import torch.fx as fx
 
 from ..analysis import GraphAnalysis, Grid, Readout, Tok, fact_of
 from ..analysis.facts import BatchTok, MultiGrid, MultiTok, PaddedTok, TokenMap, is_token_fact
+from ..analysis.tokens.movement import is_movement
 from ..settings import Alignment, Fill, Reduction
-from .masked_hold import MaskedHold, descendants
+from .masked_hold import MaskedHold, descendants, masks_tokens
 from .masks import keep_mask, path_of
 
 # token facts that hold the whole token axis as one permutation: meaningful in compacted coordinates (and a
@@ -81,6 +83,27 @@ def moved(fact, value: torch.Tensor, source, target) -> Optional[torch.Tensor]:
     return None
 
 
+def is_cut(fact) -> bool:
+    """A token map that cuts the token axis (a class token sliced out and put back), not one that only
+    rearranges every token."""
+    return isinstance(fact, TokenMap) and not fact.rearranges
+
+
+def cut_region(nodes) -> set:
+    """The nodes whose token facts cut the token axis, the moves that make one token axis of them again (the
+    cat of the slices around a class token) and what reads constant positions of them (the class token's
+    slice): they run in original coordinates, as the pruned graph runs them (rewrite/rules/dense_moves.py:
+    kept tokens at their own positions), and what a mixer reads from them is moved into its site's compacted
+    coordinates like any other value."""
+    region = set()
+    for node in nodes:
+        fact = fact_of(node)
+        reads_cut = any(is_cut(fact_of(a)) for a in node.all_input_nodes)
+        if is_cut(fact) or (reads_cut and (fact is None or (isinstance(fact, (Tok, Grid)) and is_movement(node)))):
+            region.add(node)
+    return region
+
+
 class MaskedCompacted(MaskedHold):
     """Run the dense graph `analysis.gm` in each site's compacted coordinates (module docstring).
 
@@ -103,6 +126,8 @@ class MaskedCompacted(MaskedHold):
         self.from_inputs = set(inputs) | descendants(inputs)
         self.in_original = set().union(*(site.restored for key, site in analysis.sites.items() if key in fed))
         self.in_original |= {n for n in nodes if isinstance(fact_of(n), Readout) and fact_of(n).kind == "select"}
+        self.cut_region = cut_region(nodes)
+        self.in_original |= self.cut_region
         for reader, restore in self._fill_readers.items():     # up to the downsampling: on the restored grid
             stage = self.stage_ends[restore][1]
             self.in_original |= {reader} | {n for n in descendants([reader]) if self.site_of.get(n) in stage}
@@ -117,7 +142,9 @@ class MaskedCompacted(MaskedHold):
         key, fact = self.coordinates(n), fact_of(n)
         if key is not None and is_token_fact(fact) and not isinstance(fact, _WHOLE_AXIS) and not (
                 isinstance(fact, TokenMap) and fact.rearranges):
-            self._problem = f"{n.name}: a cut of the token axis, which compacted coordinates (alignment none) do not describe"
+            self._problem = f"{n.name}: a {type(fact).__name__} that compacted coordinates (alignment none) do not describe"
+        elif n in self.cut_region and self.site_of.get(n) is not None and masks_tokens(n):
+            self._problem = f"{n.name}: a token mixer or pooling inside a cut of the token axis (alignment none)"
         value = super().run_node(n)
         if self._problem:
             self.untrusted.setdefault(n, self._problem)

@@ -144,6 +144,14 @@ def _looks_at_neighbours(node: fx.Node) -> bool:
     return name == "aten::conv2d" and looks_at_neighbours(node)
 
 
+def masks_tokens(node: fx.Node) -> bool:
+    """Whether the masked run masks `node`'s token inputs (`MaskedHold._masked_call`): a scan, a convolution
+    reading neighbours, a pooling of the tokens, attention over them."""
+    fact = fact_of(node)
+    return (is_scan(node) or _looks_at_neighbours(node) or (isinstance(fact, Readout) and fact.kind == "pool")
+            or op_name(node) in _ATTENTION)
+
+
 class MaskedHold(fx.Interpreter):
     """Run the dense graph `analysis.gm` with the tokens each site prunes masked (module docstring).
 
