@@ -145,8 +145,8 @@ def _looks_at_neighbours(node: fx.Node) -> bool:
 
 
 def masks_tokens(node: fx.Node) -> bool:
-    """Whether the masked run masks `node`'s token inputs (`MaskedHold._masked_call`): a scan, a convolution
-    reading neighbours, a pooling of the tokens, attention over them."""
+    """Whether the masked run may mask `node`'s token inputs (`MaskedHold._masked_call` looks at no other
+    node): a scan, a convolution reading neighbours, a pooling of the tokens, attention over them."""
     fact = fact_of(node)
     return (is_scan(node) or _looks_at_neighbours(node) or (isinstance(fact, Readout) and fact.kind == "pool")
             or op_name(node) in _ATTENTION)
@@ -264,6 +264,8 @@ class MaskedHold(fx.Interpreter):
             return call(), None
         if key not in self.keep:
             return call(), f"the pruned graph does not compute the positions the site after block {key} keeps"
+        if not masks_tokens(n):
+            return call(), None
         keep, name = self.keep[key], op_name(n)
         if is_scan(n):
             return self._scan(n, keep, args, kwargs)
