@@ -7,7 +7,9 @@ import sys
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -20,6 +22,10 @@ from mambaprune.api.compile import build, prepare  # noqa: E402
 from mambaprune.errors import UnsupportedModelError  # noqa: E402
 from mambaprune.models import create_model  # noqa: E402
 from mambaprune.rewrite import SiteSpec, verify_pruned_run  # noqa: E402
+from mambaprune.analysis import fact_of  # noqa: E402
+from mambaprune.meta_keys import TOKENS  # noqa: E402
+from mambaprune.rewrite import masked_attention, masked_hold  # noqa: E402
+from mambaprune.rewrite.masked_attention import attention_mask  # noqa: E402
 from mambaprune.rewrite.masked_hold import MaskedHold, mask_like, path_gaps_dense  # noqa: E402
 from mambaprune.rewrite.verify_pruned import check_kept_positions  # noqa: E402
 from mambaprune.runtime import selective_scan  # noqa: E402
@@ -50,6 +56,27 @@ class Features(nn.Module):
             if i in self.blocks:
                 feats.append(h + res)
         return feats
+
+
+class AuxiliaryHead(nn.Module):
+    """Deep supervision: a tiny ViM whose classifier also reads the mixer output of block `at` (max over the
+    tokens), the block a site follows."""
+
+    def __init__(self, at=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.v = create_model("vim_t", img_size=64, depth=6, embed_dim=32, num_classes=10)
+        self.at = at
+
+    def forward(self, x):
+        v = self.v
+        h = v.patch_embed(x) + v.pos_embed[:, 1:]
+        res, aux = None, None
+        for i, layer in enumerate(v.layers):
+            h, res = layer(h, res)
+            if i == self.at:
+                aux = v.head(h.amax(1))
+        return v.head((h + res).mean(1)), aux
 
 
 def check_of(model, x, **settings):
@@ -124,27 +151,162 @@ def test_restores_under_carry_are_compared_and_a_wrong_fill_is_refused(name, set
                           config.with_(fill=wrong))
 
 
-class CausalAttention(arch.Attention):
-    """timm's Attention, causal."""
+@pytest.mark.parametrize("alignment", ["hold", "none"])
+def test_an_auxiliary_head_at_a_site_is_the_dense_value(alignment):
+    """A head reading the output of the block a site follows is computed before the site, densely, by the
+    pruned graph: it is compared with the model (not masked: that would refuse a right build)."""
+    _, _, check = check_of(AuxiliaryHead(), images(64, batch=2), schedule={4: 0.5}, alignment=alignment)
+    assert [o.compared_with for o in check.outputs] == ["masked", "dense"], check.describe()
+
+
+class AttentionOf(arch.Attention):
+    """timm's Attention whose sdpa call is `attend(q, k, v)` (set by a subclass)."""
+
+    @staticmethod
+    def attend(q, k, v):
+        raise NotImplementedError
 
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(self.attend(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
-def test_what_cannot_be_compared_is_said():
-    """Causal attention over the kept tokens has no masked formulation (yet): the output is not compared, and
-    the report says why."""
+class CausalAttention(AttentionOf):
+    attend = staticmethod(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class OwnMaskAttention(AttentionOf):
+    """Given its own (causal) boolean mask: not attention over the kept tokens, so the tokens are restored
+    before it and it runs densely, and so does the attention block after it."""
+    attend = staticmethod(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()))
+
+
+class ReorderedValuesAttention(AttentionOf):
+    """Values read in reverse token order: the j-th kept key goes with the j-th kept value of another order,
+    which no mask of the dense attention states."""
+    attend = staticmethod(lambda q, k, v: F.scaled_dot_product_attention(q, k, v.flip(-2)))
+
+
+def mambavision_with(attention):
+    """The hybrid MambaVision-style model with its attention blocks' class replaced by `attention`."""
     torch.manual_seed(0)
     model = arch.MambaVisionStyle().eval()
     for block in model.blocks:
         if isinstance(block.mixer, arch.Attention):
-            block.mixer.__class__ = CausalAttention
+            block.mixer.__class__ = attention
+    return model
+
+
+@pytest.mark.parametrize("alignment", ["hold", "none", "none-unsorted"])
+def test_causal_attention_over_the_kept_tokens_is_compared(monkeypatch, alignment):
+    """The j-th kept query attends to the first j + 1 kept keys: compared with the masked run. The same check
+    with the causal part of the mask forgotten (every kept key) refuses the build, so the comparison has power."""
+    model, x = mambavision_with(CausalAttention), images(32, batch=2)
+    _, _, check = check_of(model, x, ratio=0.2, alignment=alignment)
+    assert [o.compared_with for o in check.outputs] == ["masked"], check.describe()
+    assert check.outputs[0].difference <= check.outputs[0].tolerance
+    keys_only = lambda n, keep, args, kwargs: (      # noqa: E731
+        mask_like(fact_of(n.args[1]), tuple(args[1].shape), keep).transpose(-1, -2), None)
+    monkeypatch.setattr(masked_attention, "attention_mask", keys_only)
+    with pytest.raises(UnsupportedModelError, match="pruned this model wrongly"):
+        check_of(model, x, ratio=0.2, alignment=alignment)
+
+
+def test_causal_attention_mask_is_the_definition():
+    """attention_mask against a direct statement: query slot p (kept or not) may read key slot s when s is kept
+    and there are no more kept slots up to s than up to p; a row with no such key reads every kept key."""
+    graph = fx.Graph()
+    q, k, v = (graph.placeholder(name) for name in "qkv")
+    layout = Layout.identity(6)
+    for node in (q, k, v):
+        node.meta[TOKENS] = Tok(2, layout)
+    n = graph.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, k, v), {"is_causal": True})
+    keep = torch.tensor([[False, True, False, True, True, False], [True, False, False, False, False, True]])
+    values = (torch.zeros(2, 1, 6, 4),) * 3
+    mask, reason = attention_mask(n, keep, values, {})
+    assert reason is None and mask.shape == (2, 1, 6, 6)
+    for b in range(2):
+        kept = keep[b].tolist()
+        for p in range(6):
+            row = [kept[s] and sum(kept[:s + 1]) <= sum(kept[:p + 1]) for s in range(6)]
+            row = row if any(row) else kept
+            assert mask[b, 0, p].tolist() == row, (b, p)
+
+
+class Pooled(nn.Module):
+    """A ViM-style stack read out by a max over the tokens, `pool="grid"`: by a global adaptive max pool of the
+    grid, `pool="mean"`: by a mean accumulated in float64; `positions=True` returns where the maximum is too."""
+
+    def __init__(self, pool="max", positions=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.v = create_model("vim_t", img_size=64, depth=6, embed_dim=32, num_classes=10)
+        self.pool, self.positions = pool, positions
+
+    def forward(self, x):
+        v = self.v
+        h = v.patch_embed(x) + v.pos_embed[:, 1:]
+        res = None
+        for layer in v.layers:
+            h, res = layer(h, res)
+        h = h + res
+        if self.pool == "mean":
+            return v.head(h.mean(1, dtype=torch.float64).float())
+        if self.pool == "grid":
+            side = int(h.shape[1] ** 0.5)
+            grid = h.transpose(1, 2).reshape(h.shape[0], -1, side, side)
+            return v.head(F.adaptive_max_pool2d(grid, 1).flatten(1))
+        values, where = h.max(dim=1)
+        return (v.head(values), where) if self.positions else v.head(values)
+
+
+@pytest.mark.parametrize("pool", ["max", "grid", "mean"])
+def test_a_pooling_of_the_tokens_is_compared(monkeypatch, pool):
+    """A max pooling (and a mean in another dtype) reads the kept tokens only: compared with the masked run,
+    and refused when the masked run's pooling reads every token."""
+    model, x = Pooled(pool), images(64, batch=2)
+    _, _, check = check_of(model, x, ratio=0.3)
+    assert [o.compared_with for o in check.outputs] == ["masked"], check.describe()
+    monkeypatch.setattr(masked_hold, "masked_pool", lambda n, keep, args, kwargs: (n.target(*args, **kwargs), None))
+    with pytest.raises(UnsupportedModelError, match="pruned this model wrongly"):
+        check_of(model, x, ratio=0.3)
+
+
+def test_reading_where_a_max_is_restores_the_tokens_before_it():
+    """A max over the kept tokens would say where the maximum is among the kept tokens: the analysis does not
+    read it as a readout, the tokens are restored before it, and both results are compared."""
+    model, x = Pooled(positions=True), images(64, batch=2)
+    _, _, check = check_of(model, x, ratio=0.2)
+    assert [o.compared_with for o in check.outputs] == ["masked", "masked"], check.describe()
+    pruned = compile_pruned(model, 0.2, (x[:1],))
+    assert [r.fill for r in pruned.report.restorations] == ["carry"]
+    with torch.no_grad():
+        where = pruned(x)[1]
+    assert where.min() >= 0 and where.max() < 16      # original positions, not positions among the kept tokens
+
+
+def test_what_runs_densely_on_restored_tokens_is_compared():
+    """The blocks after a restore run on the restored maps as the model runs them, not masked again: the
+    output is compared, and the check refuses the build whose restore used another fill than it says."""
+    model = mambavision_with(OwnMaskAttention)
+    x = images(model.img_size, batch=2)
+    prep, config, check = check_of(model, x, schedule={1: 0.5}, fill="nearest")
+    assert [o.compared_with for o in check.outputs] == ["masked"], check.describe()
+    pruned = build(prep, config.with_(verify=False, fill="zeros"))
+    assert {r.fill for r in pruned.report.restorations} == {"zeros"}
+    sites = [SiteSpec(k, keep) for k, keep in pruned.report.sites.items()]
+    with pytest.raises(UnsupportedModelError, match="pruned this model wrongly"):
+        verify_pruned_run(prep.captured.gm, pruned.graph_module, prep.analysis, sites, prep.flat, config)
+
+
+def test_what_cannot_be_compared_is_said():
+    """What the masked formulation does not define is not compared, and the report says why."""
+    model = mambavision_with(ReorderedValuesAttention)
     _, _, check = check_of(model, images(model.img_size), ratio=0.2)
-    assert "attention over the tokens with a mask, causal" in check.outputs[0].skipped, check.describe()
+    assert "attention whose keys and values are in different orders" in check.outputs[0].skipped, check.describe()
     assert check.unchecked == [check.outputs[0]] and "not compared" in check.describe()
 
 
@@ -172,7 +334,7 @@ def test_attention_over_the_tokens_is_compared_with_the_pruned_keys_masked(monke
     x = images(model.img_size, batch=2)
     _, _, check = check_of(model, x, alignment=alignment)
     assert [o.compared_with for o in check.outputs] == ["masked"], check.describe()
-    monkeypatch.setattr(MaskedHold, "_attention", lambda self, n, keep, args, kwargs: (n.target(*args, **kwargs), None))
+    monkeypatch.setattr(masked_hold, "masked_attention", lambda n, keep, args, kwargs: (n.target(*args, **kwargs), None))
     with pytest.raises(UnsupportedModelError, match="pruned this model wrongly"):
         check_of(model, x, alignment=alignment)
 

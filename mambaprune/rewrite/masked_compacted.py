@@ -35,7 +35,7 @@ from ..analysis.facts import BatchTok, MultiGrid, MultiTok, PaddedTok, TokenMap,
 from ..analysis.tokens.movement import is_movement
 from ..settings import Alignment, Fill, Reduction
 from .masked_hold import MaskedHold, descendants, masks_tokens
-from .masks import keep_mask, path_of
+from .masks import keep_mask, path_of, tokens_back, tokens_first
 
 # token facts that hold the whole token axis as one permutation: meaningful in compacted coordinates (and a
 # TokenMap that `rearranges` them: windows, directions stacked on a new axis)
@@ -68,19 +68,15 @@ def moved(fact, value: torch.Tensor, source, target) -> Optional[torch.Tensor]:
     where the fact is not one token axis or grid of the coordinates' length."""
     batch = value.shape[0]
     length = (source if source is not None else target).shape[1]
-    if isinstance(fact, Tok) and fact.layout.length == length == value.shape[fact.dim]:
-        index = slot_moves(fact.layout, source, target, batch).to(value.device)
-        shape = [batch] + [1] * (value.dim() - 1)
-        shape[fact.dim] = length
-        return torch.gather(value, fact.dim, index.reshape(shape).expand_as(value))
-    if isinstance(fact, Grid) and fact.layout.length == length and fact.hdim < fact.wdim and (
-            value.shape[fact.hdim], value.shape[fact.wdim]) == (fact.height, fact.width):
-        flat = value.movedim((fact.hdim, fact.wdim), (-2, -1)).flatten(-2)
-        index = slot_moves(fact.layout, source, target, batch).to(value.device)
-        index = index.reshape(batch, *[1] * (flat.dim() - 2), length).expand_as(flat)
-        out = torch.gather(flat, -1, index).unflatten(-1, (fact.height, fact.width))
-        return out.movedim((-2, -1), (fact.hdim, fact.wdim))
-    return None
+    one_axis = isinstance(fact, Tok) and value.shape[fact.dim] == length
+    grid = isinstance(fact, Grid) and fact.hdim < fact.wdim and (
+        value.shape[fact.hdim], value.shape[fact.wdim]) == (fact.height, fact.width)
+    if not (one_axis or grid) or fact.layout.length != length:
+        return None
+    tokens = tokens_first(value, fact)
+    index = slot_moves(fact.layout, source, target, batch).to(value.device)
+    index = index.reshape(batch, length, *[1] * (tokens.dim() - 2)).expand_as(tokens)
+    return tokens_back(torch.gather(tokens, 1, index), fact, tuple(value.shape))
 
 
 def is_cut(fact) -> bool:
@@ -115,10 +111,6 @@ class MaskedCompacted(MaskedHold):
             kept[key].shape[0], -1) for key in kept}
         merge = (reduction, kept) if reduction is not None and reduction.merges else None
         super().__init__(analysis, first, Alignment.HOLD, fill, fed, merge)
-        # a value the site's kept tokens flow into (the analysis' `Site.fed`) runs in its coordinates; one the
-        # site merely reads (a feature map at the site reaching no later mixer) stays dense, as the model computes it
-        self.site_of = {node: key for key in sorted(fed) if key in analysis.sites
-                        for node in analysis.sites[key].fed & fed[key] if node not in analysis.after_stage(key)}
         self.kept_at = {key: keep_mask(kept[key], lengths[key]) for key in kept}
         self.order = {key: compacting_order(kept[key].cpu(), lengths[key]) for key in kept}
         nodes = analysis.gm.graph.nodes

@@ -12,8 +12,9 @@ without any gather, index table or rewrite rule, on the dense graph of the same 
   operand is first moved to u's slots that way, then masked as above;
 - a conv1d along the tokens or a conv2d on the grid sees zeros at pruned neighbours (its input
   multiplied by the mask);
-- a pooled readout (mean / sum / max over the tokens, a global average pool) reads kept tokens only;
-- scaled_dot_product_attention over the tokens attends to the kept keys only (a boolean key mask);
+- a pooled readout (mean / sum / max over the tokens, a global pool) reads kept tokens only (masked_pool.py);
+- scaled_dot_product_attention over the tokens attends to the kept keys only, under `is_causal` to the
+  kept keys up to the query's rank among the kept queries (masked_attention.py);
 - under reduction="merge-*", the parts of the stream crossing a site are read with every pruned token
   averaged into its target (masked_merge.py);
 - a tensor restored to full length (the grid before a downsampling, rewrite/stage_end.py; a neck's or
@@ -28,13 +29,15 @@ The values of the masked run at kept positions are then what the pruned graph mu
 pooled and readout values and restored tensors wholly.
 
 Which nodes a site's mask applies to does not use the rewrite's regions: a node is fed by site k
-when it descends from block k's scored output `y` and is not part of block k (the analysis'
-closure of the block, `Site.cut`). An early feature map that no site feeds is therefore dense.
+when it is on the way from block k to a later token mixer, or computed from such a node (the analysis'
+`Site.fed`). An early feature map, or an auxiliary head reading block k's output, is therefore dense.
 
 Where the formulation does not apply, the run goes on densely and the node (and everything it
 feeds) is marked `untrusted` with the reason: a scan whose operands are in different token orders
-and folded directions, attention spelled out as matmuls and a softmax or already masked, `decay` on
-directions folded into one scan, a pooling we do not model, a fill we do not model.
+and folded directions, attention whose keys and values are in different token orders, `decay` on
+directions folded into one scan, a pooling we do not model, a fill we do not model. What runs densely on
+restored tokens (a decoder, attention the token rules do not follow) runs as the model runs it, on the
+restored values.
 """
 from __future__ import annotations
 
@@ -44,23 +47,29 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..analysis import GraphAnalysis, Readout, Tok, fact_of
+from ..analysis import GraphAnalysis, Tok, fact_of
 from ..analysis.facts import is_token_fact
 from ..analysis.ops import (argument, call_argument, is_scan, looks_at_neighbours, op_name, scan_signature,
                             with_argument)
 from ..settings import Alignment, Fill
+from .masked_attention import masked_attention
 from .masked_merge import MaskedMerges
+from .masked_pool import masked_pool, pools_tokens
 from .masked_scan import along, path_gaps_dense, scan_operands_agree, zipped_to_u
 from .masks import filled, mask_like, path_of
 from .restore import ancestors_where, stream_and_chain
 
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
-_MASKED_REDUCTIONS = ("aten::mean", "aten::sum", "aten::amax")
 
 
-def descendants_of_site(analysis: GraphAnalysis, key: int) -> set:
-    """The nodes site `key` feeds: descendants of block `key`'s scored output y outside the block."""
-    return descendants([analysis.blocks[key - 1].y]) - analysis.sites[key].cut
+def fed_by_sites(analysis: GraphAnalysis, keys) -> dict:
+    """{site key: the nodes it feeds}: the analysis' `Site.fed` (on the way to a later token mixer, or
+    computed from such a node) that are computed from block k's output. What only reads a site's block
+    output (an auxiliary head, a feature map reaching no later mixer) is not fed: the pruned graph computes
+    it densely, before the site; nor is what is computed from the weights alone (a later scan's exp(A_log),
+    a 1x1 conv's reshaped weight)."""
+    return {key: analysis.sites[key].fed & descendants([analysis.blocks[key - 1].y])
+            for key in keys if key in analysis.sites}
 
 
 def descendants(starts: list) -> set:
@@ -85,9 +94,7 @@ def _looks_at_neighbours(node: fx.Node) -> bool:
 def masks_tokens(node: fx.Node) -> bool:
     """Whether the masked run may mask `node`'s token inputs (`MaskedHold._masked_call` looks at no other
     node): a scan, a convolution reading neighbours, a pooling of the tokens, attention over them."""
-    fact = fact_of(node)
-    return (is_scan(node) or _looks_at_neighbours(node) or (isinstance(fact, Readout) and fact.kind == "pool")
-            or op_name(node) in _ATTENTION)
+    return is_scan(node) or _looks_at_neighbours(node) or pools_tokens(node) or op_name(node) in _ATTENTION
 
 
 class MaskedHold(fx.Interpreter):
@@ -105,7 +112,7 @@ class MaskedHold(fx.Interpreter):
         self.kept_at = keep     # {site: (B, L) True at the kept ORIGINAL positions}: fills and restores read these
         # merge = (reduction, {site: (B, K) kept positions in slot order}): the stream's parts are read merged
         self.merges = MaskedMerges(analysis, merge[1], merge[0], self.original) if merge else None
-        self.fed = fed if fed is not None else {key: descendants_of_site(analysis, key) for key in keep}
+        self.fed = fed if fed is not None else fed_by_sites(analysis, keep)
         keys = sorted(self.fed)     # a site in `fed` but not in `keep`: its kept positions are unknown
         self.site_of: dict = {}
         for key in keys:    # later sites win: within a stage their kept tokens are a subset
@@ -129,6 +136,7 @@ class MaskedHold(fx.Interpreter):
         reads = {n: {a: max(site.key for site in sites if a in site.fed) for a in n.all_input_nodes
                      if a not in restored and any(a in site.fed for site in sites)} for n in restored}
         self._restored_reads = {n: r for n, r in reads.items() if r}
+        self._dense_tail = restored - set(self._restored_reads)     # run on restored values only: as the model
         self.untrusted: dict = {}
         self._filled: dict = {}       # restore node -> its value with the fill at pruned cells
         self._merged_parts = {key: set(self.merges.parts(key)) for key in keys} if self.merges else {}
@@ -144,7 +152,7 @@ class MaskedHold(fx.Interpreter):
         reason = None
         if n in self._restored_reads:
             value, reason = self._run_restored(n)
-        elif n.op != "call_function" or (key is None and n not in self._fill_readers):
+        elif n.op != "call_function" or n in self._dense_tail or (key is None and n not in self._fill_readers):
             value = super().run_node(n)
         else:
             with self._set_current_node(n):
@@ -173,7 +181,7 @@ class MaskedHold(fx.Interpreter):
     def merged_read(self, a: fx.Node, n: fx.Node):
         """`a` merged as the site `n` runs after merges it (original positions); None where no merge applies."""
         key = self.site_of.get(n)     # what the site's kept tokens flow into (`Site.fed`); a map it only reads stays dense
-        if key is None or a not in self._merged_parts.get(key, ()) or n not in self.analysis.sites[key].fed:
+        if key is None or a not in self._merged_parts.get(key, ()):
             return None
         return self.merges.merged(key, a)
 
@@ -213,10 +221,10 @@ class MaskedHold(fx.Interpreter):
             if mask is None:
                 return call(), f"{n.name}: a convolution whose token axis could not be masked"
             return call((x * mask,) + tuple(args[1:])), None
-        if isinstance(fact_of(n), Readout) and fact_of(n).kind == "pool":
-            return self._pool(n, keep, args, kwargs)
+        if pools_tokens(n):
+            return masked_pool(n, keep, args, kwargs)
         if name == "aten::scaled_dot_product_attention":
-            return self._attention(n, keep, args, kwargs)
+            return masked_attention(n, keep, args, kwargs)
         if name in _ATTENTION and sum(is_token_fact(fact_of(a)) for a in n.all_input_nodes) >= 2:
             return call(), f"{n.name}: attention over the tokens (no masked formulation)"
         return call(), None
@@ -255,41 +263,6 @@ class MaskedHold(fx.Interpreter):
             args, kwargs = with_argument(target, args, kwargs, "gap", gap)
         return n.target(*args, **kwargs), None
 
-    def _attention(self, n: fx.Node, keep: torch.Tensor, args, kwargs) -> tuple:
-        """scaled_dot_product_attention with the pruned keys masked out: every query attends to the kept
-        tokens only (the rows of pruned queries are not read as kept tokens)."""
-        fact = fact_of(argument(n, "key"))
-        key = call_argument(n.target, args, kwargs, "key")
-        if argument(n, "attn_mask") is not None or argument(n, "is_causal", False) or not isinstance(fact, Tok) \
-                or fact != fact_of(argument(n, "value")) or fact.dim != key.dim() - 2:
-            return n.target(*args, **kwargs), f"{n.name}: attention over the tokens with a mask, causal, or keys and " \
-                "values in different orders (no masked formulation)"
-        mask = mask_like(fact, tuple(key.shape), keep)
-        if mask is None:
-            return n.target(*args, **kwargs), f"{n.name}: attention whose keys could not be masked"
-        args, kwargs = with_argument(n.target, tuple(args), dict(kwargs), "attn_mask", mask.transpose(-1, -2))
-        return n.target(*args, **kwargs), None
-
-    def _pool(self, n: fx.Node, keep: torch.Tensor, args, kwargs) -> tuple:
-        x, name = args[0], op_name(n)
-        mask = mask_like(fact_of(n.args[0]), tuple(x.shape), keep)
-        if name in ("aten::adaptive_avg_pool2d", "aten::adaptive_avg_pool1d"):
-            dims, keepdim, name = list(range(x.dim() - (2 if "2d" in name else 1), x.dim())), True, "aten::mean"
-        else:
-            dims = argument(n, "dim", None)
-            dims = list(range(x.dim())) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
-            keepdim = argument(n, "keepdim", False)
-        if mask is None or name not in _MASKED_REDUCTIONS or n.kwargs.get("dtype") is not None:
-            return n.target(*args, **kwargs), f"{n.name}: a pooling of the tokens ({name}) with no masked formulation"
-        mask = mask.expand_as(x)
-        if name == "aten::amax":
-            value = torch.where(mask, x, torch.full_like(x, -torch.inf)).amax(dims, keepdim=keepdim)
-        else:
-            value = (x * mask).sum(dims, keepdim=keepdim)
-            if name == "aten::mean":
-                value = value / mask.to(x.dtype).sum(dims, keepdim=keepdim)
-        return value, None
-
     # -- restores ----------------------------------------------------------------------------------
     def stage_keys(self, key: int) -> list:
         """The sites of `key`'s stage up to `key`, in order (the tokens a value fed by `key` lacks were
@@ -312,7 +285,7 @@ class MaskedHold(fx.Interpreter):
             return None, f"{node.name}: its token axis could not be masked"
         fill = self.fill
         if fill is Fill.CARRY and self.merges is not None:
-            return self.merges.unmerged(keys[-1], fact, value), None
+            return self.merges.unmerged(keys, fact, value), None
         if fill is Fill.CARRY:
             carried, reason = self._carry(node, value, keys)
             if carried is not None or not carry_or_nearest:

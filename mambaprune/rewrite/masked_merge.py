@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..settings import Reduction
-from .masks import keep_mask
+from .masks import keep_mask, tokens_back, tokens_first
 
 
 class MaskedMerges:
@@ -55,15 +55,12 @@ class MaskedMerges:
                                                  keep_mask(self.kept[key], owner.shape[1]))
         return self._merged[(key, node)]
 
-    def unmerged(self, key: int, fact, value: torch.Tensor) -> torch.Tensor:
-        """ToMe's unmerge of `value` (fact `fact`, original positions, fed by site `key`): every token holds the
-        value of the kept token it ended in, following its targets through the sites of the stage up to `key`
-        (its own value when kept)."""
-        chain = [key]
-        while self._previous(chain[0]) is not None:
-            chain.insert(0, self._previous(chain[0]))
+    def unmerged(self, keys: list, fact, value: torch.Tensor) -> torch.Tensor:
+        """ToMe's unmerge of `value` (fact `fact`, original positions, fed by the last of the sites `keys`: one
+        stage's, in order): every token holds the value of the kept token it ended in, following its targets
+        through those sites (its own value when kept)."""
         final = None
-        for site in chain:
+        for site in keys:
             owner = self._owner(site)[0]
             final = owner if final is None else owner.gather(1, final)
         return _take(value, fact, final)
@@ -135,22 +132,19 @@ class MaskedMerges:
 
 def _per_token(x: torch.Tensor, fact) -> torch.Tensor:
     """(B, L, R): x with its token axis (or grid) second and everything else flattened last."""
-    dims = (fact.hdim, fact.wdim) if isinstance(fact, Grid) else (fact.dim,)
-    moved = x.movedim(dims, tuple(range(1, 1 + len(dims))))
-    return moved.reshape(x.shape[0], -1, int(np.prod(moved.shape[1 + len(dims):], dtype=np.int64)))
+    tokens = tokens_first(x, fact)
+    return tokens.reshape(tokens.shape[0], tokens.shape[1], -1)
 
 
 def _average(x: torch.Tensor, fact, owner: torch.Tensor, weight: torch.Tensor, size: torch.Tensor,
              kept: torch.Tensor) -> torch.Tensor:
     """x with every kept token the size-weighted mean of itself and the tokens whose owner it is."""
-    dims = (fact.hdim, fact.wdim) if isinstance(fact, Grid) else (fact.dim,)
     tokens = _per_token(x, fact)
     w = weight.to(tokens.dtype)[..., None]
     total = torch.zeros_like(tokens).scatter_add(1, owner[..., None].expand_as(tokens), tokens * w)
     mean = total / size.clamp_min(1e-12).to(tokens.dtype)[..., None]
     tokens = torch.where(kept[..., None], mean, tokens)
-    moved_shape = x.movedim(dims, tuple(range(1, 1 + len(dims)))).shape
-    return tokens.reshape(moved_shape).movedim(tuple(range(1, 1 + len(dims))), dims)
+    return tokens_back(tokens, fact, tuple(x.shape))
 
 
 def _take(x: torch.Tensor, fact, source: torch.Tensor) -> torch.Tensor:
@@ -158,9 +152,6 @@ def _take(x: torch.Tensor, fact, source: torch.Tensor) -> torch.Tensor:
     path = torch.from_numpy(fact.layout.path.copy()).to(source.device)
     rank = torch.from_numpy(fact.layout.rank.copy()).to(source.device)
     slots = rank[source[:, path]]                     # (B, L): slot of the value each slot takes
-    dims = (fact.hdim, fact.wdim) if isinstance(fact, Grid) else (fact.dim,)
-    moved = x.movedim(dims, tuple(range(1, 1 + len(dims))))
-    tokens = moved.reshape(x.shape[0], -1, *moved.shape[1 + len(dims):])
+    tokens = tokens_first(x, fact)
     index = slots.reshape(*slots.shape, *([1] * (tokens.dim() - 2))).expand_as(tokens)
-    taken = tokens.gather(1, index).reshape(moved.shape)
-    return taken.movedim(tuple(range(1, 1 + len(dims))), dims)
+    return tokens_back(tokens.gather(1, index), fact, tuple(x.shape))

@@ -52,18 +52,35 @@ def filled(fact, value: torch.Tensor, keep: torch.Tensor, fill: Fill) -> Optiona
         return None
     if fill is Fill.ZEROS:
         return torch.where(mask, value, torch.zeros_like(value))
-    dims = (fact.hdim, fact.wdim) if isinstance(fact, Grid) else (fact.dim,)
-    slots = value.movedim(dims, tuple(range(value.dim() - len(dims), value.dim())))
-    slots = slots.reshape(*slots.shape[:value.dim() - len(dims)], -1)              # (B, ..., L) in slot order
+    slots = tokens_first(value, fact)                                                # (B, L, ...) in slot order
     kept_slots = keep[:, path_of(fact.layout)]                                        # (B, L): slot holds a kept token
     coords = slot_coordinates(fact).to(value.device)
     out = torch.empty_like(slots)
     for b in range(slots.shape[0]):
         kept = kept_slots[b].nonzero().flatten()
         distance = ((coords[:, None, :] - coords[kept][None]) ** 2).sum(-1)      # (L, K)
-        out[b] = slots[b][..., kept[distance.argmin(dim=1)]]
-    out = out.reshape(*slots.shape[:-1], *(value.shape[d] for d in dims))
-    return out.movedim(tuple(range(value.dim() - len(dims), value.dim())), dims)
+        out[b] = slots[b][kept[distance.argmin(dim=1)]]
+    return tokens_back(out, fact, tuple(value.shape))
+
+def tokens_first(x: torch.Tensor, fact) -> torch.Tensor:
+    """(B, L, ...): `x` (fact a Tok or a Grid) with its token axis (a grid's cells, flattened) second, in
+    slot order, and its other dims after it."""
+    dims = _token_dims(fact)
+    moved = x.movedim(dims, tuple(range(1, 1 + len(dims))))
+    return moved.reshape(x.shape[0], -1, *moved.shape[1 + len(dims):])
+
+
+def tokens_back(tokens: torch.Tensor, fact, shape: tuple) -> torch.Tensor:
+    """The inverse of `tokens_first` for a tensor of `shape` (the dims after the tokens may be flattened)."""
+    dims = _token_dims(fact)
+    grid = tuple(shape[d] for d in dims)
+    others = tuple(size for d, size in enumerate(shape) if d and d not in dims)
+    moved = tokens.reshape(shape[0], *grid, *others)
+    return moved.movedim(tuple(range(1, 1 + len(dims))), dims)
+
+
+def _token_dims(fact) -> tuple:
+    return (fact.hdim, fact.wdim) if isinstance(fact, Grid) else (fact.dim,)
 
 
 def path_of(layout) -> torch.Tensor:

@@ -5,8 +5,9 @@ otherwise (an output restored at the wrong index, the wrong inverse of a scan or
 that ignores the gaps). This one runs the pruned graph itself, reads back the positions every site
 kept, and checks every graph output (tuple / list / dict outputs flattened):
 
-1. an output no site feeds (masked_hold.descendants_of_site: not a descendant of any site's block output
-   outside that block; an early feature map, an auxiliary head) equals the dense graph's output:
+1. an output no site feeds (the analysis' `Site.fed`, masked_hold.fed_by_sites: not on the way from a site to
+   a later token mixer nor computed from such a node; an early feature map, an auxiliary head reading a
+   site's block output) equals the dense graph's output:
    relative difference <= DENSE_TOLERANCE in fp32 (they compute the same ops on the same values),
    `verify_tolerance` in float16 / bfloat16;
 2. an output a site feeds equals the second formulation of the alignment (masked_hold.MaskedHold under
@@ -38,7 +39,7 @@ from ..analysis import GraphAnalysis, Grid, Tok, fact_of
 from ..errors import UnsupportedModelError
 from ..settings import Alignment, PruneSettings
 from .masked_compacted import MaskedCompacted
-from .masked_hold import MaskedHold, descendants_of_site
+from .masked_hold import MaskedHold, fed_by_sites
 from .masks import keep_mask, mask_like
 from .select import run_recording_kept
 from .verify import relative_difference, verify_tolerance
@@ -96,7 +97,7 @@ def verify_pruned_run(gm: fx.GraphModule, pruned: fx.GraphModule, analysis: Grap
         check_kept_positions(kept, sites, analysis, settings.alignment)
         keep = {key: keep_mask(kept[key], analysis.site_length(key)) for key in keys if key in kept}
         dense = fx.Interpreter(gm).run(*flat)
-        fed = {key: descendants_of_site(analysis, key) for key in keys}
+        fed = fed_by_sites(analysis, keys)
         masked_run = masked_formulation(analysis, kept, keep, settings, fed)
         masked = pytree.tree_leaves(masked_run.run(*flat))
     outputs = _output_nodes(gm)

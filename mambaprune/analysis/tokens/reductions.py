@@ -2,6 +2,8 @@
 (pooling); norms and softmax must stay off the token axis."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -33,12 +35,20 @@ def reduction(node: fx.Node, ctx: RuleContext) -> Fact:
             raise NotUnderstood("reduction over one axis of the token grid")
         if op_name(node) not in _POOLING:
             raise NotUnderstood(f"{op_name(node)} over the token axis")
+        if _where_read(node):
+            raise NotUnderstood(f"{op_name(node)} over the token axis whose positions are read")
         return Readout("pool")
     if argument(node, "keepdim", False):
         return x
     for d in sorted(dims, reverse=True):
         x = x.without_dim(d) if x is not None else None
     return x
+
+
+def _where_read(node: fx.Node) -> bool:
+    """Whether the model reads the second result of max pooling `node` (where the maximum is): a position
+    among the kept tokens if the max ran on them, so the tokens are restored before it."""
+    return any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
 
 
 @token_rule(aten.layer_norm, aten.rms_norm, aten.native_layer_norm)
@@ -89,4 +99,6 @@ def adaptive_pool(node: fx.Node, ctx: RuleContext) -> Fact:
     if not global_pool or not (over_all or over_seq):
         raise NotUnderstood(f"{op_name(node)} to {tuple(size)} on the token axis (only a global pool of all the "
                             "tokens is a readout)")
+    if _where_read(node):
+        raise NotUnderstood(f"{op_name(node)} of the tokens whose positions are read")
     return Readout("pool")
