@@ -20,7 +20,7 @@ a missing one raises ``mambaprune.errors.MissingDependencyError`` naming the pac
 
 from ..api.engines import register_engine, register_exporter
 from ..settings import Backend
-from . import aoti  # noqa: F401  registers format "aoti"
+from . import aoti, onnxruntime_backend, tensorrt_backend  # noqa: F401  register formats "aoti", "onnx", "tensorrt"
 from .export import (atomic_write, export_pruned, exportable_graph_module, formats, is_folder_format, reexport,
                      register_format, resolve_format, suffixes)
 

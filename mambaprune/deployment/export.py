@@ -214,23 +214,10 @@ def _write_pt2(pruned, tmp: str, path: str, **options) -> None:
     torch.export.save(program, tmp)
 
 
-def _write_onnx(pruned, tmp: str, path: str, **options) -> None:
-    from .onnxruntime_backend import onnx_program
-    with torch_logs_held():
-        program = onnx_program(pruned, **options)
-    program.save(tmp, external_data=False)
-
-
-def _write_tensorrt(pruned, tmp: str, path: str, **options) -> None:
-    from .tensorrt_backend import save_tensorrt
-    save_tensorrt(pruned, tmp, suffix=Path(path).suffix.lower(), **options)
-
-
 def _no_options(fmt: str, options: dict) -> None:
     if options:
         raise InvalidArgumentTypeError(f"{fmt} export takes no options; got {sorted(options)}")
 
 
-register_format("pt2", (".pt2",), _write_pt2)
-register_format("onnx", (".onnx",), _write_onnx)
-register_format("tensorrt", (".engine", ".ts"), _write_tensorrt)
+register_format("pt2", (".pt2",), _write_pt2)     # the others register themselves: aoti.py, onnxruntime_backend.py,
+#                                                   tensorrt_backend.py, triton/ (imported by the package)

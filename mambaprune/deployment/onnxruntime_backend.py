@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 
 from ..errors import InputMismatchError, missing_dependency
-from .export import reexport
+from ..runtime.torch_logs import torch_logs_held
+from .export import reexport, register_format
 
 
 def require_package(package: str, module: str, purpose: str):
@@ -91,3 +92,13 @@ def onnxruntime_module(pruned, providers: Optional[list] = None, **options) -> O
         exported = getattr(program, "exported_program", None)
         out_spec = exported.call_spec.out_spec if exported is not None else None
         return OnnxRuntimeModule(path, providers=providers, out_spec=out_spec)
+
+
+def write_onnx(pruned, tmp: str, path: str, **options) -> None:
+    """``export(path, format="onnx")``: the ONNX program of `pruned` (options as `onnx_program` takes them)."""
+    with torch_logs_held():
+        program = onnx_program(pruned, **options)
+    program.save(tmp, external_data=False)
+
+
+register_format("onnx", (".onnx",), write_onnx)

@@ -19,12 +19,13 @@ checks parity and speed where it is installed.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..errors import InvalidArgumentError, missing_dependency
-from .export import example_inputs_for, reexport
+from .export import example_inputs_for, reexport, register_format
 
 PURPOSE = "TensorRT export / backend='tensorrt'"
 DEFAULT_MAX_BATCH = 256
@@ -101,3 +102,11 @@ def save_tensorrt(pruned, path: str, suffix: str = ".engine", **options) -> None
     trt_module, inputs = compile_tensorrt(pruned, **options)
     output_format = "torchscript" if suffix == ".ts" else "exported_program"
     trt.save(trt_module, path, output_format=output_format, inputs=list(inputs))
+
+
+def write_tensorrt(pruned, tmp: str, path: str, **options) -> None:
+    """``export(path, format="tensorrt")``: `save_tensorrt` in the form the path's suffix names."""
+    save_tensorrt(pruned, tmp, suffix=Path(path).suffix.lower(), **options)
+
+
+register_format("tensorrt", (".engine", ".ts"), write_tensorrt)

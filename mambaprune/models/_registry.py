@@ -1,8 +1,7 @@
-"""timm-style model registry, ``create_model`` and local safetensors checkpoint loading.
+"""timm-style model registry: ``register_model`` and the registered factories (``create_model``,
+factory.py, builds them and loads a checkpoint).
 
-No pretrained weights are available offline: every model is randomly initialised. The files the
-original repositories release load as they are with ``create_model(name, checkpoint=path)`` or
-``load_checkpoint`` (parameter names follow hustvl/Vim and ChenhongyiYang/PlainMamba).
+No pretrained weights are available offline: every model is randomly initialised.
 """
 
 from __future__ import annotations
@@ -27,17 +26,8 @@ def list_models() -> List[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, checkpoint=None, **overrides) -> nn.Module:
-    """Build a registered model; ``overrides`` (img_size, num_classes, depth, embed_dim, d_state,
-    patch_size, ...) replace the published configuration; ``checkpoint`` (a path: safetensors or
-    a PyTorch file as the authors release it, or a state dict) is loaded into it (load_checkpoint)."""
+def build_model(name: str, **overrides) -> nn.Module:
+    """The registered model `name` built with `overrides`, randomly initialised."""
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    model = _MODELS[name](**overrides)
-    return load_checkpoint(model, checkpoint) if checkpoint is not None else model
-
-
-def load_checkpoint(model: nn.Module, checkpoint) -> nn.Module:
-    """Strictly load a checkpoint into ``model`` (in place; returns it): see models/checkpoints.py."""
-    from .checkpoints import load_checkpoint as _load
-    return _load(model, checkpoint)
+    return _MODELS[name](**overrides)

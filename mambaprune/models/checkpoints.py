@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import missing_dependency
+from ._registry import build_model, list_models
 
 _WRAPPERS = ("model", "state_dict", "module", "model_ema")
 
@@ -100,7 +101,6 @@ def _abridged(items: list, most: int = 8) -> str:
 def fitting_configs(state: Dict[str, torch.Tensor]) -> str:
     """`create_model(...)` calls whose model has exactly the checkpoint's keys and shapes: the
     published configurations that fit, or else the sizes read off the checkpoint."""
-    from ._registry import list_models
     published = [name for name in list_models() if _fits(name, {}, state)]
     if published:
         return " or ".join(f"create_model({name!r}, checkpoint=...)" for name in published)
@@ -115,10 +115,9 @@ def fitting_configs(state: Dict[str, torch.Tensor]) -> str:
 
 def _fits(name: str, overrides: dict, state: Dict[str, torch.Tensor]) -> bool:
     """Whether create_model(name, **overrides), built on the meta device, takes `state` as it is."""
-    from ._registry import create_model
     with torch.device("meta"):
         try:
-            candidate = create_model(name, **overrides)
+            candidate = build_model(name, **overrides)
         except Exception:  # noqa: BLE001 - an override this family does not take
             return False
     key_map = getattr(candidate, "checkpoint_key_map", None)

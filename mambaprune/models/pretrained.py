@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from ._registry import create_model
+from .factory import create_model
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
