@@ -2,8 +2,8 @@
 analysis' `Readout("pool")`: a mean, sum or max over the token axis, a global adaptive pool of the grid)
 reads the kept tokens only, as the pruned graph's pooling of its K tokens does.
 
-A max is the op itself run with -inf at the pruned tokens (a model that reads where the maximum is, is
-refused by the analysis: analysis/tokens/elementwise.py).
+A max is the op itself run with -inf at the pruned tokens (where a model reads where the maximum is, the
+analysis has the tokens restored before the max: analysis/tokens/reductions.py).
 """
 from __future__ import annotations
 

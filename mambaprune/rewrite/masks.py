@@ -62,6 +62,7 @@ def filled(fact, value: torch.Tensor, keep: torch.Tensor, fill: Fill) -> Optiona
         out[b] = slots[b][kept[distance.argmin(dim=1)]]
     return tokens_back(out, fact, tuple(value.shape))
 
+
 def tokens_first(x: torch.Tensor, fact) -> torch.Tensor:
     """(B, L, ...): `x` (fact a Tok or a Grid) with its token axis (a grid's cells, flattened) second, in
     slot order, and its other dims after it."""
