@@ -5,6 +5,8 @@ included) leave at most torch.export's own leak behind (see MAX_GROWTH_PER_COMPI
 The builds run in a fresh interpreter (`python tests/test_builds_untouched.py`), so that what is
 measured is the library's memory: pytest keeps every warning raised and every record torch logs
 to its structured trace during a test, which would grow with the builds for reasons of its own.
+The memory tests take minutes under tracemalloc (the long tier, `--long`); the default run builds
+every kind of build once and checks the graph and the meta only.
 """
 import gc
 import json
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tracemalloc
 
+import pytest
 import torch
 
 WARMUP, MEASURED = 5, 20
@@ -110,6 +113,17 @@ def compiles() -> None:
                       "top": [str(s) for s in stats[:5]]}))
 
 
+def untouched() -> None:
+    """Every kind of build once, no memory measured (printed as JSON)."""
+    from mambaprune.api import prepare
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    calibration = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    prepared = prepare(tiny_vim(), (x,))
+    before = snapshot(prepared.captured.gm)
+    missing = run_builds(prepared, len(settings_cycle()), calibration)
+    print(json.dumps({"changed": differences(before, snapshot(prepared.captured.gm)), "missing_val": missing}))
+
+
 def main() -> None:
     from mambaprune.api import prepare
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -137,6 +151,13 @@ def run_fresh(*args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_every_kind_of_build_leaves_the_captured_graph_untouched_and_gives_every_node_a_val():
+    result = run_fresh("untouched")
+    assert result["changed"] == [], f"builds changed the captured graph's {result['changed']}"
+    assert result["missing_val"] == 0, "a pruned graph has nodes without meta['val']"
+
+
+@pytest.mark.long
 def test_twenty_builds_leave_the_captured_graph_untouched_and_memory_flat():
     result = run_fresh()
     assert result["changed"] == [], f"builds changed the captured graph's {result['changed']}"
@@ -144,6 +165,7 @@ def test_twenty_builds_leave_the_captured_graph_untouched_and_memory_flat():
     assert result["growth"] < MAX_GROWTH, f"{MEASURED} builds left {result['growth'] / 1024:.0f} KiB behind: {result['top']}"
 
 
+@pytest.mark.long
 def test_compiles_leave_at_most_torch_exports_own_leak_behind():
     result = run_fresh("compiles")
     assert result["shape_envs"] <= COMPILES_MEASURED, f"{result['shape_envs']} ShapeEnvs outlived their compile"
@@ -152,4 +174,4 @@ def test_compiles_leave_at_most_torch_exports_own_leak_behind():
 
 
 if __name__ == "__main__":
-    compiles() if sys.argv[1:] == ["compiles"] else main()
+    {"compiles": compiles, "untouched": untouched}.get(sys.argv[1] if sys.argv[1:] else "", main)()

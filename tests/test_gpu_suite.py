@@ -1,7 +1,10 @@
-"""benchmarks/gpu_suite.py end to end in its --quick CPU mode: every section present, every number finite."""
+"""benchmarks/gpu_suite.py end to end in its --quick CPU mode: every section present, every number finite
+(two minutes on one core: the long tier, `--long`)."""
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 SUITE = Path(__file__).parents[1] / "benchmarks" / "gpu_suite.py"
 
@@ -13,6 +16,7 @@ def _suite():
     return module
 
 
+@pytest.mark.long
 def test_quick_suite_writes_every_section_with_finite_numbers(tmp_path):
     suite = _suite()
     suite.main(["--quick", "--out", str(tmp_path)])
