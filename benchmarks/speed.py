@@ -49,7 +49,7 @@ from mambaprune.runtime import timing, token_index, token_ops  # noqa: E402
 RATIOS = ("0", "top", "0.3", "0.5")
 CONTROL_TOLERANCE = 0.05
 TOKEN_OP_MODULES = {token_index.__name__, token_ops.__name__}
-SCAN_OPS = ("selective_scan",)
+SCAN_OPS = ("selective_scan", "ssd_scan")   # the model's own scans (Mamba-1, Mamba-2): not token ops
 QUICK_OVERRIDES = {"depth": 12, "embed_dim": 64}   # deep enough that 0.5 is reachable keeping >= 1/8 of the tokens
 GEMM_OPS = ("mm", "addmm", "bmm", "convolution", "_convolution", "linear")
 

@@ -1,5 +1,6 @@
 """What the benchmarks compute besides calling the library: fidelity.py's paired comparison between
-schedules (exact McNemar test) and selection_oracle.py's eager pruning, which must be the library's."""
+schedules (exact McNemar test), selection_oracle.py's eager pruning, which must be the library's, and
+what speed.py counts as a token op."""
 import pytest
 import torch
 
@@ -51,3 +52,14 @@ def test_digit_cover_is_the_fraction_of_each_patch_under_the_box():
     assert patches[0, 1] == pytest.approx(0.5) and patches[1, 1] == pytest.approx(0.5)   # half the rows, all columns
     assert patches[0, 2] == pytest.approx(0.25) and patches[1, 2] == pytest.approx(0.25)  # half the rows, half the columns
     assert patches.sum() == pytest.approx(8 * 12 / 64)
+
+
+def test_the_speed_benchmark_counts_neither_scan_as_a_token_op():
+    """Token ops are what pruning adds (score, select, gather, alignment ops); the model's own scans,
+    Mamba-1 and Mamba-2, are not, whatever their namespace."""
+    import mambaprune.runtime  # noqa: F401  (registers the mambaprune:: ops)
+    from mambaprune.runtime import token_index
+    speed = load_benchmark("speed")
+    ops = torch.ops.mambaprune
+    assert not speed.is_token_op(ops.selective_scan.default) and not speed.is_token_op(ops.ssd_scan.default)
+    assert speed.is_token_op(ops.pos_conv1d.default) and speed.is_token_op(token_index.gather_tokens)
