@@ -57,8 +57,7 @@ def test_digit_cover_is_the_fraction_of_each_patch_under_the_box():
 def test_the_speed_benchmark_counts_neither_scan_as_a_token_op():
     """Token ops are what pruning adds (score, select, gather, alignment ops); the model's own scans,
     Mamba-1 and Mamba-2, are not, whatever their namespace."""
-    import mambaprune.runtime  # noqa: F401  (registers the mambaprune:: ops)
-    from mambaprune.runtime import token_index
+    from mambaprune.runtime import token_index   # importing the runtime registers the mambaprune:: ops
     speed = load_benchmark("speed")
     ops = torch.ops.mambaprune
     assert not speed.is_token_op(ops.selective_scan.default) and not speed.is_token_op(ops.ssd_scan.default)
