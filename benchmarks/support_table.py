@@ -44,6 +44,9 @@ CODE = {
                        "autograd Function over `selective_scan_cuda_core.fwd`",
     "medmamba": "channels split: half through VMamba's first SS2D (stack / cat / flip cross-scan, mamba_ssm "
                 "`selective_scan_fn`), half through convs; channel shuffle; PatchMerging2D (strided slices)",
+    "vssd": "Mamba-2 mixer after a depthwise 2-D conv over the grid; the released configs run its non-causal SSD "
+            "(a sum over every token, no scan), `mamba_chunk_scan_combined` is the ablation; x, dt, A, B, C "
+            "wrapped in a Tensor subclass (`tTensor`); cpe convs, conv PatchMerging, attention in the last stage",
 }
 MESSAGE_CHARS = 420
 

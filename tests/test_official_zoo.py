@@ -34,6 +34,8 @@ EXPECTED = {
     "efficientvmamba": (UnsupportedModelError, ["a (B, 32, 8, 8) tensor built by aten::new_empty and 4 strided "
                                                 "slice writes along dim 2, 3", "after block 1 (layers.0.blocks.0.op)"]),
     "medmamba": None,         # at its own RATIO (0.2); PatchMerging2D's 8 strided slices restored with its input
+    # the released forward wraps x, dt, A, B, C in a Tensor subclass (tTensor) that torch.export cannot trace
+    "vssd": (UnsupportedModelError, ["torch.export could not capture the model", "tTensor"]),
 }
 
 
@@ -85,6 +87,42 @@ def test_refusal_names_what_and_where(name):
     for fragment in fragments:
         assert fragment in message, message
 
+
+
+def vssd_unwrapped(linear_attn_duality: bool, **run):
+    """checks.run on VSSD with `to_ttensor` replaced by the identity (what a user exporting it must do first)."""
+    with official_zoo.installed():
+        vssd = official_zoo.family("vssd")
+        original, vssd.to_ttensor = vssd.to_ttensor, lambda *tensors: tensors if len(tensors) > 1 else tensors[0]
+        try:
+            torch.manual_seed(0)
+            model = vssd.tiny(linear_attn_duality).eval()
+            return checks.run("vssd", model, model.img_size, **run)
+        finally:
+            vssd.to_ttensor = original
+
+
+def test_vssd_released_mixer_is_refused_as_no_scan():
+    """The released mixer, the non-causal SSD (a sum over every token read out by each), is no recurrence:
+    refused as such, naming the mixers, the model untouched."""
+    out = vssd_unwrapped(True)
+    assert isinstance(out.refusal, UnsupportedModelError) and out.untouched
+    message = str(out.refusal)
+    assert NO_SCAN in message and "layers.0.blocks.0.attn" in message and "non-causal" in message, message
+
+
+@pytest.mark.parametrize("fill", ["carry", "zeros"])
+def test_vssd_causal_ssd_is_pruned_and_planned_as_built(fill):
+    """The causal SSD of the same code (`mamba_chunk_scan_combined`, routed) is pruned with every check
+    green at 0.2 (its tiny config reaches 0.243 at most: every stage ends in a dense PatchMerging), its
+    2-D conv over the grid and the cpe convs included. PatchMerging starts with a 1x1 conv + ReLU on the
+    stage's stream: with fill="carry" they are re-run densely on the carried stream, with "zeros" they run
+    on the kept tokens; the plan counts each as built (it once planned 0.200 where the build reached 0.149)."""
+    out = vssd_unwrapped(False, ratio=0.2, fill=fill)
+    assert out.refusal is None, f"{type(out.refusal).__name__}: {out.refusal}"
+    assert checks.green(out), out
+    report = out.report
+    assert report.pruned_flops == pytest.approx(report.estimated_flops, rel=1e-6), str(report)
 
 
 def test_a_downsampling_reading_the_grid_through_strided_slices_gets_the_restored_grid_in_each():

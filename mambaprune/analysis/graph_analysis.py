@@ -15,9 +15,10 @@ import torch.fx as fx
 from ..meta_keys import TOKENS
 from ..pass_infra import GraphPass, InvariantError, PassResult
 from .blocks import Block, describe_block, group_blocks, to_networkx
-from .facts import fact_of
-from .ops import is_scan, scan_length, shape_of
+from .facts import fact_of, is_token_fact
+from .ops import is_scan, op_name, scan_length, shape_of
 from .sites import NotUnderstoodNode, Site, StageEnd, collect_not_understood, crossing, find_sites
+from .stream_chain import ancestors_where, stream_and_chain
 from .tokens import propagate_tokens
 
 __all__ = ["AnalyseGraph", "GraphAnalysis", "Block", "Site", "StageEnd", "NotUnderstoodNode", "analyse"]
@@ -73,6 +74,33 @@ class GraphAnalysis:
         token stream the next block receives (one tensor, or a hidden and a residual part as in ViM)."""
         site = self.sites[key]
         return crossing(site.cut, site.fed, self.site_length(key), self.gm.graph.nodes)
+
+    def stream_parts_like(self, like: fx.Node, key: int) -> list:
+        """The tensors crossing site `key` with the token fact and per-sample shape of `like`."""
+        wanted = (fact_of(like), tuple(shape_of(like)[1:]))
+        return [n for n in self.crossing_tokens(key) if (fact_of(n), tuple(shape_of(n)[1:])) == wanted]
+
+    def carried_chain(self, keys: tuple) -> frozenset:
+        """With the sites `keys` of one stage (the last feeds its end) and fill="carry": the per-token ops
+        from the stage's residual stream to the tensor restored before its downsampling, which the rewrite
+        re-runs densely on the carried stream (rewrite/restore.carried): empty when that tensor is the
+        stream itself, or the stage has no end."""
+        memo = self.__dict__.setdefault("_carried_chains", {})
+        if keys not in memo:
+            memo[keys] = self._carried_chain(keys)
+        return memo[keys]
+
+    def _carried_chain(self, keys: tuple) -> frozenset:
+        last = keys[-1]
+        end = self.stage_end(last)
+        if end is None:
+            return frozenset()
+        fed = self.sites[last].fed
+        pruned = ancestors_where(end.restore, lambda n: n in fed and not self.runs_dense(n, last)
+                                 and is_token_fact(fact_of(n)))
+        is_stream = lambda n: op_name(n) == "aten::add" and all(self.stream_parts_like(n, k) for k in keys)  # noqa: E731
+        found = stream_and_chain(end.restore, pruned, is_stream)
+        return frozenset(found[1]) if found is not None else frozenset()
 
     def stream_parts(self, key: int) -> list:
         """crossing_tokens(key) when they are parts of one stream (same token axis, order and shape:

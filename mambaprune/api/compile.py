@@ -15,7 +15,7 @@ from ..capture import Capture, as_tuple, capture, first_sample, flat_inputs, inf
 from ..capture.diagnosis import no_scan_message
 from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..pass_infra import generated_code_released, run_passes
-from ..planning import AnnotateFlops, make_plan, node_flops, total_flops
+from ..planning import AnnotateFlops, make_plan, node_flops, reruns_carried_chain, total_flops
 from ..rewrite import DropNoOps, PropagateMeta, PruneTokens, verify_pruned_run, verify_rewrite
 from ..search import Calibration, calibration_inputs, plan_sites, search_alignment, search_schedule
 from ..runtime.torch_logs import torch_logs_held
@@ -174,7 +174,8 @@ def choose_plan(prepared: Prepared, settings: PruneSettings, calibration: Option
     if settings.schedule == "auto":
         found = search_schedule(gm, analysis, flops, settings, _calibration(prepared, calibration))
         return found.plans[found.chosen], settings, found, None
-    return make_plan(analysis, flops, settings.ratio, settings.schedule), settings, None, None
+    plan = make_plan(analysis, flops, settings.ratio, settings.schedule, reruns_carried_chain(settings))
+    return plan, settings, None, None
 
 
 def _calibration(prepared: Prepared, calibration: Iterable) -> Calibration:

@@ -19,7 +19,9 @@ def _no_scan_message(model: torch.nn.Module) -> str:
         return (f"no selective scan was found in the captured graph, but {names} hold(s) SSM parameters "
                 "(A_log / D). Its scan is probably hand-written (a Python loop or a library mambaprune does not "
                 "know): declare it with mambaprune.register_scan(your_scan_fn, adapter), where the adapter "
-                "computes the same thing with mambaprune.selective_scan.")
+                "computes the same thing with mambaprune.selective_scan. If the mixer is no recurrence at all (a "
+                "non-causal state-space duality or linear attention summing over every token, as VSSD's NC-SSD), "
+                "there is no scan to prune: mambaprune prunes recurrent scans only.")
     return ("no selective scan was found: mambaprune looked for mambaprune::selective_scan nodes after routing "
             "mamba_ssm (selective_scan_fn, mamba_inner_fn, bimamba_inner_fn ...), mambapy and register_scan "
             "entry points, and for modules with A_log/D parameters. Is this a state-space model? If it is, "

@@ -5,7 +5,9 @@ MACs as DESIGN.md says) with every token-carrying node downstream of a site scal
 token-wise layers (a per-token op on a pruned grid included), the scan and the token conv1d (the SSD
 scan's chunked count is rescaled by its own formula); a
 conv2d that looks at neighbours runs densely on the scattered grid and is not scaled, nor is anything
-after the downsampling that ends a pruned stage (the grid is restored there). Default sites
+after the downsampling that ends a pruned stage (the grid is restored there), nor, with fill="carry",
+the per-token ops between the stage's stream and what the downsampling reads (re-run on the carried
+stream: `GraphAnalysis.carried_chain`). Default sites
 are evenly spaced like ToP's (after blocks 5, 10, 15 of 24); one keep rate for all sites is solved
 so that the reduction is closest to `ratio`.
 """
@@ -20,6 +22,7 @@ from ..analysis import GraphAnalysis, Grid, fact_of, is_token_fact
 from ..analysis.ops import SSD_SCAN, argument, is_scan, looks_at_neighbours, op_name, scan_signature, shape_of
 from ..runtime import ssd_scan_macs
 from ..errors import InvalidArgumentError, UnreachableRatioError, UnsupportedModelError
+from ..settings import Fill
 
 TOP_FRACTIONS = (5 / 24, 10 / 24, 15 / 24)
 TOP_KEEP = 0.8
@@ -46,21 +49,38 @@ class Plan:
         return 1 - self.estimated_flops / self.dense_flops if self.dense_flops else 0.0
 
 
-def estimate(analysis: GraphAnalysis, flops: dict, kept: dict) -> float:
+def reruns_carried_chain(settings) -> bool:
+    """Whether a stage end is restored by re-running its per-token chain on the carried stream
+    (rewrite/stage_end.py): fill="carry" without merging (a merge restores by unmerging the kept tokens)."""
+    return settings.fill is Fill.CARRY and not settings.reduction.merges
+
+
+def estimate(analysis: GraphAnalysis, flops: dict, kept: dict, carry: bool = True) -> float:
     """Estimated MACs when site k keeps kept[k] tokens: each node downstream of a site scaled by K/L when
     its cost scales with the tokens, except what runs on restored tokens (after the downsampling that ends
-    its stage, a neck or decoder reading a restored feature map: counted dense)."""
+    its stage, a neck or decoder reading a restored feature map, and with `carry` (reruns_carried_chain)
+    the chain re-run on a stage's carried stream: counted dense)."""
     keys = sorted(kept)
+    rerun = carried_chains(analysis, keys) if carry else frozenset()
     total = 0.0
     for node, f in flops.items():
         if not f:
             continue
         region = analysis.region(node, keys)
         key = keys[region - 1] if region else None
-        if key and not analysis.runs_dense(node, key) and scales_with_tokens(node):
+        if key and not analysis.runs_dense(node, key) and node not in rerun and scales_with_tokens(node):
             f *= token_scaling(node, kept[key], analysis.site_length(key))
         total += f
     return total
+
+
+def carried_chains(analysis: GraphAnalysis, keys: list) -> frozenset:
+    """The nodes re-run densely on the carried stream at the end of every stage the sites `keys` prune."""
+    stages: dict = {}
+    for key in keys:
+        if analysis.stage_end(key) is not None:
+            stages.setdefault(analysis.stage_end(key).downsampling, []).append(key)
+    return frozenset().union(*(analysis.carried_chain(tuple(stage)) for stage in stages.values()))
 
 
 def token_scaling(node: fx.Node, kept: int, length: int) -> float:
@@ -125,29 +145,30 @@ def default_sites(analysis: GraphAnalysis) -> list:
     return snapped
 
 
-def make_plan(analysis: GraphAnalysis, flops: dict, ratio: float, schedule) -> Plan:
+def make_plan(analysis: GraphAnalysis, flops: dict, ratio: float, schedule, carry: bool = True) -> Plan:
     """The plan for a ratio and a schedule: None / "paper" (ToP's sites, one keep rate solved for
     ratio), "uniform" (a site after every block that allows one, one keep rate), "top" or a dict.
-    ("auto" is searched by ``search.schedule.search_schedule``, which calls back into this.)"""
+    ("auto" is searched by ``search.schedule.search_schedule``, which calls back into this.)
+    ``carry``: reruns_carried_chain(settings)."""
     dense = sum(flops.values())
     if ratio == 0 and schedule in (None, "paper", "uniform"):
-        return _plan(analysis, flops, {}, dense)
+        return _plan(analysis, flops, {}, dense, carry)
     require_prunable(analysis, f"ratio {ratio}" if schedule in (None, "paper", "uniform") else f"schedule {schedule!r}")
     if schedule not in (None, "paper", "uniform"):
         keeps = _schedule_keeps(analysis, schedule)
-        return _plan(analysis, flops, keeps, dense)
+        return _plan(analysis, flops, keeps, dense, carry)
     sites = analysis.valid_sites if schedule == "uniform" else default_sites(analysis)
-    return plan_for_sites(analysis, flops, sites, ratio)
+    return plan_for_sites(analysis, flops, sites, ratio, carry)
 
 
-def plan_for_sites(analysis: GraphAnalysis, flops: dict, sites: list, ratio: float) -> Plan:
+def plan_for_sites(analysis: GraphAnalysis, flops: dict, sites: list, ratio: float, carry: bool = True) -> Plan:
     """One keep rate at every site in ``sites``, solved so the estimated reduction is closest to
     ``ratio``; UnreachableRatioError when it falls short by more than RATIO_TOLERANCE."""
     dense = sum(flops.values())
     require_prunable(analysis, f"ratio {ratio}")
     if not sites:
         raise UnreachableRatioError(f"ratio {ratio} cannot be reached: no pruning site was given")
-    best = _solve_uniform_keep(analysis, flops, sites, ratio, dense)
+    best = _solve_uniform_keep(analysis, flops, sites, ratio, dense, carry)
     achieved = best.estimated_ratio
     if ratio - achieved > RATIO_TOLERANCE:
         raise UnreachableRatioError(
@@ -171,11 +192,11 @@ def min_kept(analysis: GraphAnalysis, key: int) -> int:
     return min(length, analysis.protected_below(length) + max(1, math.ceil(MIN_KEPT_FRACTION * length)))
 
 
-def solve_site_keep(analysis: GraphAnalysis, flops: dict, keeps: dict, site: int, ratio: float):
+def solve_site_keep(analysis: GraphAnalysis, flops: dict, keeps: dict, site: int, ratio: float, carry: bool = True):
     """``keeps`` with the keep rate at ``site`` lowered (bisection) until the estimated reduction is
     closest to ``ratio`` (the caller checks how close that is)."""
     dense = sum(flops.values())
-    return _bisect(lambda rate: _plan(analysis, flops, {**keeps, site: rate}, dense), ratio, keeps.get(site, 1.0),
+    return _bisect(lambda rate: _plan(analysis, flops, {**keeps, site: rate}, dense, carry), ratio, keeps.get(site, 1.0),
                    lambda plan: keeps_enough(analysis, plan))
 
 
@@ -199,13 +220,13 @@ def _bisect(plan_for_rate, ratio: float, highest: float, allowed=lambda plan: Tr
     return best
 
 
-def _plan(analysis, flops, keeps, dense) -> Plan:
+def _plan(analysis, flops, keeps, dense, carry) -> Plan:
     kept = kept_counts(analysis, keeps)
-    return Plan(dict(keeps), kept, tokens_per_block(analysis, kept), dense, estimate(analysis, flops, kept))
+    return Plan(dict(keeps), kept, tokens_per_block(analysis, kept), dense, estimate(analysis, flops, kept, carry))
 
 
-def _solve_uniform_keep(analysis, flops, sites, ratio, dense) -> Plan:
-    return _bisect(lambda rate: _plan(analysis, flops, {s: rate for s in sites}, dense), ratio, 1.0,
+def _solve_uniform_keep(analysis, flops, sites, ratio, dense, carry) -> Plan:
+    return _bisect(lambda rate: _plan(analysis, flops, {s: rate for s in sites}, dense, carry), ratio, 1.0,
                    lambda plan: keeps_enough(analysis, plan))
 
 

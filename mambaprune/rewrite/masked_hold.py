@@ -57,7 +57,7 @@ from .masked_merge import MaskedMerges
 from .masked_pool import masked_pool, pools_tokens
 from .masked_scan import along, path_gaps_dense, scan_operands_agree, zipped_to_u
 from .masks import filled, mask_like, path_of
-from .restore import ancestors_where, stream_and_chain
+from ..analysis.stream_chain import ancestors_where, stream_and_chain
 
 _ATTENTION = ("aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "aten::baddbmm", "aten::einsum")
 

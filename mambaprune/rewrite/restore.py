@@ -20,7 +20,6 @@ the report says so; a stage end refuses (its downsampling must see the stream).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -29,7 +28,8 @@ import torch.utils._pytree as pytree
 
 from ..analysis import Grid, Tok, fact_of
 from ..analysis.ops import op_name, shape_of
-from ..analysis.sites import is_per_token, module_of
+from ..analysis.sites import module_of
+from ..analysis.stream_chain import ancestors_where, stream_and_chain
 from ..errors import UnsupportedModelError
 from ..runtime import scatter_tokens
 from ..runtime import token_index as ti
@@ -159,14 +159,6 @@ def carry_source(ctx: SiteContext, old: fx.Node):
     return found
 
 
-def stream_and_chain(old: fx.Node, pruned: set, is_stream) -> Optional[tuple]:
-    """(stream, chain): the latest node of `pruned` (`old` and its ancestors holding pruned tokens) that
-    `is_stream`, and the per-token ops from it to `old` (_per_token_chain); None when there are none."""
-    stream = next((n for n in sorted(pruned, key=_graph_order(old), reverse=True) if is_stream(n)), None)
-    chain = None if stream is None else _per_token_chain(stream, old, pruned)
-    return None if chain is None else (stream, chain)
-
-
 def carried(ctx: SiteContext, stream: fx.Node, chain: list) -> fx.Node:
     """The chain re-emitted densely on the stream restored with every pruned token's value at its site."""
     dense = {stream: carried_stream(ctx, stream)}
@@ -210,8 +202,7 @@ def crossing_stream(ctx: SiteContext, like: fx.Node, key: int, at: int) -> fx.No
 
 
 def stream_parts_like(ctx: SiteContext, like: fx.Node, key: int) -> list:
-    wanted = (fact_of(like), tuple(shape_of(like)[1:]))
-    return [n for n in ctx.analysis.crossing_tokens(key) if (fact_of(n), tuple(shape_of(n)[1:])) == wanted]
+    return ctx.analysis.stream_parts_like(like, key)
 
 
 def _is_stream(ctx: SiteContext, node: fx.Node) -> bool:
@@ -225,37 +216,3 @@ def _is_stream(ctx: SiteContext, node: fx.Node) -> bool:
 def _pruned_ancestors(ctx: SiteContext, old: fx.Node) -> set:
     """`old` and its ancestors whose new value holds pruned tokens."""
     return ancestors_where(old, lambda node: ctx.state.of(ctx.env.get(node)) is not None)
-
-
-def ancestors_where(old: fx.Node, holds) -> set:
-    """`old` and its ancestors reached through nodes for which `holds` is true (those nodes only)."""
-    seen, stack = set(), [old]
-    while stack:
-        node = stack.pop()
-        if node in seen or not holds(node):
-            continue
-        seen.add(node)
-        stack.extend(node.all_input_nodes)
-    return seen
-
-
-def _graph_order(old: fx.Node):
-    order = {n: i for i, n in enumerate(old.graph.nodes)}
-    return order.__getitem__
-
-
-def _per_token_chain(stream: fx.Node, old: fx.Node, pruned: set) -> Optional[list]:
-    """The nodes after `stream` up to `old` (the pruned ancestors of `old` that `stream` reaches), in graph
-    order, when each is a per-token op whose pruned inputs are the stream or nodes of the chain; else None."""
-    between, stack = set(), [u for u in stream.users if u in pruned]
-    while stack:
-        node = stack.pop()
-        if node not in between:
-            between.add(node)
-            stack.extend(u for u in node.users if u in pruned)
-    allowed = between | {stream}
-    chain = sorted(between, key=_graph_order(old))
-    for node in chain:
-        if not is_per_token(node) or any(a in pruned and a not in allowed for a in node.all_input_nodes):
-            return None
-    return chain

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from ..analysis import GraphAnalysis
-from ..planning import Plan, make_plan
+from ..planning import Plan, make_plan, reruns_carried_chain
 from ..settings import Alignment, PruneSettings
 from .calibration import Calibration
 from .schedule import ScheduleSearch, search_schedule
@@ -47,7 +47,8 @@ def search_alignment(gm: fx.GraphModule, analysis: GraphAnalysis, flops: dict, s
     """Score every candidate alignment on ``calibration`` for ``settings``' schedule and ratio; the
     best wins."""
     search = AlignmentSearch(chosen="")
-    fixed_plan = None if settings.schedule == "auto" else make_plan(analysis, flops, settings.ratio, settings.schedule)
+    fixed_plan = None if settings.schedule == "auto" else make_plan(
+        analysis, flops, settings.ratio, settings.schedule, reruns_carried_chain(settings))
     for alignment in AUTO_ALIGNMENT_CANDIDATES:
         candidate = settings.with_(alignment=alignment)
         if fixed_plan is not None:

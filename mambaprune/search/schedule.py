@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..analysis import GraphAnalysis
 from ..errors import UnreachableRatioError
-from ..planning import RATIO_TOLERANCE, Plan, make_plan, require_prunable, solve_site_keep
+from ..planning import RATIO_TOLERANCE, Plan, make_plan, require_prunable, reruns_carried_chain, solve_site_keep
 from ..settings import PruneSettings
 from .calibration import Calibration
 
@@ -58,7 +58,7 @@ def search_schedule(gm: fx.GraphModule, analysis: GraphAnalysis, flops: dict, se
     bar = tqdm(total=steps * len(sites) + 2, desc=f"schedule='auto' ({alignment})", leave=False, disable=not progress)
     for name in ("paper", "uniform"):
         try:
-            plan = make_plan(analysis, flops, ratio, name)
+            plan = make_plan(analysis, flops, ratio, name, reruns_carried_chain(settings))
         except UnreachableRatioError:
             bar.update(1)
             continue
@@ -67,7 +67,7 @@ def search_schedule(gm: fx.GraphModule, analysis: GraphAnalysis, flops: dict, se
             continue
         search.plans[name], search.scores[name] = plan, score(plan)
         bar.update(1)
-    greedy = _greedy(analysis, flops, ratio, sites, steps, score, bar)
+    greedy = _greedy(analysis, flops, ratio, sites, steps, score, bar, reruns_carried_chain(settings))
     if greedy is not None:
         search.plans["greedy"], search.scores["greedy"] = greedy
     bar.close()
@@ -88,7 +88,7 @@ def _choose(scores: dict) -> str:
     return best
 
 
-def _greedy(analysis, flops, ratio, sites, steps, score: Callable[[Plan], float], bar):
+def _greedy(analysis, flops, ratio, sites, steps, score: Callable[[Plan], float], bar, carry: bool):
     """Reach ratio in ``steps`` increments, each at the site whose extra pruning scores best."""
     keeps: dict = {}
     best = None  # (plan, calibration discrepancy) after the latest step
@@ -96,7 +96,7 @@ def _greedy(analysis, flops, ratio, sites, steps, score: Callable[[Plan], float]
         target = ratio * step / steps
         options = []
         for site in sites:
-            trial = solve_site_keep(analysis, flops, keeps, site, target)
+            trial = solve_site_keep(analysis, flops, keeps, site, target, carry)
             shortfall = FINAL_SHORTFALL if step == steps else RATIO_TOLERANCE
             if target - shortfall <= trial.estimated_ratio <= target + RATIO_TOLERANCE:
                 options.append((score(trial), site, trial))

@@ -28,6 +28,7 @@ FAMILIES = {
     "simba": "SiMBA",
     "efficientvmamba": "EfficientVMamba",
     "medmamba": "MedMamba",
+    "vssd": "VSSD (Mamba-2, non-causal SSD)",
 }
 
 
