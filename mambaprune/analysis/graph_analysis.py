@@ -35,6 +35,7 @@ class GraphAnalysis:
     barriers: list = field(default_factory=list)       # downsamplings between stages (token grid changes)
     sites: dict = field(default_factory=dict)          # site key -> Site (possible sites, in block order)
     invalid_sites: dict = field(default_factory=dict)  # site key -> why not
+    _carried_chains: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # keys -> chain
 
     @property
     def depth(self) -> int:
@@ -80,15 +81,20 @@ class GraphAnalysis:
         wanted = (fact_of(like), tuple(shape_of(like)[1:]))
         return [n for n in self.crossing_tokens(key) if (fact_of(n), tuple(shape_of(n)[1:])) == wanted]
 
+    def is_stream_sum(self, node: fx.Node, keys) -> bool:
+        """Whether `node` is the residual stream of a stage at sites `keys`: a sum (an add) with the token
+        fact and per-sample shape of a tensor crossing each of them (fill="carry" carries it; the rewrite,
+        the masked run and the planner all ask this)."""
+        return op_name(node) == "aten::add" and all(self.stream_parts_like(node, key) for key in keys)
+
     def carried_chain(self, keys: tuple) -> frozenset:
         """With the sites `keys` of one stage (the last feeds its end) and fill="carry": the per-token ops
         from the stage's residual stream to the tensor restored before its downsampling, which the rewrite
         re-runs densely on the carried stream (rewrite/restore.carried): empty when that tensor is the
         stream itself, or the stage has no end."""
-        memo = self.__dict__.setdefault("_carried_chains", {})
-        if keys not in memo:
-            memo[keys] = self._carried_chain(keys)
-        return memo[keys]
+        if keys not in self._carried_chains:
+            self._carried_chains[keys] = self._carried_chain(keys)
+        return self._carried_chains[keys]
 
     def _carried_chain(self, keys: tuple) -> frozenset:
         last = keys[-1]
@@ -98,8 +104,7 @@ class GraphAnalysis:
         fed = self.sites[last].fed
         pruned = ancestors_where(end.restore, lambda n: n in fed and not self.runs_dense(n, last)
                                  and is_token_fact(fact_of(n)))
-        is_stream = lambda n: op_name(n) == "aten::add" and all(self.stream_parts_like(n, k) for k in keys)  # noqa: E731
-        found = stream_and_chain(end.restore, pruned, is_stream)
+        found = stream_and_chain(end.restore, pruned, lambda n: self.is_stream_sum(n, keys))
         return frozenset(found[1]) if found is not None else frozenset()
 
     def stream_parts(self, key: int) -> list:

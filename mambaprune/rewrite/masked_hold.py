@@ -314,8 +314,7 @@ class MaskedHold(fx.Interpreter):
             if carried is not None:
                 return carried, None
         pruned = ancestors_where(restore, lambda n: n in self.site_of)     # those a site's mask applies to
-        is_stream = lambda n: op_name(n) == "aten::add" and all(self._stream(n, k) is not None for k in keys)  # noqa: E731
-        source = stream_and_chain(restore, pruned, is_stream)
+        source = stream_and_chain(restore, pruned, lambda n: self.analysis.is_stream_sum(n, keys))
         if source is None:
             return None, (f"{restore.name}: no stream like it crosses a site of its stage, nor one it is computed "
                           "from token by token (fill='carry')")
@@ -342,8 +341,6 @@ class MaskedHold(fx.Interpreter):
 
     def _stream(self, restore: fx.Node, key: int) -> Optional[torch.Tensor]:
         """The masked run's stream at site `key`: the sum of the tensors like `restore` crossing it."""
-        wanted = (fact_of(restore), tuple(restore.meta["val"].shape[1:]))
-        parts = [self.original(n) for n in self.analysis.crossing_tokens(key)
-                 if (fact_of(n), tuple(n.meta["val"].shape[1:])) == wanted]
+        parts = [self.original(n) for n in self.analysis.stream_parts_like(restore, key)]
         return sum(parts[1:], parts[0]) if parts else None
 

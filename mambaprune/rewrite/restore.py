@@ -26,8 +26,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..analysis import Grid, Tok, fact_of
-from ..analysis.ops import op_name, shape_of
+from ..analysis import Grid, Tok
 from ..analysis.sites import module_of
 from ..analysis.stream_chain import ancestors_where, stream_and_chain
 from ..errors import UnsupportedModelError
@@ -193,7 +192,7 @@ def put(ctx: SiteContext, dense: fx.Node, pruned: fx.Node, site: int, fact, prev
 def crossing_stream(ctx: SiteContext, like: fx.Node, key: int, at: int) -> fx.Node:
     """The stream crossing site `key` (the sum of the crossing tensors shaped like `like`: one for a stream
     updated inside the block, hidden + residual as in ViM), cut to the tokens kept at site `at` (0: dense)."""
-    parts = stream_parts_like(ctx, like, key)
+    parts = ctx.analysis.stream_parts_like(like, key)
     if not parts:
         raise UnsupportedModelError(
             f"fill='carry' found no tensor like {like.name} crossing the site after block {key}. "
@@ -201,16 +200,10 @@ def crossing_stream(ctx: SiteContext, like: fx.Node, key: int, at: int) -> fx.No
     return summed_stream(ctx, parts, at)
 
 
-def stream_parts_like(ctx: SiteContext, like: fx.Node, key: int) -> list:
-    return ctx.analysis.stream_parts_like(like, key)
-
-
 def _is_stream(ctx: SiteContext, node: fx.Node) -> bool:
-    """A residual sum (an add) shaped like the stream that crossed every site of its stage so far."""
-    if op_name(node) != "aten::add":
-        return False
+    """A pruned residual sum shaped like the stream that crossed every site of its stage so far."""
     state = ctx.state.of(ctx.env.get(node))
-    return state is not None and all(stream_parts_like(ctx, node, key) for key in ctx.tables.sites_up_to(state.site))
+    return state is not None and ctx.analysis.is_stream_sum(node, ctx.tables.sites_up_to(state.site))
 
 
 def _pruned_ancestors(ctx: SiteContext, old: fx.Node) -> set:

@@ -18,7 +18,7 @@ from ..errors import UnsupportedModelError
 from ..settings import Fill
 from .context import SiteContext
 from .merge import unmerged
-from .restore import carried, carried_stream, carry_source, nearest, scattered, stream_parts_like
+from .restore import carried, carried_stream, carry_source, nearest, scattered
 
 
 def emit_stage_end(ctx: SiteContext, old: fx.Node) -> fx.Node:
@@ -47,7 +47,7 @@ def _restore(ctx: SiteContext, stage_end: StageEnd) -> fx.Node:
     if ctx.settings.fill is Fill.CARRY and ctx.settings.reduction.merges:
         return unmerged(ctx, value, state)
     if ctx.settings.fill is Fill.CARRY:
-        if all(stream_parts_like(ctx, stage_end.restore, key) for key in ctx.tables.sites_up_to(state.site)):
+        if all(ctx.analysis.stream_parts_like(stage_end.restore, key) for key in ctx.tables.sites_up_to(state.site)):
             return carried_stream(ctx, stage_end.restore)       # the stream itself
         source = carry_source(ctx, stage_end.restore)
         if not isinstance(source, tuple):
