@@ -531,7 +531,30 @@ def registered():
         mambaprune.unregister_scan(fn)
 
 
-def test_hand_written_scan_without_registration_names_the_module():
+def test_hand_written_scan_without_registration_is_lifted_and_pruned():
+    """loop_scan's unrolled token loop is lifted into one scan per direction (capture/token_loops.py)."""
+    model = loop_vim(LoopMixer, depth=2)
+    x = images(batch=2)
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = model(x)
+        fast = mambaprune.compile_pruned(model, ratio=0.0)
+        assert (fast(x) - expected).abs().max() <= 1e-5
+    assert "Python token loop, lifted into one scan x4" in str(fast.report)
+    assert_untouched(model, before, x, expected)
+
+
+def sigmoid_decay_loop(u, delta, A, B, C, D):
+    """A recurrence that is no selective scan (the decay is sigmoid(delta * A), not exp): not lifted."""
+    h, ys = u.new_zeros(u.shape[0], u.shape[2], A.shape[1]), []
+    for t in range(u.shape[1]):
+        h = torch.sigmoid(delta[:, t, :, None] * A) * h + delta[:, t, :, None] * B[:, t, None, :] * u[:, t, :, None]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, dim=1) + D * u
+
+
+def test_hand_written_recurrence_that_is_no_scan_names_the_module(monkeypatch):
+    monkeypatch.setattr(THIS, "loop_scan", sigmoid_decay_loop)
     model = loop_vim(LoopMixer, depth=2)
     x = images(batch=2)
     before = snapshot(model)

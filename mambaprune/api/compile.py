@@ -155,6 +155,7 @@ def build(prepared: Prepared, settings: PruneSettings, calibration: Optional[Ite
         not_understood=[(n.name, n.reason) for n in analysis.not_understood],
         unprunable_sites=dict(analysis.invalid_sites), routed_scans=list(captured.routed),
         recognised_scans=[str(r) for r in captured.recognised if r.reported],
+        plain_subclasses=[str(u) for u in captured.unwrapped],
         schedule_search=None if schedule_search is None else (schedule_search.chosen, dict(schedule_search.scores)),
         alignment_search=None if alignment_search is None else (alignment_search.chosen, dict(alignment_search.scores)),
         site_lengths={key: analysis.site_length(key) for key in plan.kept}, static_batch=captured.static_batch,

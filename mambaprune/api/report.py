@@ -59,6 +59,7 @@ class PruneReport:
     unprunable_sites: dict = field(default_factory=dict)
     routed_scans: list = field(default_factory=list)
     recognised_scans: list = field(default_factory=list)  # callables probed as scans: what was found and why
+    plain_subclasses: list = field(default_factory=list)  # Tensor subclasses read as plain tensors at capture
     schedule_search: tuple | None = None  # schedule="auto": (chosen, {candidate: calibration discrepancy})
     site_lengths: dict = field(default_factory=dict)  # site key -> tokens of its stage (hierarchical models)
     alignment_search: tuple | None = None  # alignment="auto": (chosen, {candidate: calibration discrepancy})
@@ -120,6 +121,7 @@ class PruneReport:
         if self.routed_scans:
             lines.append("scans routed to mambaprune::selective_scan: " + _count_origins(self.routed_scans))
         lines.extend(self.recognised_scans)
+        lines.extend(f"captured with {entry}" for entry in self.plain_subclasses)
         for module, reason in self.not_understood:
             lines.append(f"not understood: {module}: {reason}")
         if self.recovery is not None:

@@ -3,7 +3,10 @@
 Known scan entry points (scan_registry) that the model's code refers to are routed to
 `mambaprune::selective_scan` for the duration of the export (routing.py); other callables the code
 reaches that compute a selective scan are found by behaviour and routed too (behaviour.py). The
-user's model itself is never touched: a deep copy is exported.
+user's model itself is never touched: a deep copy is exported. A scan written as a Python loop
+over the tokens, unrolled by the export, is lifted into one scan node afterwards (token_loops.py).
+A Tensor subclass of the model's code that only restates a tensor's properties (VSSD's `tTensor`)
+is read as the plain tensor it wraps (tensor_subclasses.py).
 
 A model whose code turns the batch into a Python int (MambaVision's `window_reverse`:
 ``int(windows.shape[0] / (H * W / ws / ws))``) would fix the batch under torch.export; during the
@@ -33,6 +36,8 @@ from .batch_int import symbolic_batch_int
 from .behaviour import route_by_behaviour
 from .routing import route_scans
 from .slice_fills import functionalize_slice_fills
+from .tensor_subclasses import plain_tensor_subclasses
+from .token_loops import lift_token_loops
 
 MAX_BATCH = 1 << 16
 
@@ -45,6 +50,7 @@ class Capture:
     routed: list          # "where (origin)" of every scan entry point the traced model called
     recognised: list = field(default_factory=list)   # behaviour.Recognition: callables probed as scans
     static_batch: Optional[int] = None   # the only batch the graph runs (the model's code fixed it)
+    unwrapped: list = field(default_factory=list)    # tensor_subclasses.Unwrapped: read as plain tensors
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
@@ -73,7 +79,7 @@ def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
     private = copy.deepcopy(model).eval()
     export_inputs = tuple(_at_least_two(x) for x in example_inputs)
     static_batch = None
-    with route_scans(private) as routes, symbolic_batch_int(private), \
+    with route_scans(private) as routes, symbolic_batch_int(private), plain_tensor_subclasses(private) as unwrapped, \
             route_by_behaviour(private, tuple(example_inputs), routes) as recognised:
         try:
             program = torch.export.export(private, export_inputs, dynamic_shapes=_dynamic_batch(export_inputs),
@@ -91,8 +97,10 @@ def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
             except Exception as again:
                 raise _capture_error(again, f"even with the example batch ({static_batch}) fixed") from again
     routes = routes + [r.route for r in recognised if r.route is not None and r.is_scan]
-    return Capture(program, functionalize_slice_fills(program.module()), tuple(example_inputs),
-                   [str(r) for r in routes if r.called], static_batch=static_batch, recognised=recognised)
+    gm, loops = lift_token_loops(functionalize_slice_fills(program.module()),
+                                 tuple(example_inputs) if static_batch else export_inputs)
+    return Capture(program, gm, tuple(example_inputs), [str(r) for r in routes if r.called] + [str(x) for x in loops],
+                   static_batch=static_batch, recognised=recognised, unwrapped=unwrapped)
 
 
 def _specialises_the_batch(err: Exception) -> bool:

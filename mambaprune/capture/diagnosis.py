@@ -17,8 +17,9 @@ def _no_scan_message(model: torch.nn.Module) -> str:
     if suspects:
         names = ", ".join(suspects[:5])
         return (f"no selective scan was found in the captured graph, but {names} hold(s) SSM parameters "
-                "(A_log / D). Its scan is probably hand-written (a Python loop or a library mambaprune does not "
-                "know): declare it with mambaprune.register_scan(your_scan_fn, adapter), where the adapter "
+                "(A_log / D). Its scan is probably hand-written (a library mambaprune does not know, or a Python loop "
+                "that is not h = exp(delta * A) * h + delta * B * u read out with C over every token from a zero "
+                "state, which would be lifted into one scan): declare it with mambaprune.register_scan(your_scan_fn, adapter), where the adapter "
                 "computes the same thing with mambaprune.selective_scan. If the mixer is no recurrence at all (a "
                 "non-causal state-space duality or linear attention summing over every token, as VSSD's NC-SSD), "
                 "there is no scan to prune: mambaprune prunes recurrent scans only.")

@@ -23,13 +23,14 @@ the allocation by name.
 """
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.fx as fx
+
+from .graph_edit import copy_graph, emit, module_like
 
 aten = torch.ops.aten
 _ALLOCATIONS = (aten.new_empty.default, aten.empty_like.default, aten.empty.memory_format)
@@ -63,23 +64,11 @@ def functionalize_slice_fills(gm: fx.GraphModule) -> fx.GraphModule:
     plans = [plan for plan in map(_plan, _allocations(gm.graph)) if plan is not None]
     if not plans:
         return gm
-    graph, mapping = _copy(gm.graph)
+    graph, mapping = copy_graph(gm.graph)
     for views, events, alloc in plans:
         _materialise(graph, [_remap(v, mapping) for v in views],
                      [(kind, mapping[node], _remap(view, mapping)) for kind, node, view in events], mapping[alloc])
-    graph.lint()
-    out = fx.GraphModule(gm, graph)
-    out.meta = dict(getattr(gm, "meta", {}))
-    return out
-
-
-def _copy(graph: fx.Graph) -> tuple:
-    """A copy of `graph` (its pytree codegen too) and the map from its nodes to their copies."""
-    copied, mapping = fx.Graph(), {}
-    value, output = copied.graph_copy(graph, mapping, return_output_node=True)
-    copied._codegen = copy.deepcopy(graph._codegen)
-    copied.output(value, type_expr=getattr(output, "type", None)).meta = dict(output.meta)
-    return copied, mapping
+    return module_like(gm, graph)
 
 
 def _remap(view: _View, mapping: dict) -> _View:
@@ -215,7 +204,7 @@ def _materialise(graph: fx.Graph, views: list, events: list, alloc: fx.Node) -> 
         if kind == "write":
             value = node.args[1]
             if view.selects:
-                value = _emit(graph, node, aten.unsqueeze.default, (value, axis))
+                value = emit(graph, node, aten.unsqueeze.default, (value, axis))
             runs = _overwrite(runs, _Run(view.start, view.stop, value))
             continue
         stop = _shape(alloc)[axis] if view.axis is None else view.stop
@@ -256,11 +245,11 @@ def _read(graph: fx.Graph, reader: fx.Node, runs: list, axis: int, start: int, s
             continue
         value = _value(graph, reader, run, axis)
         if selects:
-            return _emit(graph, reader, _SELECT, (value, axis, lo - run.start))
+            return emit(graph, reader, _SELECT, (value, axis, lo - run.start))
         if (lo, hi) != (run.start, run.stop):
-            value = _emit(graph, reader, _SLICE, (value, axis, lo - run.start, hi - run.start))
+            value = emit(graph, reader, _SLICE, (value, axis, lo - run.start, hi - run.start))
         pieces.append(value)
-    return pieces[0] if len(pieces) == 1 else _emit(graph, reader, aten.cat.default, (pieces, axis))
+    return pieces[0] if len(pieces) == 1 else emit(graph, reader, aten.cat.default, (pieces, axis))
 
 
 def _value(graph: fx.Graph, reader: fx.Node, run: _Run, axis: int) -> fx.Node:
@@ -268,18 +257,4 @@ def _value(graph: fx.Graph, reader: fx.Node, run: _Run, axis: int) -> fx.Node:
     if not isinstance(run.value, tuple):
         return run.value
     _, older, lo, hi = run.value
-    return _emit(graph, reader, _SLICE, (_value(graph, reader, older, axis), axis, lo - older.start, hi - older.start))
-
-
-def _emit(graph: fx.Graph, before: fx.Node, target, args: tuple) -> fx.Node:
-    """`target(*args)` inserted before `before`, with its fake value and `before`'s provenance."""
-    with graph.inserting_before(before):
-        node = graph.call_function(target, args)
-    vals = torch.utils._pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], args)
-    fake = next(v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor))
-    with fake.fake_mode:
-        node.meta["val"] = target(*vals)
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn"):
-        if key in before.meta:
-            node.meta[key] = before.meta[key]
-    return node
+    return emit(graph, reader, _SLICE, (_value(graph, reader, older, axis), axis, lo - older.start, hi - older.start))

@@ -29,6 +29,7 @@ FAMILIES = {
     "efficientvmamba": "EfficientVMamba",
     "medmamba": "MedMamba",
     "vssd": "VSSD (Mamba-2, non-causal SSD)",
+    "hf_mamba": "Mamba in transformers (slow path: a Python token loop)",
 }
 
 

@@ -1,0 +1,572 @@
+"""Unrolled Python token loops lifted into one `mambaprune::selective_scan` node.
+
+A selective scan written as a Python loop over the tokens (the transformers `MambaMixer` slow path,
+hand-written reference code) reaches the captured graph unrolled: L repetitions of
+
+    h = Abar_t * h + Bx_t          y_t = <h, C_t>          y = stack([y_0, ..., y_{L-1}])
+
+with Abar_t = exp(delta_t * A) and Bx_t = delta_t * B_t * u_t, computed either once for all tokens
+before the loop and read with `x[:, :, t]` (transformers) or per step from `delta[:, t]`, `B[:, t]`,
+`u[:, t]` (written by hand). This pass finds such a chain and replaces the stacked outputs by one
+scan over the same tensors, so the rest of the compiler sees the scan it knows.
+
+Nothing is matched on names or on a written form: every step is read through the data movement
+torch.export leaves around it (full slices, `select` / `slice` of step t, unsqueeze, squeeze, views
+that only add or drop size-1 dims, expand, transpose, permute, dtype casts), each factor of a product
+ends at a tensor whose dims are labelled with what they run over (batch, channel d, state n, token
+l), and the factors are told apart by those labels: in exp(.) the one without tokens is A (d, n) and
+the other delta (batch, d, l); in Bx_t the factor that is delta, one over (batch, n, l) (B) and one over
+(batch, d, l) (u); in the readout, contracting n (a product summed over n, or a matmul with a
+column), C over (batch, n, l). The chain is lifted only when every step reads the SAME tensors in
+the same way at its own index t, the loop covers the whole token axis from a zero state (t = 0 ..
+L-1, or L-1 .. 0: a backward loop is lifted as the scan of the flipped tokens), every per-step output
+goes into one stack along a new token axis (in step order or reversed), and no state is read
+elsewhere (a loop that returns its final state is left as it is). Anything else is left unchanged,
+and the analysis then finds no scan there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .graph_edit import copy_graph, emit, module_like
+
+aten = torch.ops.aten
+
+_ZEROS = (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default)
+_FULLS = (aten.full.default, aten.new_full.default, aten.full_like.default)
+_SAME = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.to.dtype, aten._to_copy.default,
+         aten.to.dtype_layout, aten.detach.default)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_CHECKS = (aten._assert_tensor_metadata.default,)   # export's dtype checks before a .to(): not readers
+LIFTED_ORIGIN = "Python token loop, lifted into one scan"
+
+
+@dataclass(frozen=True)
+class Term:
+    """A factor read at one step: the tensor it comes from and, per dim of that tensor, what the dim
+    runs over (an index of the state h's dims, "l" for the token axis, None for a size-1 dim)."""
+
+    node: fx.Node
+    roles: tuple
+
+
+@dataclass(frozen=True)
+class _Step:
+    state: fx.Node       # h_t
+    decay: tuple         # Terms of the exponent of Abar_t
+    update: tuple        # Terms of Bx_t
+    readout: Term        # C_t
+    contracted: int      # the state dim summed in the readout (n)
+    output: fx.Node      # y_t
+
+
+@dataclass(frozen=True)
+class LiftedLoop:
+    where: str           # the module that holds the loop
+    steps: int
+    backward: bool = False   # the loop walks the tokens last to first (lifted as a scan of the flipped tokens)
+
+    def __str__(self) -> str:
+        return f"{self.where} ({LIFTED_ORIGIN})"
+
+
+def lift_token_loops(gm: fx.GraphModule, example_inputs: Optional[tuple] = None) -> tuple:
+    """(a copy of `gm` with every understood token loop replaced by one scan node, the LiftedLoops);
+    `gm` itself and no loops when there is none, or when the lifted graph does not compute what `gm`
+    computes on `example_inputs` (a second check of the reading: nothing is lifted then)."""
+    found = [loop for loop in map(_loop_from, _zero_states(gm.graph)) if loop is not None]
+    if not found:
+        return gm, []
+    lifted_gm, lifted = _lifted(gm, found)
+    if example_inputs is not None and not _agrees(gm, lifted_gm, example_inputs):
+        return gm, []
+    return lifted_gm, lifted
+
+
+def _agrees(gm: fx.GraphModule, lifted: fx.GraphModule, inputs: tuple, tol: float = 1e-4) -> bool:
+    """Whether both graphs give the same outputs on `inputs` (relative to each output's magnitude)."""
+    with torch.no_grad():
+        want, got = (torch.utils._pytree.tree_leaves(g(*inputs)) for g in (gm, lifted))
+    return len(want) == len(got) and all(not isinstance(w, torch.Tensor) or _close(w, g, tol) for w, g in zip(want, got))
+
+
+def _close(want: torch.Tensor, got, tol: float) -> bool:
+    if not isinstance(got, torch.Tensor) or want.shape != got.shape:
+        return False
+    if want.numel() == 0 or not want.is_floating_point():
+        return torch.equal(want, got)
+    return float((want - got).abs().max()) <= tol * (1 + float(want.abs().max()))
+
+
+def _lifted(gm: fx.GraphModule, found: list) -> tuple:
+    graph, mapping = copy_graph(gm.graph)
+    loop_nodes = _ancestors([mapping[loop.stack] for loop in found])
+    lifted = [_lift(graph, loop, mapping) for loop in found]
+    _erase_dead(graph, loop_nodes)
+    return module_like(gm, graph), lifted
+
+
+# --- finding the chain -------------------------------------------------------------------------
+
+def _shape(node) -> Optional[tuple]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _zero_states(graph: fx.Graph) -> list:
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _ZEROS or (node.target in _FULLS and _fill_value(node) == 0):
+            if _shape(node) is not None and len(_shape(node)) == 3:
+                out.append(node)
+    return out
+
+
+def _fill_value(node: fx.Node):
+    index = 2 if node.target is aten.new_full.default else 1
+    return node.args[index] if len(node.args) > index else None
+
+
+def _next_state(state: fx.Node) -> Optional[tuple]:
+    """(h_next, Abar, Bx) for h_next = Abar * state + Bx, if `state` feeds exactly one such update."""
+    state = _settled(state)
+    found = []
+    for mul in state.users:
+        if mul.target is not aten.mul.Tensor or len(mul.users) != 1 or len(mul.args) != 2:
+            continue
+        add = next(iter(mul.users))
+        if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+            continue
+        decay = mul.args[1] if mul.args[0] is state else mul.args[0]
+        update = add.args[1] if add.args[0] is mul else add.args[0]
+        if isinstance(decay, fx.Node) and isinstance(update, fx.Node) and decay is not state \
+                and _shape(add) == _shape(state):
+            found.append((add, decay, update))
+    return found[0] if len(found) == 1 else None
+
+
+@dataclass(frozen=True)
+class _Loop:
+    steps: list          # _Step, in the order the loop runs
+    stack: fx.Node       # the stack of the per-step outputs
+    backward: bool       # step i reads token L - 1 - i (`for t in reversed(range(L))`)
+    stacked_reversed: bool   # the outputs stacked last step first (`torch.stack(ys[::-1])`)
+
+
+def _loop_from(zero: fx.Node) -> Optional[_Loop]:
+    """The loop whose state starts at the zero state `zero`, if it lifts: read forwards (step i reads
+    token i) or backwards (token L - 1 - i)."""
+    chain, state = [], zero
+    while (nxt := _next_state(state)) is not None:
+        chain.append(nxt)
+        state = nxt[0]
+    if len(chain) < 2:
+        return None
+    for backward in (False, True):
+        steps = [_parse_step(len(chain) - 1 - i if backward else i, *link) for i, link in enumerate(chain)]
+        if all(steps) and _consistent(steps) and _classify(steps[0]) is not None:
+            stacked = _stack_of(steps)
+            return None if stacked is None else _Loop(steps, stacked[0], backward, stacked[1])
+    return None
+
+
+def _consistent(steps: list) -> bool:
+    """Every step reads the same tensors the same way (at its own index), over the whole token axis,
+    and each state is read by the next update and its readout only."""
+    first = steps[0]
+    key = (first.decay, first.update, first.readout, first.contracted)
+    if any((s.decay, s.update, s.readout, s.contracted) != key for s in steps[1:]):
+        return False
+    tokens = _token_count(first)
+    if tokens != len(steps):
+        return False
+    for i, step in enumerate(steps):
+        expected = 1 if i == len(steps) - 1 else 2
+        if len(_readers(_settled(step.state))) != expected:
+            return False
+    return True
+
+
+def _token_count(step: _Step):
+    for term in (*step.decay, *step.update, step.readout):
+        if "l" in term.roles:
+            return _shape(term.node)[term.roles.index("l")]
+    return None
+
+
+def _stack_of(steps: list) -> Optional[tuple]:
+    """(the stack of every step's output, whether it stacks them last step first)."""
+    outputs = [s.output for s in steps]
+    users = {u for y in outputs for u in y.users}
+    if len(users) != 1 or any(len(y.users) != 1 for y in outputs):
+        return None
+    stack = next(iter(users))
+    if stack.target is not aten.stack.default or list(stack.args[0]) not in (outputs, outputs[::-1]):
+        return None
+    return stack, list(stack.args[0]) != outputs
+
+
+# --- reading one step ----------------------------------------------------------------------------
+
+def _parse_step(t: int, state: fx.Node, decay: fx.Node, update: fx.Node) -> Optional[_Step]:
+    rank = len(_shape(state))
+    roles = tuple(range(rank))
+    exponent = _strip(decay, roles, t)
+    if exponent is None:
+        return None
+    node, exp_roles = exponent
+    if node.target is not aten.exp.default:
+        return None
+    decay_terms = _product(node.args[0], exp_roles, t)
+    update_terms = _product(update, roles, t)
+    readout = _readout(state, t)
+    if decay_terms is None or update_terms is None or readout is None:
+        return None
+    c_term, contracted, output = readout
+    return _Step(state, tuple(decay_terms), tuple(update_terms), c_term, contracted, output)
+
+
+def _normal(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def _strip(node, roles: tuple, t: int) -> Optional[tuple]:
+    """(the node below the data movement around `node`, its dims' roles); None if it cannot be read."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        target, args = node.target, node.args
+        src = args[0] if args else None
+        if target in _SAME:
+            node = src
+        elif target is aten.slice.Tensor:
+            dim = _normal(args[1] if len(args) > 1 else 0, len(_shape(src)))
+            if _is_full_slice(node):
+                node = src
+            elif args[2:4] == (t, t + 1) and args[4:] in ((), (1,)) and roles[dim] is None and "l" not in roles:
+                roles = roles[:dim] + ("l",) + roles[dim + 1:]
+                node = src
+            else:
+                return None
+        elif target is aten.select.int:
+            dim = _normal(args[1], len(_shape(src)))
+            if args[2] != t or "l" in roles:
+                return None
+            roles = roles[:dim] + ("l",) + roles[dim:]
+            node = src
+        elif target is aten.unsqueeze.default:
+            dim = _normal(args[1], len(roles))
+            if roles[dim] is not None:
+                return None
+            roles = roles[:dim] + roles[dim + 1:]
+            node = src
+        elif target is aten.squeeze.dim:
+            dim = _normal(args[1], len(_shape(src)))
+            if _shape(src)[dim] != 1:
+                return None
+            roles = roles[:dim] + (None,) + roles[dim:]
+            node = src
+        elif target is aten.transpose.int:
+            a, b = (_normal(d, len(roles)) for d in args[1:3])
+            swapped = list(roles)
+            swapped[a], swapped[b] = roles[b], roles[a]
+            roles, node = tuple(swapped), src
+        elif target is aten.permute.default:
+            order = [_normal(d, len(roles)) for d in args[1]]
+            back = [None] * len(roles)
+            for out_dim, in_dim in enumerate(order):
+                back[in_dim] = roles[out_dim]
+            roles, node = tuple(back), src
+        elif target is aten.expand.default:
+            src_shape = _shape(src)
+            offset = len(roles) - len(src_shape)
+            roles = tuple(None if size == 1 else roles[offset + i] for i, size in enumerate(src_shape))
+            node = src
+        elif target in _VIEWS:
+            roles = _through_view(_shape(src), _shape(node), roles)
+            if roles is None:
+                return None
+            node = src
+        else:
+            break
+    if not isinstance(node, fx.Node) or _shape(node) is None or len(_shape(node)) != len(roles):
+        return None
+    return node, roles
+
+
+def _through_view(src: tuple, out: tuple, roles: tuple) -> Optional[tuple]:
+    """The roles of a view's input when the view only adds or drops size-1 dims."""
+    kept = [(size, role) for size, role in zip(out, roles) if size != 1]
+    big = [i for i, size in enumerate(src) if size != 1]
+    if len(big) != len(kept) or any(src[i] is not size and src[i] != size for i, (size, _) in zip(big, kept)):
+        return None
+    back = [None] * len(src)
+    for i, (_, role) in zip(big, kept):
+        back[i] = role
+    return tuple(back)
+
+
+def _product(node, roles: tuple, t: int) -> Optional[list]:
+    """The factors of a product (a tree of broadcasting `mul`s), each read through its data movement."""
+    stripped = _strip(node, roles, t)
+    if stripped is None:
+        return None
+    node, roles = stripped
+    if node.target is aten.einsum.default:
+        return _einsum_product(node, roles, t)
+    if node.target is not aten.mul.Tensor:
+        return [Term(node, roles)]
+    terms = []
+    for arg in node.args[:2]:
+        if not isinstance(arg, fx.Node) or _shape(arg) is None:
+            return None
+        inner = _broadcast_roles(_shape(arg), _shape(node), roles)
+        if inner is None:
+            return None
+        part = _product(arg, inner, t)
+        if part is None:
+            return None
+        terms.extend(part)
+    return terms
+
+
+def _subscripts(node: fx.Node) -> Optional[tuple]:
+    """(the operands' subscripts, the output's) of a plain einsum (no ellipsis, no repeated letter)."""
+    equation = node.args[0].replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    lhs, out = equation.split("->")
+    inputs = lhs.split(",")
+    if any(len(set(x)) != len(x) for x in (*inputs, out)) or len(inputs) != len(node.args[1]):
+        return None
+    return inputs, out
+
+
+def _einsum_product(node: fx.Node, roles: tuple, t: int) -> Optional[list]:
+    """An einsum that sums nothing (every letter in the output) is a broadcasting product."""
+    parsed = _subscripts(node)
+    if parsed is None:
+        return None
+    inputs, out = parsed
+    terms = []
+    for letters, arg in zip(inputs, node.args[1]):
+        if not set(letters) <= set(out) or _shape(arg) is None:
+            return None
+        inner = tuple(None if size == 1 else roles[out.index(c)] for c, size in zip(letters, _shape(arg)))
+        part = _product(arg, inner, t)
+        if part is None:
+            return None
+        terms.extend(part)
+    return terms
+
+
+def _einsum_readout(reader: fx.Node, state: fx.Node, roles: tuple, t: int) -> Optional[tuple]:
+    """`einsum("bdn,bn->bd", h, C_t)`: the state's one letter missing from the output is summed."""
+    parsed = _subscripts(reader)
+    operands = list(reader.args[1])
+    if parsed is None or len(operands) != 2 or operands.count(state) != 1:
+        return None
+    (first, second), out = parsed
+    mine, other, column = (first, second, operands[1]) if operands[0] is state else (second, first, operands[0])
+    summed = [c for c in mine if c not in out]
+    if len(summed) != 1 or out != mine.replace(summed[0], "") or not set(other) <= set(mine) \
+            or summed[0] not in other or _shape(column) is None:
+        return None
+    inner = tuple(None if size == 1 else roles[mine.index(c)] for c, size in zip(other, _shape(column)))
+    terms = _product(column, inner, t)
+    return (terms[0], mine.index(summed[0]), reader) if terms is not None and len(terms) == 1 else None
+
+
+def _broadcast_roles(arg: tuple, out: tuple, roles: tuple) -> Optional[tuple]:
+    offset = len(out) - len(arg)
+    if offset < 0:
+        return None
+    inner = []
+    for i, size in enumerate(arg):
+        role = roles[offset + i]
+        inner.append(None if size == 1 else role)
+    return tuple(inner)
+
+
+def _readout(state: fx.Node, t: int) -> Optional[tuple]:
+    """(C_t's Term, the contracted state dim, y_t) for the one user of `state` that reads it out."""
+    state = _settled(state)
+    shape = _shape(state)
+    rank = len(shape)
+    roles = tuple(range(rank))
+    readers = [u for u in _readers(state) if not _is_next_update(u)]
+    if len(readers) != 1:
+        return None
+    reader = readers[0]
+    while reader.target in _SAME and len(_readers(reader)) == 1:   # transformers: ssm_state.to(dtype)
+        state, reader = reader, _readers(reader)[0]
+    if reader.target is aten.mul.Tensor and len(reader.users) == 1 and _shape(reader) == shape:
+        other = reader.args[1] if reader.args[0] is state else reader.args[0]
+        total = next(iter(reader.users))
+        if total.target is not aten.sum.dim_IntList or len(total.args[1]) != 1 \
+                or (total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim", False)):
+            return None
+        contracted = _normal(total.args[1][0], rank)
+        inner = _broadcast_roles(_shape(other), shape, roles)
+        terms = _product(other, inner, t) if inner is not None else None
+        return (terms[0], contracted, total) if terms is not None and len(terms) == 1 else None
+    if reader.target is aten.einsum.default:
+        return _einsum_readout(reader, state, roles, t)
+    if reader.target is aten.matmul.default and reader.args[0] is state and len(reader.users) == 1:
+        column = reader.args[1]
+        col_shape = _shape(column)
+        if col_shape is None or len(col_shape) < 2 or col_shape[-1] != 1:
+            return None
+        batch = _broadcast_roles(col_shape[:-2], shape[:-2], roles[:-2])
+        if batch is None:
+            return None
+        terms = _product(column, batch + (rank - 1, None), t)
+        squeeze = _past_full_slices(reader)
+        last = len(_shape(reader)) - 1
+        if squeeze.target is aten.select.int and _normal(squeeze.args[1], last + 1) == last and squeeze.args[2] == 0:
+            pass
+        elif not (squeeze.target is aten.squeeze.dim and _normal(squeeze.args[1], last + 1) == last):
+            return None
+        return (terms[0], rank - 1, squeeze) if terms is not None and len(terms) == 1 else None
+    return None
+
+
+def _readers(node: fx.Node) -> list:
+    return [u for u in node.users if u.target not in _CHECKS]
+
+
+def _settled(state: fx.Node) -> fx.Node:
+    """The state past casts that are its only reader: `h.to(h.dtype)` is h itself, and torch.export
+    hands that node to every later reader of h (the next update too)."""
+    while len(_readers(state)) == 1 and _readers(state)[0].target in _SAME and _shape(_readers(state)[0]) == _shape(state):
+        state = _readers(state)[0]
+    return state
+
+
+def _past_full_slices(node: fx.Node) -> fx.Node:
+    """The one user of `node`, past any full slices (torch.export writes `x[:, :, 0]` as one)."""
+    user = next(iter(node.users))
+    while user.target is aten.slice.Tensor and len(user.users) == 1 and _is_full_slice(user):
+        user = next(iter(user.users))
+    return user
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    src, args = node.args[0], node.args
+    dim = _normal(args[1] if len(args) > 1 else 0, len(_shape(src)))
+    start = args[2] if len(args) > 2 else None
+    end = args[3] if len(args) > 3 else None
+    step = args[4] if len(args) > 4 else 1
+    return step == 1 and start in (None, 0) and (end is None or (isinstance(end, int) and end >= _shape(src)[dim]))
+
+
+def _is_next_update(user: fx.Node) -> bool:
+    return user.target is aten.mul.Tensor and len(user.users) == 1 \
+        and next(iter(user.users)).target is aten.add.Tensor and _next_is_state(next(iter(user.users)), user)
+
+
+def _next_is_state(add: fx.Node, mul: fx.Node) -> bool:
+    return _shape(add) == _shape(mul) and mul in add.args
+
+
+# --- the scan's arguments ----------------------------------------------------------------------
+
+def _classify(step: _Step) -> Optional[dict]:
+    """{"u", "delta", "A", "B", "C": (Term, target roles)} from one step's factors, or None."""
+    n = step.contracted
+    rank = len(_shape(step.state))
+    if len(step.decay) != 2:
+        return None
+    a_terms = [term for term in step.decay if "l" not in term.roles]
+    delta_terms = [term for term in step.decay if "l" in term.roles]
+    if len(a_terms) != 1 or len(delta_terms) != 1:
+        return None
+    a, delta = a_terms[0], delta_terms[0]
+    a_dims = {r for r in a.roles if r is not None}
+    others = [d for d in range(rank) if d not in a_dims]
+    if rank != 3 or len(a_dims) != 2 or n not in a_dims or len(others) != 1:
+        return None
+    b = others[0]
+    d = next(x for x in range(rank) if x not in (b, n))
+    update = list(step.update)
+    if delta not in update or len(update) != 3:
+        return None
+    update.remove(delta)
+    wanted = {"delta": (delta, (b, d, "l")), "A": (a, (d, n)), "C": (step.readout, (b, n, "l"))}
+    for term in update:
+        dims = {r for r in term.roles if r is not None}
+        name = "B" if n in dims else "u"
+        if name in wanted:
+            return None
+        wanted[name] = (term, (b, n, "l") if name == "B" else (b, d, "l"))
+    if any({r for r in term.roles if r is not None} != set(target) for term, target in wanted.values()):
+        return None
+    return wanted
+
+
+def _lift(graph: fx.Graph, loop: _Loop, mapping: dict) -> LiftedLoop:
+    first, stack = loop.steps[0], loop.stack
+    parts = _classify(first)
+    anchor = mapping[stack]
+    args = {name: _arrange(graph, anchor, mapping[term.node], term.roles, target)
+            for name, (term, target) in parts.items()}
+    if loop.backward:      # the scan runs over the tokens in the loop's order
+        args.update({name: emit(graph, anchor, aten.flip.default, (args[name], [-1])) for name in ("u", "delta", "B", "C")})
+    scan = emit(graph, anchor, torch.ops.mambaprune.selective_scan.default,
+                 (args["u"], args["delta"], args["A"], args["B"], args["C"]))
+    if loop.stacked_reversed:
+        scan = emit(graph, anchor, aten.flip.default, (scan, [-1]))
+    out_roles = list(r for r in range(3) if r != first.contracted)
+    out_roles.insert(_normal(stack.args[1] if len(stack.args) > 1 else 0, 3), "l")
+    b = next(r for r in range(3) if r not in {x for x in parts["A"][0].roles if x is not None})
+    d = next(r for r in range(3) if r not in (b, first.contracted))
+    order = [(b, d, "l").index(role) for role in out_roles]
+    value = emit(graph, anchor, aten.permute.default, (scan, order)) if order != [0, 1, 2] else scan
+    dtype = stack.meta["val"].dtype
+    if value.meta["val"].dtype != dtype:
+        value = emit(graph, anchor, aten._to_copy.default, (value,), {"dtype": dtype})
+    anchor.replace_all_uses_with(value)
+    return LiftedLoop(_where(stack), len(loop.steps), loop.backward)
+
+
+def _arrange(graph: fx.Graph, anchor: fx.Node, node: fx.Node, roles: tuple, target: tuple) -> fx.Node:
+    """`node` (dims labelled `roles`) as a tensor whose dims are `target`, in that order."""
+    ones = [i for i, r in enumerate(roles) if r is None]
+    if ones:
+        node = emit(graph, anchor, aten.squeeze.dims, (node, ones))
+        roles = tuple(r for r in roles if r is not None)
+    order = [roles.index(r) for r in target]
+    if order != list(range(len(order))):
+        node = emit(graph, anchor, aten.permute.default, (node, order))
+    return node
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return path or "<top level>"
+
+
+def _ancestors(nodes: list) -> set:
+    seen, todo = set(), list(nodes)
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.all_input_nodes)
+    return seen
+
+
+def _erase_dead(graph: fx.Graph, candidates: set) -> None:
+    """Drop the loop's nodes that nothing reads any more (side-effect-free call_functions only)."""
+    for node in reversed(list(graph.nodes)):
+        if node not in candidates or node.op != "call_function":
+            continue
+        for check in [u for u in node.users if u.target in _CHECKS and not u.users]:
+            graph.erase_node(check)
+        if not node.users and not node.is_impure():
+            graph.erase_node(node)
