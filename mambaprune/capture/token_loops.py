@@ -10,9 +10,9 @@ before the loop and read with `x[:, :, t]` (transformers) or per step from `delt
 `u[:, t]` (written by hand). This pass finds such a chain and replaces the stacked outputs by one
 scan over the same tensors, so the rest of the compiler sees the scan it knows.
 
-Nothing is matched on names or on a written form: every step is read through the data movement
-torch.export leaves around it (full slices, `select` / `slice` of step t, unsqueeze, squeeze, views
-that only add or drop size-1 dims, expand, transpose, permute, dtype casts), each factor of a product
+Nothing is matched on names or on a written form: every step is read (loop_steps.py) through the
+data movement torch.export leaves around it (full slices, `select` / `slice` of step t, unsqueeze,
+squeeze, views that only add or drop size-1 dims, expand, transpose, permute, dtype casts), each factor of a product
 ends at a tensor whose dims are labelled with what they run over (batch, channel d, state n, token
 l), and the factors are told apart by those labels: in exp(.) the one without tokens is A (d, n) and
 the other delta (batch, d, l); in Bx_t the factor that is delta, one over (batch, n, l) (B) and one over
@@ -33,35 +33,13 @@ import torch
 import torch.fx as fx
 
 from .graph_edit import copy_graph, emit, module_like
+from .loop_steps import CHECKS, Step, normal, parse_step, readers, settled, shape_of
 
 aten = torch.ops.aten
 
 _ZEROS = (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default)
 _FULLS = (aten.full.default, aten.new_full.default, aten.full_like.default)
-_SAME = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.to.dtype, aten._to_copy.default,
-         aten.to.dtype_layout, aten.detach.default)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-_CHECKS = (aten._assert_tensor_metadata.default,)   # export's dtype checks before a .to(): not readers
 LIFTED_ORIGIN = "Python token loop, lifted into one scan"
-
-
-@dataclass(frozen=True)
-class Term:
-    """A factor read at one step: the tensor it comes from and, per dim of that tensor, what the dim
-    runs over (an index of the state h's dims, "l" for the token axis, None for a size-1 dim)."""
-
-    node: fx.Node
-    roles: tuple
-
-
-@dataclass(frozen=True)
-class _Step:
-    state: fx.Node       # h_t
-    decay: tuple         # Terms of the exponent of Abar_t
-    update: tuple        # Terms of Bx_t
-    readout: Term        # C_t
-    contracted: int      # the state dim summed in the readout (n)
-    output: fx.Node      # y_t
 
 
 @dataclass(frozen=True)
@@ -91,7 +69,8 @@ def _agrees(gm: fx.GraphModule, lifted: fx.GraphModule, inputs: tuple, tol: floa
     """Whether both graphs give the same outputs on `inputs` (relative to each output's magnitude)."""
     with torch.no_grad():
         want, got = (torch.utils._pytree.tree_leaves(g(*inputs)) for g in (gm, lifted))
-    return len(want) == len(got) and all(not isinstance(w, torch.Tensor) or _close(w, g, tol) for w, g in zip(want, got))
+    return len(want) == len(got) and all(not isinstance(w, torch.Tensor) or _close(w, g, tol)
+                                         for w, g in zip(want, got))
 
 
 def _close(want: torch.Tensor, got, tol: float) -> bool:
@@ -112,18 +91,13 @@ def _lifted(gm: fx.GraphModule, found: list) -> tuple:
 
 # --- finding the chain -------------------------------------------------------------------------
 
-def _shape(node) -> Optional[tuple]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
 def _zero_states(graph: fx.Graph) -> list:
     out = []
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in _ZEROS or (node.target in _FULLS and _fill_value(node) == 0):
-            if _shape(node) is not None and len(_shape(node)) == 3:
+            if shape_of(node) is not None and len(shape_of(node)) == 3:
                 out.append(node)
     return out
 
@@ -135,7 +109,7 @@ def _fill_value(node: fx.Node):
 
 def _next_state(state: fx.Node) -> Optional[tuple]:
     """(h_next, Abar, Bx) for h_next = Abar * state + Bx, if `state` feeds exactly one such update."""
-    state = _settled(state)
+    state = settled(state)
     found = []
     for mul in state.users:
         if mul.target is not aten.mul.Tensor or len(mul.users) != 1 or len(mul.args) != 2:
@@ -146,14 +120,14 @@ def _next_state(state: fx.Node) -> Optional[tuple]:
         decay = mul.args[1] if mul.args[0] is state else mul.args[0]
         update = add.args[1] if add.args[0] is mul else add.args[0]
         if isinstance(decay, fx.Node) and isinstance(update, fx.Node) and decay is not state \
-                and _shape(add) == _shape(state):
+                and shape_of(add) == shape_of(state):
             found.append((add, decay, update))
     return found[0] if len(found) == 1 else None
 
 
 @dataclass(frozen=True)
 class _Loop:
-    steps: list          # _Step, in the order the loop runs
+    steps: list          # Step, in the order the loop runs
     stack: fx.Node       # the stack of the per-step outputs
     backward: bool       # step i reads token L - 1 - i (`for t in reversed(range(L))`)
     stacked_reversed: bool   # the outputs stacked last step first (`torch.stack(ys[::-1])`)
@@ -169,7 +143,7 @@ def _loop_from(zero: fx.Node) -> Optional[_Loop]:
     if len(chain) < 2:
         return None
     for backward in (False, True):
-        steps = [_parse_step(len(chain) - 1 - i if backward else i, *link) for i, link in enumerate(chain)]
+        steps = [parse_step(len(chain) - 1 - i if backward else i, *link) for i, link in enumerate(chain)]
         if all(steps) and _consistent(steps) and _classify(steps[0]) is not None:
             stacked = _stack_of(steps)
             return None if stacked is None else _Loop(steps, stacked[0], backward, stacked[1])
@@ -188,15 +162,15 @@ def _consistent(steps: list) -> bool:
         return False
     for i, step in enumerate(steps):
         expected = 1 if i == len(steps) - 1 else 2
-        if len(_readers(_settled(step.state))) != expected:
+        if len(readers(settled(step.state))) != expected:
             return False
     return True
 
 
-def _token_count(step: _Step):
+def _token_count(step: Step):
     for term in (*step.decay, *step.update, step.readout):
         if "l" in term.roles:
-            return _shape(term.node)[term.roles.index("l")]
+            return shape_of(term.node)[term.roles.index("l")]
     return None
 
 
@@ -212,273 +186,12 @@ def _stack_of(steps: list) -> Optional[tuple]:
     return stack, list(stack.args[0]) != outputs
 
 
-# --- reading one step ----------------------------------------------------------------------------
-
-def _parse_step(t: int, state: fx.Node, decay: fx.Node, update: fx.Node) -> Optional[_Step]:
-    rank = len(_shape(state))
-    roles = tuple(range(rank))
-    exponent = _strip(decay, roles, t)
-    if exponent is None:
-        return None
-    node, exp_roles = exponent
-    if node.target is not aten.exp.default:
-        return None
-    decay_terms = _product(node.args[0], exp_roles, t)
-    update_terms = _product(update, roles, t)
-    readout = _readout(state, t)
-    if decay_terms is None or update_terms is None or readout is None:
-        return None
-    c_term, contracted, output = readout
-    return _Step(state, tuple(decay_terms), tuple(update_terms), c_term, contracted, output)
-
-
-def _normal(dim: int, rank: int) -> int:
-    return dim + rank if dim < 0 else dim
-
-
-def _strip(node, roles: tuple, t: int) -> Optional[tuple]:
-    """(the node below the data movement around `node`, its dims' roles); None if it cannot be read."""
-    while isinstance(node, fx.Node) and node.op == "call_function":
-        target, args = node.target, node.args
-        src = args[0] if args else None
-        if target in _SAME:
-            node = src
-        elif target is aten.slice.Tensor:
-            dim = _normal(args[1] if len(args) > 1 else 0, len(_shape(src)))
-            if _is_full_slice(node):
-                node = src
-            elif args[2:4] == (t, t + 1) and args[4:] in ((), (1,)) and roles[dim] is None and "l" not in roles:
-                roles = roles[:dim] + ("l",) + roles[dim + 1:]
-                node = src
-            else:
-                return None
-        elif target is aten.select.int:
-            dim = _normal(args[1], len(_shape(src)))
-            if args[2] != t or "l" in roles:
-                return None
-            roles = roles[:dim] + ("l",) + roles[dim:]
-            node = src
-        elif target is aten.unsqueeze.default:
-            dim = _normal(args[1], len(roles))
-            if roles[dim] is not None:
-                return None
-            roles = roles[:dim] + roles[dim + 1:]
-            node = src
-        elif target is aten.squeeze.dim:
-            dim = _normal(args[1], len(_shape(src)))
-            if _shape(src)[dim] != 1:
-                return None
-            roles = roles[:dim] + (None,) + roles[dim:]
-            node = src
-        elif target is aten.transpose.int:
-            a, b = (_normal(d, len(roles)) for d in args[1:3])
-            swapped = list(roles)
-            swapped[a], swapped[b] = roles[b], roles[a]
-            roles, node = tuple(swapped), src
-        elif target is aten.permute.default:
-            order = [_normal(d, len(roles)) for d in args[1]]
-            back = [None] * len(roles)
-            for out_dim, in_dim in enumerate(order):
-                back[in_dim] = roles[out_dim]
-            roles, node = tuple(back), src
-        elif target is aten.expand.default:
-            src_shape = _shape(src)
-            offset = len(roles) - len(src_shape)
-            roles = tuple(None if size == 1 else roles[offset + i] for i, size in enumerate(src_shape))
-            node = src
-        elif target in _VIEWS:
-            roles = _through_view(_shape(src), _shape(node), roles)
-            if roles is None:
-                return None
-            node = src
-        else:
-            break
-    if not isinstance(node, fx.Node) or _shape(node) is None or len(_shape(node)) != len(roles):
-        return None
-    return node, roles
-
-
-def _through_view(src: tuple, out: tuple, roles: tuple) -> Optional[tuple]:
-    """The roles of a view's input when the view only adds or drops size-1 dims."""
-    kept = [(size, role) for size, role in zip(out, roles) if size != 1]
-    big = [i for i, size in enumerate(src) if size != 1]
-    if len(big) != len(kept) or any(src[i] is not size and src[i] != size for i, (size, _) in zip(big, kept)):
-        return None
-    back = [None] * len(src)
-    for i, (_, role) in zip(big, kept):
-        back[i] = role
-    return tuple(back)
-
-
-def _product(node, roles: tuple, t: int) -> Optional[list]:
-    """The factors of a product (a tree of broadcasting `mul`s), each read through its data movement."""
-    stripped = _strip(node, roles, t)
-    if stripped is None:
-        return None
-    node, roles = stripped
-    if node.target is aten.einsum.default:
-        return _einsum_product(node, roles, t)
-    if node.target is not aten.mul.Tensor:
-        return [Term(node, roles)]
-    terms = []
-    for arg in node.args[:2]:
-        if not isinstance(arg, fx.Node) or _shape(arg) is None:
-            return None
-        inner = _broadcast_roles(_shape(arg), _shape(node), roles)
-        if inner is None:
-            return None
-        part = _product(arg, inner, t)
-        if part is None:
-            return None
-        terms.extend(part)
-    return terms
-
-
-def _subscripts(node: fx.Node) -> Optional[tuple]:
-    """(the operands' subscripts, the output's) of a plain einsum (no ellipsis, no repeated letter)."""
-    equation = node.args[0].replace(" ", "")
-    if "->" not in equation or "." in equation:
-        return None
-    lhs, out = equation.split("->")
-    inputs = lhs.split(",")
-    if any(len(set(x)) != len(x) for x in (*inputs, out)) or len(inputs) != len(node.args[1]):
-        return None
-    return inputs, out
-
-
-def _einsum_product(node: fx.Node, roles: tuple, t: int) -> Optional[list]:
-    """An einsum that sums nothing (every letter in the output) is a broadcasting product."""
-    parsed = _subscripts(node)
-    if parsed is None:
-        return None
-    inputs, out = parsed
-    terms = []
-    for letters, arg in zip(inputs, node.args[1]):
-        if not set(letters) <= set(out) or _shape(arg) is None:
-            return None
-        inner = tuple(None if size == 1 else roles[out.index(c)] for c, size in zip(letters, _shape(arg)))
-        part = _product(arg, inner, t)
-        if part is None:
-            return None
-        terms.extend(part)
-    return terms
-
-
-def _einsum_readout(reader: fx.Node, state: fx.Node, roles: tuple, t: int) -> Optional[tuple]:
-    """`einsum("bdn,bn->bd", h, C_t)`: the state's one letter missing from the output is summed."""
-    parsed = _subscripts(reader)
-    operands = list(reader.args[1])
-    if parsed is None or len(operands) != 2 or operands.count(state) != 1:
-        return None
-    (first, second), out = parsed
-    mine, other, column = (first, second, operands[1]) if operands[0] is state else (second, first, operands[0])
-    summed = [c for c in mine if c not in out]
-    if len(summed) != 1 or out != mine.replace(summed[0], "") or not set(other) <= set(mine) \
-            or summed[0] not in other or _shape(column) is None:
-        return None
-    inner = tuple(None if size == 1 else roles[mine.index(c)] for c, size in zip(other, _shape(column)))
-    terms = _product(column, inner, t)
-    return (terms[0], mine.index(summed[0]), reader) if terms is not None and len(terms) == 1 else None
-
-
-def _broadcast_roles(arg: tuple, out: tuple, roles: tuple) -> Optional[tuple]:
-    offset = len(out) - len(arg)
-    if offset < 0:
-        return None
-    inner = []
-    for i, size in enumerate(arg):
-        role = roles[offset + i]
-        inner.append(None if size == 1 else role)
-    return tuple(inner)
-
-
-def _readout(state: fx.Node, t: int) -> Optional[tuple]:
-    """(C_t's Term, the contracted state dim, y_t) for the one user of `state` that reads it out."""
-    state = _settled(state)
-    shape = _shape(state)
-    rank = len(shape)
-    roles = tuple(range(rank))
-    readers = [u for u in _readers(state) if not _is_next_update(u)]
-    if len(readers) != 1:
-        return None
-    reader = readers[0]
-    while reader.target in _SAME and len(_readers(reader)) == 1:   # transformers: ssm_state.to(dtype)
-        state, reader = reader, _readers(reader)[0]
-    if reader.target is aten.mul.Tensor and len(reader.users) == 1 and _shape(reader) == shape:
-        other = reader.args[1] if reader.args[0] is state else reader.args[0]
-        total = next(iter(reader.users))
-        if total.target is not aten.sum.dim_IntList or len(total.args[1]) != 1 \
-                or (total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim", False)):
-            return None
-        contracted = _normal(total.args[1][0], rank)
-        inner = _broadcast_roles(_shape(other), shape, roles)
-        terms = _product(other, inner, t) if inner is not None else None
-        return (terms[0], contracted, total) if terms is not None and len(terms) == 1 else None
-    if reader.target is aten.einsum.default:
-        return _einsum_readout(reader, state, roles, t)
-    if reader.target is aten.matmul.default and reader.args[0] is state and len(reader.users) == 1:
-        column = reader.args[1]
-        col_shape = _shape(column)
-        if col_shape is None or len(col_shape) < 2 or col_shape[-1] != 1:
-            return None
-        batch = _broadcast_roles(col_shape[:-2], shape[:-2], roles[:-2])
-        if batch is None:
-            return None
-        terms = _product(column, batch + (rank - 1, None), t)
-        squeeze = _past_full_slices(reader)
-        last = len(_shape(reader)) - 1
-        if squeeze.target is aten.select.int and _normal(squeeze.args[1], last + 1) == last and squeeze.args[2] == 0:
-            pass
-        elif not (squeeze.target is aten.squeeze.dim and _normal(squeeze.args[1], last + 1) == last):
-            return None
-        return (terms[0], rank - 1, squeeze) if terms is not None and len(terms) == 1 else None
-    return None
-
-
-def _readers(node: fx.Node) -> list:
-    return [u for u in node.users if u.target not in _CHECKS]
-
-
-def _settled(state: fx.Node) -> fx.Node:
-    """The state past casts that are its only reader: `h.to(h.dtype)` is h itself, and torch.export
-    hands that node to every later reader of h (the next update too)."""
-    while len(_readers(state)) == 1 and _readers(state)[0].target in _SAME and _shape(_readers(state)[0]) == _shape(state):
-        state = _readers(state)[0]
-    return state
-
-
-def _past_full_slices(node: fx.Node) -> fx.Node:
-    """The one user of `node`, past any full slices (torch.export writes `x[:, :, 0]` as one)."""
-    user = next(iter(node.users))
-    while user.target is aten.slice.Tensor and len(user.users) == 1 and _is_full_slice(user):
-        user = next(iter(user.users))
-    return user
-
-
-def _is_full_slice(node: fx.Node) -> bool:
-    src, args = node.args[0], node.args
-    dim = _normal(args[1] if len(args) > 1 else 0, len(_shape(src)))
-    start = args[2] if len(args) > 2 else None
-    end = args[3] if len(args) > 3 else None
-    step = args[4] if len(args) > 4 else 1
-    return step == 1 and start in (None, 0) and (end is None or (isinstance(end, int) and end >= _shape(src)[dim]))
-
-
-def _is_next_update(user: fx.Node) -> bool:
-    return user.target is aten.mul.Tensor and len(user.users) == 1 \
-        and next(iter(user.users)).target is aten.add.Tensor and _next_is_state(next(iter(user.users)), user)
-
-
-def _next_is_state(add: fx.Node, mul: fx.Node) -> bool:
-    return _shape(add) == _shape(mul) and mul in add.args
-
-
 # --- the scan's arguments ----------------------------------------------------------------------
 
-def _classify(step: _Step) -> Optional[dict]:
+def _classify(step: Step) -> Optional[dict]:
     """{"u", "delta", "A", "B", "C": (Term, target roles)} from one step's factors, or None."""
     n = step.contracted
-    rank = len(_shape(step.state))
+    rank = len(shape_of(step.state))
     if len(step.decay) != 2:
         return None
     a_terms = [term for term in step.decay if "l" not in term.roles]
@@ -515,13 +228,14 @@ def _lift(graph: fx.Graph, loop: _Loop, mapping: dict) -> LiftedLoop:
     args = {name: _arrange(graph, anchor, mapping[term.node], term.roles, target)
             for name, (term, target) in parts.items()}
     if loop.backward:      # the scan runs over the tokens in the loop's order
-        args.update({name: emit(graph, anchor, aten.flip.default, (args[name], [-1])) for name in ("u", "delta", "B", "C")})
+        for name in ("u", "delta", "B", "C"):
+            args[name] = emit(graph, anchor, aten.flip.default, (args[name], [-1]))
     scan = emit(graph, anchor, torch.ops.mambaprune.selective_scan.default,
                  (args["u"], args["delta"], args["A"], args["B"], args["C"]))
     if loop.stacked_reversed:
         scan = emit(graph, anchor, aten.flip.default, (scan, [-1]))
     out_roles = list(r for r in range(3) if r != first.contracted)
-    out_roles.insert(_normal(stack.args[1] if len(stack.args) > 1 else 0, 3), "l")
+    out_roles.insert(normal(stack.args[1] if len(stack.args) > 1 else 0, 3), "l")
     b = next(r for r in range(3) if r not in {x for x in parts["A"][0].roles if x is not None})
     d = next(r for r in range(3) if r not in (b, first.contracted))
     order = [(b, d, "l").index(role) for role in out_roles]
@@ -566,7 +280,7 @@ def _erase_dead(graph: fx.Graph, candidates: set) -> None:
     for node in reversed(list(graph.nodes)):
         if node not in candidates or node.op != "call_function":
             continue
-        for check in [u for u in node.users if u.target in _CHECKS and not u.users]:
+        for check in [u for u in node.users if u.target in CHECKS and not u.users]:
             graph.erase_node(check)
         if not node.users and not node.is_impure():
             graph.erase_node(node)

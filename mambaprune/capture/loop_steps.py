@@ -1,0 +1,308 @@
+"""Reading one step of an unrolled token loop (token_loops.py): the factors of its decay Abar_t, of its
+update Bx_t and of its readout C_t, each followed through the data movement torch.export leaves
+around it to the tensor it comes from, with what each dim of that tensor runs over.
+
+A factor read at step t ends at a `Term`: a node and, per dim, an index of the state h's dims, "l"
+for the token axis (reached through a `select` / `slice` of index t, or broadcast from a tensor that
+has it), or None for a size-1 dim. Followed: full slices, select / slice of step t, unsqueeze,
+squeeze, views that only add or drop size-1 dims, expand, transpose, permute, casts, and the
+broadcasting `mul`s and sum-free einsums of a product. The readout is a product with the state summed
+over one dim, a matmul with a column, or an einsum summing one of the state's letters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+SAME = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.to.dtype, aten._to_copy.default,
+        aten.to.dtype_layout, aten.detach.default)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+CHECKS = (aten._assert_tensor_metadata.default,)   # export's dtype checks before a .to(): not readers
+
+
+@dataclass(frozen=True)
+class Term:
+    """A factor read at one step: the tensor it comes from and, per dim of that tensor, what the dim
+    runs over (an index of the state h's dims, "l" for the token axis, None for a size-1 dim)."""
+
+    node: fx.Node
+    roles: tuple
+
+
+@dataclass(frozen=True)
+class Step:
+    state: fx.Node       # h_t
+    decay: tuple         # Terms of the exponent of Abar_t
+    update: tuple        # Terms of Bx_t
+    readout: Term        # C_t
+    contracted: int      # the state dim summed in the readout (n)
+    output: fx.Node      # y_t
+
+
+def shape_of(node) -> Optional[tuple]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def parse_step(t: int, state: fx.Node, decay: fx.Node, update: fx.Node) -> Optional[Step]:
+    rank = len(shape_of(state))
+    roles = tuple(range(rank))
+    exponent = _strip(decay, roles, t)
+    if exponent is None:
+        return None
+    node, exp_roles = exponent
+    if node.target is not aten.exp.default:
+        return None
+    decay_terms = _product(node.args[0], exp_roles, t)
+    update_terms = _product(update, roles, t)
+    readout = _readout(state, t)
+    if decay_terms is None or update_terms is None or readout is None:
+        return None
+    c_term, contracted, output = readout
+    return Step(state, tuple(decay_terms), tuple(update_terms), c_term, contracted, output)
+
+
+def normal(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def _strip(node, roles: tuple, t: int) -> Optional[tuple]:
+    """(the node below the data movement around `node`, its dims' roles); None if it cannot be read."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        target, args = node.target, node.args
+        src = args[0] if args else None
+        if target in SAME:
+            node = src
+        elif target is aten.slice.Tensor:
+            dim = normal(args[1] if len(args) > 1 else 0, len(shape_of(src)))
+            if _is_full_slice(node):
+                node = src
+            elif args[2:4] == (t, t + 1) and args[4:] in ((), (1,)) and roles[dim] is None and "l" not in roles:
+                roles = roles[:dim] + ("l",) + roles[dim + 1:]
+                node = src
+            else:
+                return None
+        elif target is aten.select.int:
+            dim = normal(args[1], len(shape_of(src)))
+            if args[2] != t or "l" in roles:
+                return None
+            roles = roles[:dim] + ("l",) + roles[dim:]
+            node = src
+        elif target is aten.unsqueeze.default:
+            dim = normal(args[1], len(roles))
+            if roles[dim] is not None:
+                return None
+            roles = roles[:dim] + roles[dim + 1:]
+            node = src
+        elif target is aten.squeeze.dim:
+            dim = normal(args[1], len(shape_of(src)))
+            if shape_of(src)[dim] != 1:
+                return None
+            roles = roles[:dim] + (None,) + roles[dim:]
+            node = src
+        elif target is aten.transpose.int:
+            a, b = (normal(d, len(roles)) for d in args[1:3])
+            swapped = list(roles)
+            swapped[a], swapped[b] = roles[b], roles[a]
+            roles, node = tuple(swapped), src
+        elif target is aten.permute.default:
+            order = [normal(d, len(roles)) for d in args[1]]
+            back = [None] * len(roles)
+            for out_dim, in_dim in enumerate(order):
+                back[in_dim] = roles[out_dim]
+            roles, node = tuple(back), src
+        elif target is aten.expand.default:
+            src_shape = shape_of(src)
+            offset = len(roles) - len(src_shape)
+            roles = tuple(None if size == 1 else roles[offset + i] for i, size in enumerate(src_shape))
+            node = src
+        elif target in _VIEWS:
+            roles = _through_view(shape_of(src), shape_of(node), roles)
+            if roles is None:
+                return None
+            node = src
+        else:
+            break
+    if not isinstance(node, fx.Node) or shape_of(node) is None or len(shape_of(node)) != len(roles):
+        return None
+    return node, roles
+
+
+def _through_view(src: tuple, out: tuple, roles: tuple) -> Optional[tuple]:
+    """The roles of a view's input when the view only adds or drops size-1 dims."""
+    kept = [(size, role) for size, role in zip(out, roles) if size != 1]
+    big = [i for i, size in enumerate(src) if size != 1]
+    if len(big) != len(kept) or any(src[i] is not size and src[i] != size for i, (size, _) in zip(big, kept)):
+        return None
+    back = [None] * len(src)
+    for i, (_, role) in zip(big, kept):
+        back[i] = role
+    return tuple(back)
+
+
+def _product(node, roles: tuple, t: int) -> Optional[list]:
+    """The factors of a product (a tree of broadcasting `mul`s), each read through its data movement."""
+    stripped = _strip(node, roles, t)
+    if stripped is None:
+        return None
+    node, roles = stripped
+    if node.target is aten.einsum.default:
+        return _einsum_product(node, roles, t)
+    if node.target is not aten.mul.Tensor:
+        return [Term(node, roles)]
+    terms = []
+    for arg in node.args[:2]:
+        if not isinstance(arg, fx.Node) or shape_of(arg) is None:
+            return None
+        inner = _broadcast_roles(shape_of(arg), shape_of(node), roles)
+        if inner is None:
+            return None
+        part = _product(arg, inner, t)
+        if part is None:
+            return None
+        terms.extend(part)
+    return terms
+
+
+def _subscripts(node: fx.Node) -> Optional[tuple]:
+    """(the operands' subscripts, the output's) of a plain einsum (no ellipsis, no repeated letter)."""
+    equation = node.args[0].replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    lhs, out = equation.split("->")
+    inputs = lhs.split(",")
+    if any(len(set(x)) != len(x) for x in (*inputs, out)) or len(inputs) != len(node.args[1]):
+        return None
+    return inputs, out
+
+
+def _einsum_product(node: fx.Node, roles: tuple, t: int) -> Optional[list]:
+    """An einsum that sums nothing (every letter in the output) is a broadcasting product."""
+    parsed = _subscripts(node)
+    if parsed is None:
+        return None
+    inputs, out = parsed
+    terms = []
+    for letters, arg in zip(inputs, node.args[1]):
+        if not set(letters) <= set(out) or shape_of(arg) is None:
+            return None
+        inner = tuple(None if size == 1 else roles[out.index(c)] for c, size in zip(letters, shape_of(arg)))
+        part = _product(arg, inner, t)
+        if part is None:
+            return None
+        terms.extend(part)
+    return terms
+
+
+def _einsum_readout(reader: fx.Node, state: fx.Node, roles: tuple, t: int) -> Optional[tuple]:
+    """`einsum("bdn,bn->bd", h, C_t)`: the state's one letter missing from the output is summed."""
+    parsed = _subscripts(reader)
+    operands = list(reader.args[1])
+    if parsed is None or len(operands) != 2 or operands.count(state) != 1:
+        return None
+    (first, second), out = parsed
+    mine, other, column = (first, second, operands[1]) if operands[0] is state else (second, first, operands[0])
+    summed = [c for c in mine if c not in out]
+    if len(summed) != 1 or out != mine.replace(summed[0], "") or not set(other) <= set(mine) \
+            or summed[0] not in other or shape_of(column) is None:
+        return None
+    inner = tuple(None if size == 1 else roles[mine.index(c)] for c, size in zip(other, shape_of(column)))
+    terms = _product(column, inner, t)
+    return (terms[0], mine.index(summed[0]), reader) if terms is not None and len(terms) == 1 else None
+
+
+def _broadcast_roles(arg: tuple, out: tuple, roles: tuple) -> Optional[tuple]:
+    offset = len(out) - len(arg)
+    if offset < 0:
+        return None
+    inner = []
+    for i, size in enumerate(arg):
+        role = roles[offset + i]
+        inner.append(None if size == 1 else role)
+    return tuple(inner)
+
+
+def _readout(state: fx.Node, t: int) -> Optional[tuple]:
+    """(C_t's Term, the contracted state dim, y_t) for the one user of `state` that reads it out."""
+    state = settled(state)
+    shape = shape_of(state)
+    rank = len(shape)
+    roles = tuple(range(rank))
+    reading = [u for u in readers(state) if not _is_next_update(u)]
+    if len(reading) != 1:
+        return None
+    reader = reading[0]
+    while reader.target in SAME and len(readers(reader)) == 1:   # transformers: ssm_state.to(dtype)
+        state, reader = reader, readers(reader)[0]
+    if reader.target is aten.mul.Tensor and len(reader.users) == 1 and shape_of(reader) == shape:
+        other = reader.args[1] if reader.args[0] is state else reader.args[0]
+        total = next(iter(reader.users))
+        if total.target is not aten.sum.dim_IntList or len(total.args[1]) != 1 \
+                or (total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim", False)):
+            return None
+        contracted = normal(total.args[1][0], rank)
+        inner = _broadcast_roles(shape_of(other), shape, roles)
+        terms = _product(other, inner, t) if inner is not None else None
+        return (terms[0], contracted, total) if terms is not None and len(terms) == 1 else None
+    if reader.target is aten.einsum.default:
+        return _einsum_readout(reader, state, roles, t)
+    if reader.target is aten.matmul.default and reader.args[0] is state and len(reader.users) == 1:
+        column = reader.args[1]
+        col_shape = shape_of(column)
+        if col_shape is None or len(col_shape) < 2 or col_shape[-1] != 1:
+            return None
+        batch = _broadcast_roles(col_shape[:-2], shape[:-2], roles[:-2])
+        if batch is None:
+            return None
+        terms = _product(column, batch + (rank - 1, None), t)
+        squeeze = _past_full_slices(reader)
+        last = len(shape_of(reader)) - 1
+        if squeeze.target is aten.select.int and normal(squeeze.args[1], last + 1) == last and squeeze.args[2] == 0:
+            pass
+        elif not (squeeze.target is aten.squeeze.dim and normal(squeeze.args[1], last + 1) == last):
+            return None
+        return (terms[0], rank - 1, squeeze) if terms is not None and len(terms) == 1 else None
+    return None
+
+
+def readers(node: fx.Node) -> list:
+    return [u for u in node.users if u.target not in CHECKS]
+
+
+def settled(state: fx.Node) -> fx.Node:
+    """The state past casts that are its only reader: `h.to(h.dtype)` is h itself, and torch.export
+    hands that node to every later reader of h (the next update too)."""
+    while len(nxt := readers(state)) == 1 and nxt[0].target in SAME and shape_of(nxt[0]) == shape_of(state):
+        state = nxt[0]
+    return state
+
+
+def _past_full_slices(node: fx.Node) -> fx.Node:
+    """The one user of `node`, past any full slices (torch.export writes `x[:, :, 0]` as one)."""
+    user = next(iter(node.users))
+    while user.target is aten.slice.Tensor and len(user.users) == 1 and _is_full_slice(user):
+        user = next(iter(user.users))
+    return user
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    src, args = node.args[0], node.args
+    dim = normal(args[1] if len(args) > 1 else 0, len(shape_of(src)))
+    start = args[2] if len(args) > 2 else None
+    end = args[3] if len(args) > 3 else None
+    step = args[4] if len(args) > 4 else 1
+    return step == 1 and start in (None, 0) and (end is None or (isinstance(end, int) and end >= shape_of(src)[dim]))
+
+
+def _is_next_update(user: fx.Node) -> bool:
+    return user.target is aten.mul.Tensor and len(user.users) == 1 \
+        and next(iter(user.users)).target is aten.add.Tensor and _next_is_state(next(iter(user.users)), user)
+
+
+def _next_is_state(add: fx.Node, mul: fx.Node) -> bool:
+    return shape_of(add) == shape_of(mul) and mul in add.args
