@@ -12,6 +12,12 @@ import torch.utils._pytree as pytree
 _PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
+def shape_of(node) -> Optional[tuple]:
+    """The shape of a node's fake value (None for a non-tensor or a non-node)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
 def copy_graph(graph: fx.Graph) -> tuple:
     """A copy of `graph` (its pytree codegen too) and the map from its nodes to their copies."""
     copied, mapping = fx.Graph(), {}

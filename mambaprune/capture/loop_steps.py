@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from .graph_edit import shape_of
+
 aten = torch.ops.aten
 
 SAME = (aten.clone.default, aten.contiguous.default, aten.alias.default, aten.to.dtype, aten._to_copy.default,
@@ -42,11 +44,6 @@ class Step:
     readout: Term        # C_t
     contracted: int      # the state dim summed in the readout (n)
     output: fx.Node      # y_t
-
-
-def shape_of(node) -> Optional[tuple]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def parse_step(t: int, state: fx.Node, decay: fx.Node, update: fx.Node) -> Optional[Step]:
@@ -233,7 +230,7 @@ def _readout(state: fx.Node, t: int) -> Optional[tuple]:
     shape = shape_of(state)
     rank = len(shape)
     roles = tuple(range(rank))
-    reading = [u for u in readers(state) if not _is_next_update(u)]
+    reading = [u for u in readers(state) if next_update(state, u) is None]
     if len(reading) != 1:
         return None
     reader = reading[0]
@@ -262,9 +259,9 @@ def _readout(state: fx.Node, t: int) -> Optional[tuple]:
         terms = _product(column, batch + (rank - 1, None), t)
         squeeze = _past_full_slices(reader)
         last = len(shape_of(reader)) - 1
-        if squeeze.target is aten.select.int and normal(squeeze.args[1], last + 1) == last and squeeze.args[2] == 0:
-            pass
-        elif not (squeeze.target is aten.squeeze.dim and normal(squeeze.args[1], last + 1) == last):
+        on_last = normal(squeeze.args[1], last + 1) == last if len(squeeze.args) > 1 else False
+        if not on_last or not (squeeze.target is aten.squeeze.dim or
+                               (squeeze.target is aten.select.int and squeeze.args[2] == 0)):
             return None
         return (terms[0], rank - 1, squeeze) if terms is not None and len(terms) == 1 else None
     return None
@@ -299,10 +296,16 @@ def _is_full_slice(node: fx.Node) -> bool:
     return step == 1 and start in (None, 0) and (end is None or (isinstance(end, int) and end >= shape_of(src)[dim]))
 
 
-def _is_next_update(user: fx.Node) -> bool:
-    return user.target is aten.mul.Tensor and len(user.users) == 1 \
-        and next(iter(user.users)).target is aten.add.Tensor and _next_is_state(next(iter(user.users)), user)
-
-
-def _next_is_state(add: fx.Node, mul: fx.Node) -> bool:
-    return shape_of(add) == shape_of(mul) and mul in add.args
+def next_update(state: fx.Node, mul: fx.Node) -> Optional[tuple]:
+    """(h_next, Abar, Bx) when the user `mul` of `state` starts h_next = Abar * state + Bx; else None."""
+    if mul.target is not aten.mul.Tensor or len(mul.users) != 1 or len(mul.args) != 2:
+        return None
+    add = next(iter(mul.users))
+    if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    decay = mul.args[1] if mul.args[0] is state else mul.args[0]
+    update = add.args[1] if add.args[0] is mul else add.args[0]
+    if not (isinstance(decay, fx.Node) and isinstance(update, fx.Node)) or decay is state \
+            or shape_of(add) != shape_of(state):
+        return None
+    return add, decay, update

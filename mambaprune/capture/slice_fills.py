@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .graph_edit import copy_graph, emit, module_like
+from .graph_edit import copy_graph, emit, module_like, shape_of
 
 aten = torch.ops.aten
 _ALLOCATIONS = (aten.new_empty.default, aten.empty_like.default, aten.empty.memory_format)
@@ -79,14 +79,9 @@ def _allocations(graph: fx.Graph) -> list:
     return [n for n in graph.nodes if n.op == "call_function" and n.target in _ALLOCATIONS]
 
 
-def _shape(node: fx.Node) -> Optional[tuple]:
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
 def _views(alloc: fx.Node) -> Optional[list]:
     """Every view chain from the allocation, or None when one is not a view this pass reads."""
-    ndim = len(_shape(alloc))
+    ndim = len(shape_of(alloc))
     found, stack = [], [(alloc, _View(alloc, None, 0, 0, False), list(range(ndim)))]
     while stack:
         node, view, dims = stack.pop()           # dims: which allocation axis each of node's axes is
@@ -104,7 +99,7 @@ def _views(alloc: fx.Node) -> Optional[list]:
 def _step(user: fx.Node, node: fx.Node, dims: list, view: _View) -> Optional[tuple]:
     """The view `user` makes of `node` (itself a view `view` with axes `dims`), or None."""
     dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
-    size = _shape(node)
+    size = shape_of(node)
     if not isinstance(dim, int) or size is None:
         return None
     dim = dim % len(size)
@@ -130,7 +125,7 @@ def _step(user: fx.Node, node: fx.Node, dims: list, view: _View) -> Optional[tup
 
 def _plan(alloc: fx.Node) -> Optional[tuple]:
     """(views, events in graph order, alloc) when the allocation's fills are understood, else None."""
-    shape = _shape(alloc)
+    shape = shape_of(alloc)
     views = _views(alloc) if shape is not None else None
     if not views:
         return None
@@ -207,7 +202,7 @@ def _materialise(graph: fx.Graph, views: list, events: list, alloc: fx.Node) -> 
                 value = emit(graph, node, aten.unsqueeze.default, (value, axis))
             runs = _overwrite(runs, _Run(view.start, view.stop, value))
             continue
-        stop = _shape(alloc)[axis] if view.axis is None else view.stop
+        stop = shape_of(alloc)[axis] if view.axis is None else view.stop
         start = 0 if view.axis is None else view.start
         node.replace_input_with(view.node, _read(graph, node, runs, axis, start, stop, view.selects))
     for kind, node, _ in events:

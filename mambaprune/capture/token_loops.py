@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .graph_edit import copy_graph, emit, module_like
-from .loop_steps import CHECKS, Step, normal, parse_step, readers, settled, shape_of
+from .graph_edit import copy_graph, emit, module_like, shape_of
+from .loop_steps import CHECKS, Step, next_update, normal, parse_step, readers, settled
 
 aten = torch.ops.aten
 
@@ -110,18 +110,7 @@ def _fill_value(node: fx.Node):
 def _next_state(state: fx.Node) -> Optional[tuple]:
     """(h_next, Abar, Bx) for h_next = Abar * state + Bx, if `state` feeds exactly one such update."""
     state = settled(state)
-    found = []
-    for mul in state.users:
-        if mul.target is not aten.mul.Tensor or len(mul.users) != 1 or len(mul.args) != 2:
-            continue
-        add = next(iter(mul.users))
-        if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
-            continue
-        decay = mul.args[1] if mul.args[0] is state else mul.args[0]
-        update = add.args[1] if add.args[0] is mul else add.args[0]
-        if isinstance(decay, fx.Node) and isinstance(update, fx.Node) and decay is not state \
-                and shape_of(add) == shape_of(state):
-            found.append((add, decay, update))
+    found = [update for update in (next_update(state, user) for user in state.users) if update is not None]
     return found[0] if len(found) == 1 else None
 
 
