@@ -35,6 +35,7 @@ from ..pass_infra import backend_switches_preserved, exclusive_compile, release_
 from .batch_int import symbolic_batch_int
 from .behaviour import route_by_behaviour
 from .routing import route_scans
+from .lattice_fills import functionalize_lattice_fills
 from .slice_fills import functionalize_slice_fills
 from .tensor_subclasses import plain_tensor_subclasses
 from .token_loops import lift_token_loops
@@ -97,7 +98,7 @@ def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
             except Exception as again:
                 raise _capture_error(again, f"even with the example batch ({static_batch}) fixed") from again
     routes = routes + [r.route for r in recognised if r.route is not None and r.is_scan]
-    gm, loops = lift_token_loops(functionalize_slice_fills(program.module()),
+    gm, loops = lift_token_loops(functionalize_lattice_fills(functionalize_slice_fills(program.module())),
                                  tuple(example_inputs) if static_batch else export_inputs)
     return Capture(program, gm, tuple(example_inputs), [str(r) for r in routes if r.called] + [str(x) for x in loops],
                    static_batch=static_batch, recognised=recognised, unwrapped=unwrapped)

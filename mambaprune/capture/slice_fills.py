@@ -33,7 +33,7 @@ import torch.fx as fx
 from .graph_edit import copy_graph, emit, module_like, shape_of
 
 aten = torch.ops.aten
-_ALLOCATIONS = (aten.new_empty.default, aten.empty_like.default, aten.empty.memory_format)
+ALLOCATIONS = (aten.new_empty.default, aten.empty_like.default, aten.empty.memory_format)
 _SLICE, _SELECT, _COPY = aten.slice.Tensor, aten.select.int, aten.copy_.default
 
 
@@ -76,7 +76,7 @@ def _remap(view: _View, mapping: dict) -> _View:
 
 
 def _allocations(graph: fx.Graph) -> list:
-    return [n for n in graph.nodes if n.op == "call_function" and n.target in _ALLOCATIONS]
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in ALLOCATIONS]
 
 
 def _views(alloc: fx.Node) -> Optional[list]:
@@ -143,10 +143,10 @@ def _plan(alloc: fx.Node) -> Optional[tuple]:
             if user in view_nodes:
                 continue
             if user.target is _COPY and user.args[0] is view.node:
-                if user.users or not _same_value_type(user.args[1], view.node) or view.axis is None:
+                if user.users or not same_value_type(user.args[1], view.node) or view.axis is None:
                     return None
                 events.append(("write", user, view))
-            elif _writes_through(user):
+            elif writes_through(user):
                 return None
             else:
                 events.append(("read", user, view))
@@ -175,7 +175,7 @@ def _is_view(node: fx.Node) -> bool:
     return schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
 
 
-def _writes_through(node: fx.Node) -> bool:
+def writes_through(node: fx.Node) -> bool:
     """`node` writes into what it reads in place (`add_`), or is a view (`permute`, `view`) that something
     writes through: a read this pass would turn into a copy, losing the write."""
     schema = _schema(node)
@@ -183,10 +183,10 @@ def _writes_through(node: fx.Node) -> bool:
         return False
     if schema.is_mutable:
         return True
-    return _is_view(node) and any(_writes_through(user) for user in node.users)
+    return _is_view(node) and any(writes_through(user) for user in node.users)
 
 
-def _same_value_type(value, view: fx.Node) -> bool:
+def same_value_type(value, view: fx.Node) -> bool:
     v, w = value.meta.get("val") if isinstance(value, fx.Node) else None, view.meta.get("val")
     return isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and v.dtype == w.dtype \
         and tuple(v.shape) == tuple(w.shape)

@@ -1,0 +1,110 @@
+"""capture/lattice_fills.py: allocations filled by strided slice writes (one write per residue class of
+a stride) become the interleave they compute, and only those whose every write and read is understood."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mambaprune.capture import capture
+
+aten = torch.ops.aten
+
+
+class AtrousMerge(nn.Module):
+    """EfficientVMamba's merge: four sub-grids written back by residue (two of them transposed)."""
+
+    def forward(self, ys):
+        B, K, C, L = ys.shape
+        H = W = int(L ** 0.5)
+        y = ys.new_empty((B, C, 2 * H, 2 * W))
+        y[:, :, ::2, ::2] = ys[:, 0].reshape(B, C, H, W)
+        y[:, :, 1::2, ::2] = ys[:, 1].reshape(B, C, W, H).transpose(2, 3)
+        y[:, :, ::2, 1::2] = ys[:, 2].reshape(B, C, H, W)
+        y[:, :, 1::2, 1::2] = ys[:, 3].reshape(B, C, W, H).transpose(2, 3)
+        return y.view(B, C, -1) * 2
+
+
+class ThreeResidues(nn.Module):
+    """One strided axis, stride 3, written out of order, read twice."""
+
+    def forward(self, x):
+        out = torch.empty_like(x)
+        out[:, 2::3] = x[:, 2::3] * 3
+        out[:, 0::3] = x[:, 0::3] + 1
+        out[:, 1::3] = -x[:, 1::3]
+        return out.sum(-1) + out[..., 0]
+
+
+class MissingResidue(nn.Module):
+    def forward(self, x):
+        out = torch.empty_like(x)
+        out[:, 0::2, 0::2] = x[:, 0::2, 0::2]
+        out[:, 1::2, 0::2] = x[:, 1::2, 0::2]
+        out[:, 0::2, 1::2] = x[:, 0::2, 1::2]          # (1, 1) is never written
+        return out
+
+
+class ReadBetweenWrites(nn.Module):
+    def forward(self, x):
+        out = torch.empty_like(x)
+        out[:, 0::2] = x[:, 0::2]
+        early = out.sum(1)                              # half of it is unwritten here
+        out[:, 1::2] = x[:, 1::2]
+        return out + early[:, None]
+
+
+class WrittenTwice(nn.Module):
+    def forward(self, x):
+        out = torch.empty_like(x)
+        out[:, 0::2] = x[:, 0::2]
+        out[:, 1::2] = x[:, 1::2]
+        out[:, 1::2] = 2 * x[:, 1::2]                   # the last write wins: not one value per residue
+        return out
+
+
+class MixedStrides(nn.Module):
+    def forward(self, x):
+        out = torch.empty_like(x)
+        out[:, 0::2] = x[:, 0::2]
+        out[:, 1::4] = x[:, 1::4]
+        out[:, 3::4] = x[:, 3::4]
+        return out
+
+
+def targets(gm) -> set:
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_the_atrous_merge_becomes_data_movement_with_the_same_values_at_any_batch():
+    ys = torch.randn(2, 4, 3, 9)
+    gm = capture(AtrousMerge(), (ys,)).gm
+    assert not targets(gm) & {aten.copy_.default, aten.new_empty.default, aten.slice.Tensor}
+    assert aten.stack.default in targets(gm)
+    for batch in (2, 5):
+        other = torch.randn(batch, 4, 3, 9)
+        torch.testing.assert_close(gm(other), AtrousMerge()(other), rtol=0, atol=0)
+
+
+def test_one_strided_axis_written_out_of_order_and_read_twice():
+    x = torch.randn(2, 9, 4)
+    gm = capture(ThreeResidues(), (x,)).gm
+    assert aten.copy_.default not in targets(gm) and aten.empty_like.default not in targets(gm)
+    torch.testing.assert_close(gm(x), ThreeResidues()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", [MissingResidue(), ReadBetweenWrites(), WrittenTwice(), MixedStrides()],
+                         ids=lambda m: type(m).__name__)
+def test_fills_that_are_not_one_write_per_residue_before_every_read_are_left_as_they_are(model):
+    x = torch.randn(2, 8, 4)
+    gm = capture(model, (x,)).gm
+    assert aten.copy_.default in targets(gm)
+    if not isinstance(model, (MissingResidue, ReadBetweenWrites)):      # those read uninitialised memory
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_a_stride_that_does_not_divide_the_axis_is_left_as_it_is():
+    x = torch.randn(2, 7, 4)
+    gm = capture(ThreeResidues(), (x,)).gm              # 7 rows: residues of unequal sizes
+    assert aten.copy_.default in targets(gm)
+    torch.testing.assert_close(gm(x), ThreeResidues()(x), rtol=0, atol=0)
