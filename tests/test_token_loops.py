@@ -1,11 +1,13 @@
 """Unrolled Python token loops lifted into one scan (capture/token_loops.py).
 
-Three written forms of the same recurrence (transformers' slow path: discretised once, read with
+Five written forms of the same recurrence (transformers' slow path: discretised once, read with
 `[:, :, i]`, read out by a matmul with a column; by hand: discretised per step, read out by a sum;
-mamba_ssm's reference: einsums) are each lifted into exactly one `mambaprune::selective_scan` whose
-graph computes the model's outputs, at another batch size too. Loops that are not this recurrence,
-or that this lifting would change, are left as they are: a loop that returns its final state, one
-that stops before the last token, one whose decay is no exp(delta * A). A loop that walks the
+by hand with the skip D * u_t added to every step's readout; mamba_ssm's reference: einsums;
+mamba.py's `selective_scan_seq`: the states stacked and read out after the loop by one matmul) are
+each lifted into exactly one `mambaprune::selective_scan` whose graph computes the model's outputs,
+at another batch size too. Loops that are not this recurrence, or that this lifting would change,
+are left as they are: a loop that returns its final state, one that stops before the last token,
+one whose decay is no exp(delta * A), one that adds a term other than D * u_t to its readout. A loop that walks the
 tokens backwards is lifted as the scan of the flipped tokens. A small vision model written with the hand form is pruned with the standard checks (the
 transformers form is in the zoo: tests/official_zoo/hf_mamba.py).
 """
@@ -30,6 +32,7 @@ class Mixer(nn.Module):
         super().__init__()
         self.form, self.n = form, n
         self.A_log = nn.Parameter(torch.rand(d, n) * 2 - 1)
+        self.D = nn.Parameter(torch.randn(d))
         self.x_proj = nn.Linear(d, d + 2 * n)
 
     def parts(self, x):
@@ -51,14 +54,30 @@ class Mixer(nn.Module):
             ys.append(torch.matmul(ssm_state.to(x.dtype), C[:, i, :].unsqueeze(-1))[:, :, 0])
         return torch.stack(ys, dim=-1).transpose(1, 2)
 
-    def by_hand(self, x, steps=None, decay=torch.exp, final_state=False):
+    def by_hand(self, x, steps=None, decay=torch.exp, final_state=False, skip=None):
         delta, B, C, A = self.parts(x)
         h, ys = x.new_zeros(x.shape[0], x.shape[2], self.n), []
         for t in range(x.shape[1] if steps is None else steps):
             h = decay(delta[:, t, :, None] * A) * h + delta[:, t, :, None] * B[:, t, None, :] * x[:, t, :, None]
-            ys.append((h * C[:, t, None, :]).sum(-1))
+            y = (h * C[:, t, None, :]).sum(-1)
+            ys.append(y if skip is None else y + self.D * skip[:, t])
         y = torch.stack(ys, dim=1)
         return (y, h) if final_state else y
+
+    def skip_inside(self, x):
+        return self.by_hand(x, skip=x)
+
+    def states_stacked(self, x):
+        """mamba.py's selective_scan_seq: hs.append(h), then one readout of torch.stack(hs)."""
+        delta, B, C, A = self.parts(x)
+        deltaA = torch.exp(delta.unsqueeze(-1) * A)
+        BX = (delta.unsqueeze(-1) * B.unsqueeze(2)) * x.unsqueeze(-1)
+        h, hs = torch.zeros(x.size(0), x.size(2), self.n), []
+        for t in range(0, x.shape[1]):
+            h = deltaA[:, t] * h + BX[:, t]
+            hs.append(h)
+        hs = torch.stack(hs, dim=1)
+        return (hs @ C.unsqueeze(-1)).squeeze(3) + self.D * x
 
     def reference(self, x):
         delta, B, C, A = self.parts(x)
@@ -81,6 +100,9 @@ class Mixer(nn.Module):
 
     def sigmoid_decay(self, x):
         return self.by_hand(x, decay=torch.sigmoid)
+
+    def skip_of_delta(self, x):
+        return self.by_hand(x, skip=F.softplus(self.x_proj(x)[..., :x.shape[-1]]))
 
     def backwards(self, x, order=lambda length: reversed(range(length)), in_step_order=False):
         delta, B, C, A = self.parts(x)
@@ -107,7 +129,8 @@ def count(gm, target) -> int:
     return sum(1 for node in gm.graph.nodes if node.target is target)
 
 
-@pytest.mark.parametrize("form", ["transformers", "by_hand", "reference", "backwards", "backwards_stacked_in_step_order"])
+@pytest.mark.parametrize("form", ["transformers", "by_hand", "skip_inside", "states_stacked", "reference", "backwards",
+                                  "backwards_stacked_in_step_order"])
 def test_each_written_form_is_lifted_into_one_scan_that_computes_the_loop(form):
     torch.manual_seed(0)
     module = Mixer(form).eval()
@@ -116,6 +139,8 @@ def test_each_written_form_is_lifted_into_one_scan_that_computes_the_loop(form):
     assert [(loop.steps, loop.backward) for loop in lifted] == [(6, form.startswith("backwards"))]
     assert count(lifted_gm, SCAN) == 1 and count(lifted_gm, torch.ops.aten.stack.default) == 0
     assert count(gm, SCAN) == 0, "the input graph module is not changed"
+    scan = next(node for node in lifted_gm.graph.nodes if node.target is SCAN)
+    assert (len(scan.args) > 5 and scan.args[5] is not None) == (form == "skip_inside"), "D only from the skip"
     x = torch.randn(5, 6, 16)
     torch.testing.assert_close(lifted_gm(x), module(x), rtol=1e-5, atol=1e-5)
 
@@ -138,7 +163,7 @@ def test_a_lifted_graph_that_disagrees_with_the_loop_on_the_example_inputs_is_no
     assert lift_token_loops(gm, (x,)) == (gm, [])
 
 
-@pytest.mark.parametrize("form", ["final_state", "short", "sigmoid_decay", "shuffled"])
+@pytest.mark.parametrize("form", ["final_state", "short", "sigmoid_decay", "shuffled", "skip_of_delta"])
 def test_loops_that_are_not_the_scan_over_all_tokens_are_left_alone(form):
     torch.manual_seed(0)
     gm = exported(Mixer(form).eval())
@@ -150,13 +175,13 @@ class HandWrittenVim(nn.Module):
     """Patches -> blocks of (norm, in_proj to x and z, the hand-written loop scan, forwards and, when
     bidirectional, backwards with its own parameters, summed, gate, out_proj) -> mean -> head."""
 
-    def __init__(self, dim=16, depth=3, img_size=16, patch=4, bidirectional=True):
+    def __init__(self, dim=16, depth=3, img_size=16, patch=4, bidirectional=True, form="by_hand"):
         super().__init__()
         self.img_size = img_size
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
         self.in_projs = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(depth))
-        self.mixers = nn.ModuleList(Mixer("by_hand", d=dim) for _ in range(depth))
+        self.mixers = nn.ModuleList(Mixer(form, d=dim) for _ in range(depth))
         self.mixers_b = nn.ModuleList(Mixer("backwards", d=dim) for _ in range(depth)) if bidirectional else None
         self.out_projs = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
         self.head = nn.Linear(dim, 10)
@@ -170,9 +195,10 @@ class HandWrittenVim(nn.Module):
         return self.head(x.mean(1))
 
 
-def test_a_model_with_hand_written_loops_is_pruned_with_the_standard_checks():
+@pytest.mark.parametrize("form", ["by_hand", "skip_inside", "states_stacked"])
+def test_a_model_with_hand_written_loops_is_pruned_with_the_standard_checks(form):
     torch.manual_seed(0)
-    model = HandWrittenVim().eval()
+    model = HandWrittenVim(form=form).eval()
     out = checks.run("hand-written loops", model, model.img_size)
     assert checks.green(out), out
     assert "Python token loop, lifted into one scan x6" in str(out.report)

@@ -41,9 +41,14 @@ class Step:
     state: fx.Node       # h_t
     decay: tuple         # Terms of the exponent of Abar_t
     update: tuple        # Terms of Bx_t
-    readout: Term        # C_t
-    contracted: int      # the state dim summed in the readout (n)
-    output: fx.Node      # y_t
+    readout: Optional[Term]      # C_t (None: the states are stacked and read out after the loop)
+    contracted: Optional[int]    # the state dim summed in the readout (n)
+    output: fx.Node      # y_t (the state h_t itself when it is read out after the loop)
+    skip: tuple = ()     # Terms of D * u_t when the step adds it to its readout (y_t = <h_t, C_t> + D * u_t)
+
+
+# a step never reads this token: the index of a tensor read whole (after the loop) matches no slice
+WHOLE = -(1 << 62)
 
 
 def parse_step(t: int, state: fx.Node, decay: fx.Node, update: fx.Node) -> Optional[Step]:
@@ -57,11 +62,48 @@ def parse_step(t: int, state: fx.Node, decay: fx.Node, update: fx.Node) -> Optio
         return None
     decay_terms = _product(node.args[0], exp_roles, t)
     update_terms = _product(update, roles, t)
-    readout = _readout(state, t)
-    if decay_terms is None or update_terms is None or readout is None:
+    if decay_terms is None or update_terms is None:
+        return None
+    if stacked_state(state) is not None:       # mamba.py: hs.append(h), read out after torch.stack(hs)
+        return Step(state, tuple(decay_terms), tuple(update_terms), None, None, settled(state))
+    readout = _readout(state, roles, t)
+    if readout is None:
         return None
     c_term, contracted, output = readout
-    return Step(state, tuple(decay_terms), tuple(update_terms), c_term, contracted, output)
+    skip = _skip(output, tuple(r for r in roles if r != contracted), t)
+    if skip is None:
+        return Step(state, tuple(decay_terms), tuple(update_terms), c_term, contracted, output)
+    terms, output = skip
+    return Step(state, tuple(decay_terms), tuple(update_terms), c_term, contracted, output, terms)
+
+
+def stacked_state(state: fx.Node) -> Optional[fx.Node]:
+    """The `stack` that the state's one reader besides the next update is, if it is one."""
+    state = settled(state)
+    reading = [u for u in readers(state) if next_update(state, u) is None]
+    return reading[0] if len(reading) == 1 and reading[0].target is aten.stack.default else None
+
+
+def read_out_stacked(stack: fx.Node, state_rank: int) -> Optional[tuple]:
+    """(C's Term, the contracted state dim, y) for the readout of the stacked states `stack` (its dims:
+    the state's, with the token axis "l" at the stack's dim), read after the loop."""
+    dim = normal(stack.args[1] if len(stack.args) > 1 else 0, state_rank + 1)
+    roles = tuple(range(state_rank))
+    return _readout(stack, roles[:dim] + ("l",) + roles[dim:], WHOLE)
+
+
+def _skip(output: fx.Node, roles: tuple, t: int) -> Optional[tuple]:
+    """(the Terms of D * u_t, y_t) when the readout's one user adds D * u_t to it (roles: its dims')."""
+    if len(output.users) != 1:
+        return None
+    add = next(iter(output.users))
+    if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1 \
+            or shape_of(add) != shape_of(output):
+        return None
+    other = add.args[1] if add.args[0] is output else add.args[0]
+    inner = _broadcast_roles(shape_of(other), shape_of(output), roles) if shape_of(other) is not None else None
+    terms = _product(other, inner, t) if inner is not None else None
+    return (tuple(terms), add) if terms is not None and len(terms) == 2 else None
 
 
 def normal(dim: int, rank: int) -> int:
@@ -210,7 +252,7 @@ def _einsum_readout(reader: fx.Node, state: fx.Node, roles: tuple, t: int) -> Op
         return None
     inner = tuple(None if size == 1 else roles[mine.index(c)] for c, size in zip(other, shape_of(column)))
     terms = _product(column, inner, t)
-    return (terms[0], mine.index(summed[0]), reader) if terms is not None and len(terms) == 1 else None
+    return (terms[0], roles[mine.index(summed[0])], reader) if terms is not None and len(terms) == 1 else None
 
 
 def _broadcast_roles(arg: tuple, out: tuple, roles: tuple) -> Optional[tuple]:
@@ -224,12 +266,12 @@ def _broadcast_roles(arg: tuple, out: tuple, roles: tuple) -> Optional[tuple]:
     return tuple(inner)
 
 
-def _readout(state: fx.Node, t: int) -> Optional[tuple]:
-    """(C_t's Term, the contracted state dim, y_t) for the one user of `state` that reads it out."""
+def _readout(state: fx.Node, roles: tuple, t: int) -> Optional[tuple]:
+    """(C_t's Term, the contracted state dim, y_t) for the one user of `state` (its dims: `roles`)
+    that reads it out."""
     state = settled(state)
     shape = shape_of(state)
     rank = len(shape)
-    roles = tuple(range(rank))
     reading = [u for u in readers(state) if next_update(state, u) is None]
     if len(reading) != 1:
         return None
@@ -242,7 +284,7 @@ def _readout(state: fx.Node, t: int) -> Optional[tuple]:
         if total.target is not aten.sum.dim_IntList or len(total.args[1]) != 1 \
                 or (total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim", False)):
             return None
-        contracted = normal(total.args[1][0], rank)
+        contracted = roles[normal(total.args[1][0], rank)]
         inner = _broadcast_roles(shape_of(other), shape, roles)
         terms = _product(other, inner, t) if inner is not None else None
         return (terms[0], contracted, total) if terms is not None and len(terms) == 1 else None
@@ -256,14 +298,14 @@ def _readout(state: fx.Node, t: int) -> Optional[tuple]:
         batch = _broadcast_roles(col_shape[:-2], shape[:-2], roles[:-2])
         if batch is None:
             return None
-        terms = _product(column, batch + (rank - 1, None), t)
+        terms = _product(column, batch + (roles[-1], None), t)
         squeeze = _past_full_slices(reader)
         last = len(shape_of(reader)) - 1
         on_last = normal(squeeze.args[1], last + 1) == last if len(squeeze.args) > 1 else False
         if not on_last or not (squeeze.target is aten.squeeze.dim or
                                (squeeze.target is aten.select.int and squeeze.args[2] == 0)):
             return None
-        return (terms[0], rank - 1, squeeze) if terms is not None and len(terms) == 1 else None
+        return (terms[0], roles[-1], squeeze) if terms is not None and len(terms) == 1 else None
     return None
 
 

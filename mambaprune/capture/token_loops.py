@@ -3,12 +3,14 @@
 A selective scan written as a Python loop over the tokens (the transformers `MambaMixer` slow path,
 hand-written reference code) reaches the captured graph unrolled: L repetitions of
 
-    h = Abar_t * h + Bx_t          y_t = <h, C_t>          y = stack([y_0, ..., y_{L-1}])
+    h = Abar_t * h + Bx_t          y_t = <h, C_t> (+ D * u_t)          y = stack([y_0, ..., y_{L-1}])
 
 with Abar_t = exp(delta_t * A) and Bx_t = delta_t * B_t * u_t, computed either once for all tokens
 before the loop and read with `x[:, :, t]` (transformers) or per step from `delta[:, t]`, `B[:, t]`,
-`u[:, t]` (written by hand). This pass finds such a chain and replaces the stacked outputs by one
-scan over the same tensors, so the rest of the compiler sees the scan it knows.
+`u[:, t]` (written by hand). The states may instead be stacked and read out once after the loop
+(mamba.py: `hs.append(h)`, then `torch.stack(hs, 1) @ C.unsqueeze(-1)`). This pass finds such a chain
+and replaces the stacked outputs (or the readout of the stacked states) by one scan over the same
+tensors, so the rest of the compiler sees the scan it knows.
 
 Nothing is matched on names or on a written form: every step is read (loop_steps.py) through the
 data movement torch.export leaves around it (full slices, `select` / `slice` of step t, unsqueeze,
@@ -17,23 +19,23 @@ ends at a tensor whose dims are labelled with what they run over (batch, channel
 l), and the factors are told apart by those labels: in exp(.) the one without tokens is A (d, n) and
 the other delta (batch, d, l); in Bx_t the factor that is delta, one over (batch, n, l) (B) and one over
 (batch, d, l) (u); in the readout, contracting n (a product summed over n, or a matmul with a
-column), C over (batch, n, l). The chain is lifted only when every step reads the SAME tensors in
+column), C over (batch, n, l); in a skip added to the readout, the factor besides u is D (d). The chain is lifted only when every step reads the SAME tensors in
 the same way at its own index t, the loop covers the whole token axis from a zero state (t = 0 ..
 L-1, or L-1 .. 0: a backward loop is lifted as the scan of the flipped tokens), every per-step output
-goes into one stack along a new token axis (in step order or reversed), and no state is read
-elsewhere (a loop that returns its final state is left as it is). Anything else is left unchanged,
+goes into one stack along a new token axis (in step order or reversed), or every state does, and no
+state is read elsewhere (a loop that returns its final state is left as it is). Anything else is left unchanged,
 and the analysis then finds no scan there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from .graph_edit import copy_graph, emit, module_like, shape_of
-from .loop_steps import CHECKS, Step, next_update, normal, parse_step, readers, settled
+from .loop_steps import CHECKS, Step, next_update, normal, parse_step, read_out_stacked, readers, settled, stacked_state
 
 aten = torch.ops.aten
 
@@ -83,7 +85,7 @@ def _close(want: torch.Tensor, got, tol: float) -> bool:
 
 def _lifted(gm: fx.GraphModule, found: list) -> tuple:
     graph, mapping = copy_graph(gm.graph)
-    loop_nodes = _ancestors([mapping[loop.stack] for loop in found])
+    loop_nodes = _ancestors([mapping[loop.out] for loop in found])
     lifted = [_lift(graph, loop, mapping) for loop in found]
     _erase_dead(graph, loop_nodes)
     return module_like(gm, graph), lifted
@@ -117,7 +119,8 @@ def _next_state(state: fx.Node) -> Optional[tuple]:
 @dataclass(frozen=True)
 class _Loop:
     steps: list          # Step, in the order the loop runs
-    stack: fx.Node       # the stack of the per-step outputs
+    out: fx.Node         # what the scan replaces: the stack of the per-step outputs, or the readout of the stacked states
+    out_roles: tuple     # per dim of `out`: the state dim it runs over, or "l" for the tokens
     backward: bool       # step i reads token L - 1 - i (`for t in reversed(range(L))`)
     stacked_reversed: bool   # the outputs stacked last step first (`torch.stack(ys[::-1])`)
 
@@ -133,9 +136,13 @@ def _loop_from(zero: fx.Node) -> Optional[_Loop]:
         return None
     for backward in (False, True):
         steps = [parse_step(len(chain) - 1 - i if backward else i, *link) for i, link in enumerate(chain)]
-        if all(steps) and _consistent(steps) and _classify(steps[0]) is not None:
-            stacked = _stack_of(steps)
-            return None if stacked is None else _Loop(steps, stacked[0], backward, stacked[1])
+        if not all(steps) or not _consistent(steps):
+            continue
+        found = _stack_of(steps) if steps[0].readout is not None else _read_after_stack(steps)
+        if found is None:
+            return None
+        steps, out, out_roles, reversed_stack = found
+        return _Loop(steps, out, out_roles, backward, reversed_stack) if _classify(steps[0]) is not None else None
     return None
 
 
@@ -143,8 +150,8 @@ def _consistent(steps: list) -> bool:
     """Every step reads the same tensors the same way (at its own index), over the whole token axis,
     and each state is read by the next update and its readout only."""
     first = steps[0]
-    key = (first.decay, first.update, first.readout, first.contracted)
-    if any((s.decay, s.update, s.readout, s.contracted) != key for s in steps[1:]):
+    key = (first.decay, first.update, first.readout, first.contracted, first.skip)
+    if any((s.decay, s.update, s.readout, s.contracted, s.skip) != key for s in steps[1:]):
         return False
     tokens = _token_count(first)
     if tokens != len(steps):
@@ -157,14 +164,14 @@ def _consistent(steps: list) -> bool:
 
 
 def _token_count(step: Step):
-    for term in (*step.decay, *step.update, step.readout):
+    for term in (*step.decay, *step.update, *step.skip, *([step.readout] if step.readout else [])):
         if "l" in term.roles:
             return shape_of(term.node)[term.roles.index("l")]
     return None
 
 
 def _stack_of(steps: list) -> Optional[tuple]:
-    """(the stack of every step's output, whether it stacks them last step first)."""
+    """(steps, the stack of every step's output, its dims' roles, whether it stacks them last step first)."""
     outputs = [s.output for s in steps]
     users = {u for y in outputs for u in y.users}
     if len(users) != 1 or any(len(y.users) != 1 for y in outputs):
@@ -172,7 +179,28 @@ def _stack_of(steps: list) -> Optional[tuple]:
     stack = next(iter(users))
     if stack.target is not aten.stack.default or list(stack.args[0]) not in (outputs, outputs[::-1]):
         return None
-    return stack, list(stack.args[0]) != outputs
+    roles = [r for r in range(len(shape_of(steps[0].state))) if r != steps[0].contracted]
+    roles.insert(normal(stack.args[1] if len(stack.args) > 1 else 0, len(roles) + 1), "l")
+    return steps, stack, tuple(roles), list(stack.args[0]) != outputs
+
+
+def _read_after_stack(steps: list) -> Optional[tuple]:
+    """The same for states stacked and read out after the loop (mamba.py's `selective_scan_seq`):
+    the steps with that readout as theirs, and the readout's output."""
+    states = [s.output for s in steps]
+    stacks = {stacked_state(s.state) for s in steps}
+    stack = stacks.pop() if len(stacks) == 1 else None
+    if stack is None or list(stack.args[0]) not in (states, states[::-1]):
+        return None
+    rank = len(shape_of(steps[0].state))
+    readout = read_out_stacked(stack, rank)
+    if readout is None:
+        return None
+    c_term, contracted, out = readout
+    roles = list(range(rank))
+    roles.insert(normal(stack.args[1] if len(stack.args) > 1 else 0, rank + 1), "l")
+    steps = [replace(s, readout=c_term, contracted=contracted) for s in steps]
+    return steps, out, tuple(r for r in roles if r != contracted), list(stack.args[0]) != states
 
 
 # --- the scan's arguments ----------------------------------------------------------------------
@@ -205,35 +233,39 @@ def _classify(step: Step) -> Optional[dict]:
         if name in wanted:
             return None
         wanted[name] = (term, (b, n, "l") if name == "B" else (b, d, "l"))
+    if step.skip:          # y_t = <h_t, C_t> + D * u_t: the skip reads the scan's own u
+        skip = list(step.skip)
+        if "u" not in wanted or wanted["u"][0] not in skip:
+            return None
+        skip.remove(wanted["u"][0])
+        wanted["D"] = (skip[0], (d,))
     if any({r for r in term.roles if r is not None} != set(target) for term, target in wanted.values()):
         return None
     return wanted
 
 
 def _lift(graph: fx.Graph, loop: _Loop, mapping: dict) -> LiftedLoop:
-    first, stack = loop.steps[0], loop.stack
+    first, out = loop.steps[0], loop.out
     parts = _classify(first)
-    anchor = mapping[stack]
+    anchor = mapping[out]
     args = {name: _arrange(graph, anchor, mapping[term.node], term.roles, target)
             for name, (term, target) in parts.items()}
     if loop.backward:      # the scan runs over the tokens in the loop's order
         for name in ("u", "delta", "B", "C"):
             args[name] = emit(graph, anchor, aten.flip.default, (args[name], [-1]))
     scan = emit(graph, anchor, torch.ops.mambaprune.selective_scan.default,
-                 (args["u"], args["delta"], args["A"], args["B"], args["C"]))
+                 (args["u"], args["delta"], args["A"], args["B"], args["C"], args.get("D")))
     if loop.stacked_reversed:
         scan = emit(graph, anchor, aten.flip.default, (scan, [-1]))
-    out_roles = list(r for r in range(3) if r != first.contracted)
-    out_roles.insert(normal(stack.args[1] if len(stack.args) > 1 else 0, 3), "l")
     b = next(r for r in range(3) if r not in {x for x in parts["A"][0].roles if x is not None})
     d = next(r for r in range(3) if r not in (b, first.contracted))
-    order = [(b, d, "l").index(role) for role in out_roles]
+    order = [(b, d, "l").index(role) for role in loop.out_roles]
     value = emit(graph, anchor, aten.permute.default, (scan, order)) if order != [0, 1, 2] else scan
-    dtype = stack.meta["val"].dtype
+    dtype = out.meta["val"].dtype
     if value.meta["val"].dtype != dtype:
         value = emit(graph, anchor, aten._to_copy.default, (value,), {"dtype": dtype})
     anchor.replace_all_uses_with(value)
-    return LiftedLoop(_where(stack), len(loop.steps), loop.backward)
+    return LiftedLoop(_where(out), len(loop.steps), loop.backward)
 
 
 def _arrange(graph: fx.Graph, anchor: fx.Node, node: fx.Node, roles: tuple, target: tuple) -> fx.Node:
