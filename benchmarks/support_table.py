@@ -47,6 +47,10 @@ CODE = {
     "vssd": "Mamba-2 mixer after a depthwise 2-D conv over the grid; the released configs run its non-causal SSD "
             "(a sum over every token, no scan), `mamba_chunk_scan_combined` is the ablation; x, dt, A, B, C "
             "wrapped in a Tensor subclass (`tTensor`); cpe convs, conv PatchMerging, attention in the last stage",
+    "efficientvim": "HSM-SSD, their Mamba-2 (SSD) layer in the hidden-state space: dt, B, C from 1x1 + depthwise "
+                    "3x3 convs, a softmax over every token of dt + A, the state a sum over every token, mixed and gated "
+                    "in N slots, read out with C (non-causal, no scan); layer-scaled depthwise convs and FFN; the "
+                    "logits of every stage's pooled state summed",
     "hf_mamba": "transformers' `MambaMixer.slow_forward` on image patches: the discretisation computed once, the "
                 "recurrence a Python loop over the tokens (`ssm_state = discrete_A[:, :, i, :] * ssm_state + "
                 "deltaB_u[:, :, i, :]`, a matmul with C as a column), the outputs stacked; no scan function to route",

@@ -37,6 +37,8 @@ EXPECTED = {
     "medmamba": None,         # at its own RATIO (0.2); PatchMerging2D's 8 strided slices restored with its input
     # captured (its tTensor wrapper read as a plain tensor); the released mixer is the non-causal SSD: no scan
     "vssd": (UnsupportedModelError, [NO_SCAN, "layers.0.blocks.0.attn", "non-causal"]),
+    # HSM-SSD: a softmax over every token and a sum over every token (non-causal): no scan to prune
+    "efficientvim": (UnsupportedModelError, [NO_SCAN, "stages.0.blocks.0.mixer", "non-causal"]),
     "hf_mamba": None,         # no scan function: the unrolled token loop is lifted into one scan per block
 }
 

@@ -29,6 +29,7 @@ FAMILIES = {
     "efficientvmamba": "EfficientVMamba",
     "medmamba": "MedMamba",
     "vssd": "VSSD (Mamba-2, non-causal SSD)",
+    "efficientvim": "EfficientViM (Mamba-2, hidden-state mixer SSD)",
     "hf_mamba": "Mamba in transformers (slow path: a Python token loop)",
 }
 
