@@ -1,12 +1,16 @@
 """capture/lattice_fills.py: allocations filled by strided slice writes (one write per residue class of
-a stride) become the interleave they compute, and only those whose every write and read is understood."""
+a stride) become the interleave they compute, and only those whose every write and read is understood;
+a model whose two scan directions are interleaved along the channels that way is pruned with the
+standard checks (refused before the pass: the writes hid where the tokens went)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
 
+import mambaprune
 from mambaprune.capture import capture
+from tests.official_zoo import checks
 
 aten = torch.ops.aten
 
@@ -108,3 +112,46 @@ def test_a_stride_that_does_not_divide_the_axis_is_left_as_it_is():
     gm = capture(ThreeResidues(), (x,)).gm              # 7 rows: residues of unequal sizes
     assert aten.copy_.default in targets(gm)
     torch.testing.assert_close(gm(x), ThreeResidues()(x), rtol=0, atol=0)
+
+
+class InterleavedDirections(nn.Module):
+    """Patches -> blocks whose two scan directions (forwards, backwards) are interleaved along the channels
+    by strided writes (`y[:, 0::2] = forwards; y[:, 1::2] = backwards`) before the out projection -> head."""
+
+    def __init__(self, dim=16, depth=3, img_size=16, patch=4, n=4):
+        super().__init__()
+        self.img_size, self.n = img_size, n
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
+        self.in_projs = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.x_projs = nn.ModuleList(nn.Linear(dim, 2 * (dim + 2 * n)) for _ in range(depth))
+        self.A_logs = nn.ParameterList(nn.Parameter(torch.rand(2, dim, n)) for _ in range(depth))
+        self.out_projs = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 10)
+
+    def scan(self, u, parts, A):
+        delta, B, C = torch.split(parts, [u.shape[1], self.n, self.n], dim=-1)
+        return mambaprune.selective_scan(u, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                                         delta_softplus=True)
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        for norm, in_proj, x_proj, A_log, out_proj in zip(self.norms, self.in_projs, self.x_projs, self.A_logs,
+                                                         self.out_projs):
+            h = in_proj(norm(x))
+            fwd_parts, bwd_parts = x_proj(h).chunk(2, dim=-1)
+            u = h.transpose(1, 2)
+            forwards = self.scan(u, fwd_parts, -torch.exp(A_log[0]))
+            backwards = self.scan(u.flip(-1), bwd_parts.flip(1), -torch.exp(A_log[1])).flip(-1)
+            y = forwards.new_empty((u.shape[0], 2 * u.shape[1], u.shape[2]))
+            y[:, 0::2] = forwards
+            y[:, 1::2] = backwards
+            x = x + out_proj(y.transpose(1, 2))
+        return self.head(x.mean(1))
+
+
+def test_a_model_whose_directions_are_interleaved_by_strided_writes_is_pruned_with_the_standard_checks():
+    torch.manual_seed(0)
+    model = InterleavedDirections().eval()
+    out = checks.run("interleaved directions", model, model.img_size)
+    assert checks.green(out), out
