@@ -16,3 +16,14 @@ CONV_SLICE = "mambaprune.conv_slice"
 FLOPS = "mambaprune.flops"
 # node.meta, rewrite (rewrite/select.py): the site whose kept positions this node computes
 KEPT_POSITIONS = "mambaprune.kept_positions"
+
+# node.meta, torch.export: the modules whose calls made the node, outermost first, as
+# {key: (path, class)}; read through module_of
+MODULE_STACK = "nn_module_stack"
+
+
+def module_of(node) -> str:
+    """The path of the innermost module whose call made `node` ("<top level>" for the model's own forward)."""
+    stack = node.meta.get(MODULE_STACK) or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return path or "<top level>"

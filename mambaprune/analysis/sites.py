@@ -13,6 +13,7 @@ from typing import Optional
 import networkx as nx
 import torch.fx as fx
 
+from ..meta_keys import module_of
 from .blocks import Block, in_module
 from .facts import BatchTok, Grid, MultiTok, PaddedTok, Readout, Tok, TokenMap, Unknown, fact_of
 from .ops import LAYOUT_OPS, TOKEN_CONVS, is_assert, is_scan, looks_at_neighbours, op_name, shape_of
@@ -58,12 +59,6 @@ class Site:
 class NotUnderstoodNode:
     name: str       # the module that holds the node
     reason: str
-
-
-def module_of(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return path or "<top level>"
 
 
 def collect_not_understood(gm: fx.GraphModule, restored: set = frozenset()) -> list:

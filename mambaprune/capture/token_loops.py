@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..meta_keys import module_of
 from .graph_edit import copy_graph, emit, module_like, shape_of
 from .loop_steps import CHECKS, Step, next_update, normal, parse_step, read_out_stacked, readers, settled, stacked_state
 
@@ -265,7 +266,7 @@ def _lift(graph: fx.Graph, loop: _Loop, mapping: dict) -> LiftedLoop:
     if value.meta["val"].dtype != dtype:
         value = emit(graph, anchor, aten._to_copy.default, (value,), {"dtype": dtype})
     anchor.replace_all_uses_with(value)
-    return LiftedLoop(_where(out), len(loop.steps), loop.backward)
+    return LiftedLoop(module_of(out), len(loop.steps), loop.backward)
 
 
 def _arrange(graph: fx.Graph, anchor: fx.Node, node: fx.Node, roles: tuple, target: tuple) -> fx.Node:
@@ -278,12 +279,6 @@ def _arrange(graph: fx.Graph, anchor: fx.Node, node: fx.Node, roles: tuple, targ
     if order != list(range(len(order))):
         node = emit(graph, anchor, aten.permute.default, (node, order))
     return node
-
-
-def _where(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return path or "<top level>"
 
 
 def _ancestors(nodes: list) -> set:

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..analysis import Grid, Tok
-from ..analysis.sites import module_of
+from ..meta_keys import module_of
 from ..analysis.stream_chain import ancestors_where, stream_and_chain
 from ..errors import UnsupportedModelError
 from ..runtime import scatter_tokens
