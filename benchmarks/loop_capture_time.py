@@ -6,7 +6,9 @@ capture/token_loops.py can lift it into one scan, so capture time grows with L. 
 form: tests/test_token_loops.py) one block at L tokens (images of 4 * sqrt(L) pixels, 4 x 4 patches,
 random weights) is timed: `prepare` (capture with lifting + analysis + FLOPs), then, separately, a bare
 torch.export of the same model with a dynamic batch (what capture spends in torch), the lifting
-pass alone on that export, and a torch.export with the batch fixed (what the dynamic batch costs).
+pass alone on that export, a torch.export with the batch fixed (what the dynamic batch costs), and
+torch's own tracer alone (`make_fx`, pre-dispatch, the batch fixed, real tensors: the same aten ops
+as the export without its bookkeeping; what a capture that traced the loop once that way would pay).
 
 Writes benchmarks/results/loop_capture_time.{json,md}. Run: python benchmarks/loop_capture_time.py
 """
@@ -22,6 +24,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,21 +63,35 @@ def measure(name: str, model: torch.nn.Module, size: int) -> dict:
     gm = program.module()
     (_, loops), lift_s = timed(lambda: lift_token_loops(gm))
     _, static_s = timed(lambda: torch.export.export(model, (x,), strict=False))
+    with torch.no_grad():
+        _, make_fx_s = timed(lambda: make_fx(model, tracing_mode="real", pre_dispatch=True)(x))
     return {"form": name, "tokens": prepared.analysis.token_length, "nodes_unrolled": len(gm.graph.nodes),
             "lifted": [str(loop) for loop in loops], "prepare_s": prepare_s, "export_dynamic_batch_s": export_s,
-            "lift_s": lift_s, "export_static_batch_s": static_s}
+            "lift_s": lift_s, "export_static_batch_s": static_s, "make_fx_static_batch_s": make_fx_s}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (machines differ between runs: the same command took 86 s on one 2-core VM and
+    24 s on another)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown")
 
 
 def markdown(rows: list, stamp: str, command: str) -> str:
-    lines = [f"# Capture time of a scan written as a Python token loop ({stamp}, {platform.machine()} CPU, "
+    lines = [f"# Capture time of a scan written as a Python token loop ({stamp}, {platform.machine()} CPU ({cpu_model()}), "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads)", "",
              f"Command: `{command}`. One block; `prepare` = capture (torch.export with a dynamic batch, then the "
              "loop lifted into one scan) + analysis + FLOPs. The other columns time the parts alone.", "",
              "| written form | tokens | graph nodes unrolled | prepare (s) | torch.export, dynamic batch (s) | "
-             "lifting (s) | torch.export, batch fixed (s) |", "|---|---|---|---|---|---|---|"]
+             "lifting (s) | torch.export, batch fixed (s) | make_fx, batch fixed (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['form']} | {r['tokens']} | {r['nodes_unrolled']} | {r['prepare_s']:.1f} | "
-                     f"{r['export_dynamic_batch_s']:.1f} | {r['lift_s']:.1f} | {r['export_static_batch_s']:.1f} |")
+                     f"{r['export_dynamic_batch_s']:.1f} | {r['lift_s']:.1f} | {r['export_static_batch_s']:.1f} | "
+                     f"{r['make_fx_static_batch_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
