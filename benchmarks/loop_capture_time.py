@@ -4,9 +4,10 @@ torch.export unrolls the loop (L repetitions of the update and the readout) befo
 capture/token_loops.py can lift it into one scan, so capture time grows with L. For each written form
 (transformers' `MambaMixer.slow_forward`: tests/official_zoo/hf_mamba.py; the hand-written per-step
 form: tests/test_token_loops.py) one block at L tokens (images of 4 * sqrt(L) pixels, 4 x 4 patches,
-random weights) is timed: `prepare` (capture with lifting + analysis + FLOPs), then, separately, a bare
-torch.export of the same model with a dynamic batch (what capture spends in torch), the lifting
-pass alone on that export, a torch.export with the batch fixed (what the dynamic batch costs), and
+random weights) is timed: `prepare` (capture + analysis + FLOPs; capture traces the loop module with
+make_fx at two batches and exports it lifted: capture/loop_modules.py), then, separately, a bare
+torch.export of the same model with a dynamic batch (what capture spent before loop_modules.py), the
+lifting pass alone on that export, a torch.export with the batch fixed (what the dynamic batch costs), and
 torch's own tracer alone (`make_fx`, pre-dispatch, the batch fixed, real tensors: the same aten ops
 as the export without its bookkeeping; what a capture that traced the loop once that way would pay).
 
@@ -84,8 +85,10 @@ def cpu_model() -> str:
 def markdown(rows: list, stamp: str, command: str) -> str:
     lines = [f"# Capture time of a scan written as a Python token loop ({stamp}, {platform.machine()} CPU ({cpu_model()}), "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads)", "",
-             f"Command: `{command}`. One block; `prepare` = capture (torch.export with a dynamic batch, then the "
-             "loop lifted into one scan) + analysis + FLOPs. The other columns time the parts alone.", "",
+             f"Command: `{command}`. One block; `prepare` = capture (the loop module traced by make_fx at two "
+             "batches, its loop lifted, then torch.export with a dynamic batch: capture/loop_modules.py) + analysis + "
+             "FLOPs. The other columns time, alone, what a capture without loop_modules.py does (torch.export "
+             "unrolling the loop, then the lifting) and two tracers with the batch fixed.", "",
              "| written form | tokens | graph nodes unrolled | prepare (s) | torch.export, dynamic batch (s) | "
              "lifting (s) | torch.export, batch fixed (s) | make_fx, batch fixed (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -9,7 +9,9 @@ at another batch size too. Loops that are not this recurrence, or that this lift
 are left as they are: a loop that returns its final state, one that stops before the last token,
 one whose decay is no exp(delta * A), one that adds a term other than D * u_t to its readout. A loop that walks the
 tokens backwards is lifted as the scan of the flipped tokens. A small vision model written with the hand form is pruned with the standard checks (the
-transformers form is in the zoo: tests/official_zoo/hf_mamba.py).
+transformers form is in the zoo: tests/official_zoo/hf_mamba.py). A module that runs a long loop is
+traced once by make_fx and exported with its loop already lifted (capture/loop_modules.py), and a
+replay that does not compute the model is dropped for the export as written.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mambaprune.capture import token_loops
+from mambaprune.capture import capture, loop_modules, token_loops
 from mambaprune.capture.token_loops import lift_token_loops
+from mambaprune.meta_keys import module_of
 from tests.official_zoo import checks
 
 SCAN = torch.ops.mambaprune.selective_scan.default
@@ -203,3 +206,37 @@ def test_a_model_with_hand_written_loops_is_pruned_with_the_standard_checks(form
     assert checks.green(out), out
     assert "Python token loop, lifted into one scan x6" in str(out.report)
     assert "2 scans (identity, flip)" in str(out.report)
+
+
+def test_a_module_running_a_long_loop_is_traced_once_and_exported_with_its_loop_lifted(monkeypatch):
+    """capture/loop_modules.py: the loop module's forward, traced by make_fx at batches 2 and 3 and lifted,
+    is what torch.export sees: the exported program already holds one scan per loop, under the loop
+    module's name, with the model's parameter names, and computes the model at any batch."""
+    monkeypatch.setattr(loop_modules, "LOOP_OPS", 50)        # the tiny loops here run ~100 ops each
+    torch.manual_seed(0)
+    model = HandWrittenVim(form="states_stacked").eval()
+    captured = capture(model, (torch.randn(1, 3, 16, 16),))
+    scans = [n for n in captured.program.graph.nodes if n.target is SCAN]
+    assert [module_of(n) for n in scans] == ["mixers.0", "mixers_b.0", "mixers.1", "mixers_b.1", "mixers.2",
+                                             "mixers_b.2"]
+    assert count(captured.program.graph_module, torch.ops.aten.stack.default) == 0
+    assert set(captured.program.state_dict) == set(model.state_dict())
+    assert captured.routed == [f"{m} (Python token loop, lifted into one scan)" for m in map(module_of, scans)]
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 16, 16)
+        torch.testing.assert_close(captured.gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_replayed_loop_module_that_does_not_compute_the_model_is_exported_as_written(monkeypatch):
+    """A deliberate misreading of the replay (its output doubled): the check at two batch sizes drops it,
+    the loop is exported unrolled and lifted afterwards."""
+    monkeypatch.setattr(loop_modules, "LOOP_OPS", 50)
+    forward = loop_modules._forward
+    monkeypatch.setattr(loop_modules, "_forward", lambda module, replay: lambda *a: 2 * forward(module, replay)(*a))
+    torch.manual_seed(0)
+    model = HandWrittenVim(depth=1, bidirectional=False).eval()
+    captured = capture(model, (torch.randn(1, 3, 16, 16),))
+    assert count(captured.program.graph_module, SCAN) == 0, "exported unrolled"
+    assert count(captured.gm, SCAN) == 1, "lifted after the export"
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(captured.gm(x), model(x), rtol=1e-5, atol=1e-5)

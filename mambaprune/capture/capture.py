@@ -36,9 +36,10 @@ from .batch_int import symbolic_batch_int
 from .behaviour import route_by_behaviour
 from .routing import route_scans
 from .lattice_fills import functionalize_lattice_fills
+from .loop_modules import at_batch, loops_replayed
 from .slice_fills import functionalize_slice_fills
 from .tensor_subclasses import plain_tensor_subclasses
-from .token_loops import lift_token_loops
+from .token_loops import lift_token_loops, outputs_agree
 
 MAX_BATCH = 1 << 16
 
@@ -79,29 +80,64 @@ def _release_dispatch_cache(gm: fx.GraphModule) -> None:
 def _capture(model: torch.nn.Module, example_inputs: tuple) -> Capture:
     private = copy.deepcopy(model).eval()
     export_inputs = tuple(_at_least_two(x) for x in example_inputs)
-    static_batch = None
     with route_scans(private) as routes, symbolic_batch_int(private), plain_tensor_subclasses(private) as unwrapped, \
             route_by_behaviour(private, tuple(example_inputs), routes) as recognised:
-        try:
-            program = torch.export.export(private, export_inputs, dynamic_shapes=_dynamic_batch(export_inputs),
-                                          strict=False)
-        except UnsupportedModelError:
-            raise
-        except Exception as err:  # torch.export's own errors are long; keep the first lines and chain the rest
-            if not _specialises_the_batch(err):
-                raise _capture_error(err, "with a dynamic batch size") from err
-            static_batch = _batch_of(example_inputs)
-            try:
-                program = torch.export.export(private, tuple(example_inputs), strict=False)
-            except UnsupportedModelError:
-                raise
-            except Exception as again:
-                raise _capture_error(again, f"even with the example batch ({static_batch}) fixed") from again
+        program, static_batch, replayed = _export_lifting_loop_modules(private, tuple(example_inputs), export_inputs)
     routes = routes + [r.route for r in recognised if r.route is not None and r.is_scan]
     gm, loops = lift_token_loops(functionalize_lattice_fills(functionalize_slice_fills(program.module())),
                                  tuple(example_inputs) if static_batch else export_inputs)
-    return Capture(program, gm, tuple(example_inputs), [str(r) for r in routes if r.called] + [str(x) for x in loops],
+    return Capture(program, gm, tuple(example_inputs),
+                   [str(r) for r in routes if r.called] + [str(x) for x in replayed + loops],
                    static_batch=static_batch, recognised=recognised, unwrapped=unwrapped)
+
+
+def _export_lifting_loop_modules(private: torch.nn.Module, example_inputs: tuple, export_inputs: tuple) -> tuple:
+    """(program, static batch, LiftedLoops): exported with every loop module's loop lifted before the
+    export (loop_modules.py), or, when that is not possible or its program does not compute what the
+    model computes at two batch sizes, exported as written (its loops are lifted afterwards)."""
+    replayed = []
+    try:
+        with loops_replayed(private, example_inputs) as replayed:
+            program, static_batch = _export(private, example_inputs, export_inputs)
+    except Exception:
+        if not replayed:
+            raise
+    else:
+        if not replayed or _reproduces(program, private, example_inputs, static_batch):
+            return program, static_batch, replayed
+    program, static_batch = _export(private, example_inputs, export_inputs)
+    return program, static_batch, []
+
+
+def _export(private: torch.nn.Module, example_inputs: tuple, export_inputs: tuple) -> tuple:
+    """(program, static batch): with a dynamic batch, or the example batch when the model's code fixes it."""
+    try:
+        program = torch.export.export(private, export_inputs, dynamic_shapes=_dynamic_batch(export_inputs),
+                                      strict=False)
+        return program, None
+    except UnsupportedModelError:
+        raise
+    except Exception as err:  # torch.export's own errors are long; keep the first lines and chain the rest
+        if not _specialises_the_batch(err):
+            raise _capture_error(err, "with a dynamic batch size") from err
+        static_batch = _batch_of(example_inputs)
+        try:
+            return torch.export.export(private, tuple(example_inputs), strict=False), static_batch
+        except UnsupportedModelError:
+            raise
+        except Exception as again:
+            raise _capture_error(again, f"even with the example batch ({static_batch}) fixed") from again
+
+
+def _reproduces(program, private: torch.nn.Module, example_inputs: tuple, static_batch: Optional[int]) -> bool:
+    """Whether the program computes the model's outputs on the example inputs at the example batch and at 3."""
+    exported = program.module()
+    for batch in ((static_batch,) if static_batch else (_batch_of(example_inputs), 3)):
+        inputs = tuple(at_batch(x, batch) for x in example_inputs)
+        with torch.no_grad():
+            if not outputs_agree(private(*inputs), exported(*inputs)):
+                return False
+    return True
 
 
 def _specialises_the_batch(err: Exception) -> bool:

@@ -63,15 +63,16 @@ def lift_token_loops(gm: fx.GraphModule, example_inputs: Optional[tuple] = None)
     if not found:
         return gm, []
     lifted_gm, lifted = _lifted(gm, found)
-    if example_inputs is not None and not _agrees(gm, lifted_gm, example_inputs):
-        return gm, []
+    if example_inputs is not None:
+        with torch.no_grad():
+            if not outputs_agree(gm(*example_inputs), lifted_gm(*example_inputs)):
+                return gm, []
     return lifted_gm, lifted
 
 
-def _agrees(gm: fx.GraphModule, lifted: fx.GraphModule, inputs: tuple, tol: float = 1e-4) -> bool:
-    """Whether both graphs give the same outputs on `inputs` (relative to each output's magnitude)."""
-    with torch.no_grad():
-        want, got = (torch.utils._pytree.tree_leaves(g(*inputs)) for g in (gm, lifted))
+def outputs_agree(want, got, tol: float = 1e-4) -> bool:
+    """Whether two outputs (any structure of tensors) are the same, relative to each tensor's magnitude."""
+    want, got = torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)
     return len(want) == len(got) and all(not isinstance(w, torch.Tensor) or _close(w, g, tol)
                                          for w, g in zip(want, got))
 
