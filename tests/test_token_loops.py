@@ -240,3 +240,20 @@ def test_a_replayed_loop_module_that_does_not_compute_the_model_is_exported_as_w
     assert count(captured.gm, SCAN) == 1, "lifted after the export"
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(captured.gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.long
+def test_transformers_loop_of_576_tokens_is_captured_through_its_loop_module_and_pruned():
+    """At the real threshold: transformers' slow path over 576 tokens, three blocks, is exported with its
+    loops lifted before the export (each mixer runs ~4600 ops of its own) and pruned with the standard
+    checks (about a minute here, two captures; without loop_modules.py torch.export would unroll 3 x 576 steps)."""
+    from tests import official_zoo
+    with official_zoo.installed():
+        hf = official_zoo.family("hf_mamba")
+        torch.manual_seed(0)
+        model = hf.MambaForImageClassification(hf.MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=3),
+                                               img_size=96).eval()
+        captured = capture(model, (torch.randn(1, 3, 96, 96),))
+        assert count(captured.program.graph_module, SCAN) == 3, "lifted before the export"
+        out = checks.run("transformers, 576 tokens", model, 96)
+    assert checks.green(out), out
