@@ -242,6 +242,21 @@ def test_a_replayed_loop_module_that_does_not_compute_the_model_is_exported_as_w
     torch.testing.assert_close(captured.gm(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_loop_module_whose_replay_cannot_be_built_is_exported_as_written(monkeypatch):
+    monkeypatch.setattr(loop_modules, "LOOP_OPS", 50)
+
+    def broken(*args):
+        raise RuntimeError("a failure while generalising the traces")
+
+    monkeypatch.setattr(loop_modules, "_general", broken)
+    torch.manual_seed(0)
+    model = HandWrittenVim(depth=1, bidirectional=False).eval()
+    captured = capture(model, (torch.randn(1, 3, 16, 16),))
+    assert count(captured.program.graph_module, SCAN) == 0 and count(captured.gm, SCAN) == 1
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(captured.gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.long
 def test_transformers_loop_of_576_tokens_is_captured_through_its_loop_module_and_pruned():
     """At the real threshold: transformers' slow path over 576 tokens, three blocks, is exported with its

@@ -57,7 +57,10 @@ def loops_replayed(model: torch.nn.Module, example_inputs: tuple):
     replays, lifted = {}, []
     paths = {module: path for path, module in model.named_modules()}
     for module, calls in _loop_modules(model, example_inputs).items():
-        found = _replay_of(module, calls)
+        try:
+            found = _replay_of(module, calls)
+        except Exception:      # noqa: BLE001 - anything not understood leaves the module to the export
+            found = None
         if found is not None:
             replays[module], loops = found
             lifted.extend(replace(loop, where=paths[module] or "<top level>") for loop in loops)
@@ -125,6 +128,8 @@ def _arguments_at(model: torch.nn.Module, modules: list, example_inputs: tuple) 
         with torch.no_grad():
             for batch in _BATCHES:
                 model(*(at_batch(x, batch) for x in example_inputs))
+    except Exception:          # noqa: BLE001 - a model that runs one batch size only is left to the export
+        return {}
     finally:
         for hook in hooks:
             hook.remove()
