@@ -163,7 +163,7 @@ def _capture_error(err: Exception, how: str) -> UnsupportedModelError:
 def _at_least_two(x):
     """torch.export specialises a batch of 1; export with 2 samples, run with any batch."""
     if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
-        return torch.cat([x, x], dim=0)
+        return at_batch(x, 2)
     return x
 
 

@@ -42,12 +42,10 @@ _BATCHES = (2, 3)
 
 @dataclass(frozen=True)
 class _Replay:
-    """A module's lifted graph with the batch symbolic: the batch is dim `batch_dim` of argument `batch_arg`."""
+    """A module's lifted graph with the batch symbolic (read from the argument that carries it)."""
 
     gm: fx.GraphModule
     names: tuple         # the module's parameters and buffers, in the order of the graph's first inputs
-    batch_arg: int
-    batch_dim: int
 
 
 @contextlib.contextmanager
@@ -94,7 +92,7 @@ def _loop_modules(model: torch.nn.Module, example_inputs: tuple) -> dict:
     def enter(module, args):
         if module in modules:
             stack.append(module)
-            calls.setdefault(module, []).append(args)
+            calls[module] = calls.get(module, 0) + 1
 
     def leave(module, args, output):
         if stack and stack[-1] is module:
@@ -110,7 +108,7 @@ def _loop_modules(model: torch.nn.Module, example_inputs: tuple) -> dict:
     finally:
         for hook in hooks:
             hook.remove()
-    loops = [m for m, n in counts.items() if n >= LOOP_OPS and len(calls[m]) == 1]
+    loops = [m for m, n in counts.items() if n >= LOOP_OPS and calls[m] == 1]
     return _arguments_at(model, loops, example_inputs) if loops else {}
 
 
@@ -157,19 +155,16 @@ def _replay_of(module: torch.nn.Module, calls: list) -> Optional[tuple]:
     traced = []
     for args in calls:
         flat = tuple(state[n].detach() for n in names) + args
-        try:
-            with torch.no_grad():
-                gm = make_fx(_functional(module, names), tracing_mode="fake", pre_dispatch=True)(*flat)
-            lifted_gm, loops = lift_token_loops(gm, flat)
-        except Exception:        # noqa: BLE001 - any failure leaves the module to the export
-            return None
+        with torch.no_grad():
+            gm = make_fx(_functional(module, names), tracing_mode="fake", pre_dispatch=True)(*flat)
+        lifted_gm, loops = lift_token_loops(gm, flat)
         if not loops:
             return None
         traced.append((lifted_gm, loops))
     general = _general(traced[0][0], traced[1][0], (len(names) + batch[0], batch[1]))
     if general is None:
         return None
-    return _Replay(general, names, *batch), traced[0][1]
+    return _Replay(general, names), traced[0][1]
 
 
 def _functional(module: torch.nn.Module, names: tuple):
@@ -204,49 +199,50 @@ def _general(g2: fx.GraphModule, g3: fx.GraphModule, batch: tuple) -> Optional[f
     graph = fx.Graph()
     mapping, symbolic = {}, {}
     placeholders = [n for n in nodes2 if n.op == "placeholder"]
-    batch_node = None
 
-    def size(a: int, c: int):
+    def size(a: int, c: int) -> fx.Node:
+        """a * batch + c, emitted once (a graph's placeholders come first: the batch's carrier is mapped)."""
+        if "batch" not in symbolic:
+            carrier = mapping[placeholders[batch[0]]]
+            symbolic["batch"] = graph.call_function(torch.ops.aten.sym_size.int, (carrier, batch[1]))
         if (a, c) not in symbolic:
-            value = batch_node if a == 1 else graph.call_function(operator.mul, (batch_node, a))
+            value = symbolic["batch"] if a == 1 else graph.call_function(operator.mul, (symbolic["batch"], a))
             symbolic[(a, c)] = value if c == 0 else graph.call_function(operator.add, (value, c))
         return symbolic[(a, c)]
 
     def merge(x, y):
         if isinstance(x, fx.Node):
-            return mapping[x] if isinstance(y, fx.Node) and index2[x] == index3[y] else _Mismatch.raise_()
+            if not isinstance(y, fx.Node) or index2[x] != index3[y]:
+                raise _Mismatch
+            return mapping[x]
         if isinstance(x, (list, tuple)):
             if not isinstance(y, (list, tuple)) or len(x) != len(y):
-                _Mismatch.raise_()
+                raise _Mismatch
             return type(x)(merge(a, b) for a, b in zip(x, y))
         if isinstance(x, dict):
             if not isinstance(y, dict) or x.keys() != y.keys():
-                _Mismatch.raise_()
+                raise _Mismatch
             return {k: merge(x[k], y[k]) for k in x}
         if type(x) is int and type(y) is int and x != y:
-            a = (y - x) // (_BATCHES[1] - _BATCHES[0])
-            c = x - a * _BATCHES[0]
-            if a * (_BATCHES[1] - _BATCHES[0]) != y - x:
-                _Mismatch.raise_()
-            return size(a, c)
+            a, remainder = divmod(y - x, _BATCHES[1] - _BATCHES[0])
+            if remainder:
+                raise _Mismatch
+            return size(a, x - a * _BATCHES[0])
         if type(x) is not type(y) or x != y:
-            _Mismatch.raise_()
+            raise _Mismatch
         return x
 
     try:
         for n2, n3 in zip(nodes2, nodes3):
             if n2.op != n3.op or n2.target != n3.target:
                 return None
-            if n2.op == "placeholder":
-                mapping[n2] = graph.placeholder(n2.name)
-                mapping[n2].meta = dict(n2.meta)
-                if n2 is placeholders[-1]:
-                    carrier = mapping[placeholders[batch[0]]]
-                    batch_node = graph.call_function(torch.ops.aten.sym_size.int, (carrier, batch[1]))
-                continue
             if n2.op == "get_attr":
                 return None                    # a constant made while tracing: not one value at every batch
-            mapping[n2] = graph.create_node(n2.op, n2.target, merge(n2.args, n3.args), merge(n2.kwargs, n3.kwargs))
+            if n2.op == "placeholder":
+                mapping[n2] = graph.placeholder(n2.name)
+            else:
+                mapping[n2] = graph.create_node(n2.op, n2.target, merge(n2.args, n3.args),
+                                                merge(n2.kwargs, n3.kwargs))
             mapping[n2].meta = dict(n2.meta)
     except _Mismatch:
         return None
@@ -255,9 +251,7 @@ def _general(g2: fx.GraphModule, g3: fx.GraphModule, batch: tuple) -> Optional[f
 
 
 class _Mismatch(Exception):
-    @staticmethod
-    def raise_():
-        raise _Mismatch
+    """The two traces differ in more than the sizes that grow with the batch."""
 
 
 # --- 4. the forward the export sees ------------------------------------------------------------
