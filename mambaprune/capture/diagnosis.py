@@ -19,7 +19,7 @@ def _no_scan_message(model: torch.nn.Module) -> str:
         return (f"no selective scan was found in the captured graph, but {names} hold(s) SSM parameters "
                 "(A_log / D). Its scan is probably hand-written (a library mambaprune does not know, or a Python loop "
                 "that is not h = exp(delta * A) * h + delta * B * u read out with C over every token from a zero "
-                "state, which would be lifted into one scan): declare it with mambaprune.register_scan(your_scan_fn, adapter), where the adapter "
+                "state, with A per channel or one per head as in Mamba-2, which would be lifted into one scan): declare it with mambaprune.register_scan(your_scan_fn, adapter), where the adapter "
                 "computes the same thing with mambaprune.selective_scan. If the mixer is no recurrence at all (a "
                 "non-causal state-space duality or linear attention summing over every token, as VSSD's NC-SSD), "
                 "there is no scan to prune: mambaprune prunes recurrent scans only.")

@@ -52,16 +52,18 @@ WHOLE = -(1 << 62)
 
 
 def parse_step(t: int, state: fx.Node, decay: fx.Node, update: fx.Node) -> Optional[Step]:
-    rank = len(shape_of(state))
-    roles = tuple(range(rank))
-    exponent = _strip(decay, roles, t)
-    if exponent is None:
+    shape = shape_of(state)
+    roles = tuple(range(len(shape)))
+    decay_roles, update_roles = (_broadcast_roles(shape_of(x), shape, roles) if shape_of(x) is not None else None
+                                 for x in (decay, update))
+    exponent = _strip(decay, decay_roles, t) if decay_roles is not None else None
+    if exponent is None or update_roles is None:
         return None
     node, exp_roles = exponent
     if node.target is not aten.exp.default:
         return None
     decay_terms = _product(node.args[0], exp_roles, t)
-    update_terms = _product(update, roles, t)
+    update_terms = _product(update, update_roles, t)
     if decay_terms is None or update_terms is None:
         return None
     if stacked_state(state) is not None:       # mamba.py: hs.append(h), read out after torch.stack(hs)
@@ -125,7 +127,7 @@ def _strip(node, roles: tuple, t: int) -> Optional[tuple]:
                 roles = roles[:dim] + ("l",) + roles[dim + 1:]
                 node = src
             else:
-                return None
+                break       # a part of a tensor: read as a tensor of its own (each step must read the same)
         elif target is aten.select.int:
             dim = normal(args[1], len(shape_of(src)))
             if args[2] != t or "l" in roles:
@@ -161,10 +163,10 @@ def _strip(node, roles: tuple, t: int) -> Optional[tuple]:
             roles = tuple(None if size == 1 else roles[offset + i] for i, size in enumerate(src_shape))
             node = src
         elif target in _VIEWS:
-            roles = _through_view(shape_of(src), shape_of(node), roles)
-            if roles is None:
-                return None
-            node = src
+            inner = _through_view(shape_of(src), shape_of(node), roles)
+            if inner is None:
+                break       # a view that splits or merges dims: read as a tensor of its own
+            roles, node = inner, src
         else:
             break
     if not isinstance(node, fx.Node) or shape_of(node) is None or len(shape_of(node)) != len(roles):

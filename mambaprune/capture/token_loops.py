@@ -1,4 +1,5 @@
-"""Unrolled Python token loops lifted into one `mambaprune::selective_scan` node.
+"""Unrolled Python token loops lifted into one scan node (`mambaprune::selective_scan`, or
+`mambaprune::ssd_scan` for a Mamba-2 loop whose decay is one scalar per head).
 
 A selective scan written as a Python loop over the tokens (the transformers `MambaMixer` slow path,
 hand-written reference code) reaches the captured graph unrolled: L repetitions of
@@ -14,12 +15,10 @@ tensors, so the rest of the compiler sees the scan it knows.
 
 Nothing is matched on names or on a written form: every step is read (loop_steps.py) through the
 data movement torch.export leaves around it (full slices, `select` / `slice` of step t, unsqueeze,
-squeeze, views that only add or drop size-1 dims, expand, transpose, permute, dtype casts), each factor of a product
-ends at a tensor whose dims are labelled with what they run over (batch, channel d, state n, token
-l), and the factors are told apart by those labels: in exp(.) the one without tokens is A (d, n) and
-the other delta (batch, d, l); in Bx_t the factor that is delta, one over (batch, n, l) (B) and one over
-(batch, d, l) (u); in the readout, contracting n (a product summed over n, or a matmul with a
-column), C over (batch, n, l); in a skip added to the readout, the factor besides u is D (d). The chain is lifted only when every step reads the SAME tensors in
+squeeze, views that only add or drop size-1 dims, expand, transpose, permute, dtype casts), each
+factor of a product ends at a tensor whose dims are labelled with what they run over (batch, channel
+or head, state n, token l), and the factors are told apart by those labels (loop_roles.py: which
+recurrence, and which factor is A, delta, B, u, C, D). The chain is lifted only when every step reads the SAME tensors in
 the same way at its own index t, the loop covers the whole token axis from a zero state (t = 0 ..
 L-1, or L-1 .. 0: a backward loop is lifted as the scan of the flipped tokens), every per-step output
 goes into one stack along a new token axis (in step order or reversed), or every state does, and no
@@ -36,6 +35,7 @@ import torch.fx as fx
 
 from ..meta_keys import module_of
 from .graph_edit import copy_graph, emit, module_like, shape_of
+from .loop_roles import read_scan
 from .loop_steps import CHECKS, Step, next_update, normal, parse_step, read_out_stacked, readers, settled, stacked_state
 
 aten = torch.ops.aten
@@ -101,7 +101,7 @@ def _zero_states(graph: fx.Graph) -> list:
         if node.op != "call_function":
             continue
         if node.target in _ZEROS or (node.target in _FULLS and _fill_value(node) == 0):
-            if shape_of(node) is not None and len(shape_of(node)) == 3:
+            if shape_of(node) is not None and len(shape_of(node)) in (3, 4):
                 out.append(node)
     return out
 
@@ -144,7 +144,7 @@ def _loop_from(zero: fx.Node) -> Optional[_Loop]:
         if found is None:
             return None
         steps, out, out_roles, reversed_stack = found
-        return _Loop(steps, out, out_roles, backward, reversed_stack) if _classify(steps[0]) is not None else None
+        return _Loop(steps, out, out_roles, backward, reversed_stack) if read_scan(steps[0]) is not None else None
     return None
 
 
@@ -207,62 +207,20 @@ def _read_after_stack(steps: list) -> Optional[tuple]:
 
 # --- the scan's arguments ----------------------------------------------------------------------
 
-def _classify(step: Step) -> Optional[dict]:
-    """{"u", "delta", "A", "B", "C": (Term, target roles)} from one step's factors, or None."""
-    n = step.contracted
-    rank = len(shape_of(step.state))
-    if len(step.decay) != 2:
-        return None
-    a_terms = [term for term in step.decay if "l" not in term.roles]
-    delta_terms = [term for term in step.decay if "l" in term.roles]
-    if len(a_terms) != 1 or len(delta_terms) != 1:
-        return None
-    a, delta = a_terms[0], delta_terms[0]
-    a_dims = {r for r in a.roles if r is not None}
-    others = [d for d in range(rank) if d not in a_dims]
-    if rank != 3 or len(a_dims) != 2 or n not in a_dims or len(others) != 1:
-        return None
-    b = others[0]
-    d = next(x for x in range(rank) if x not in (b, n))
-    update = list(step.update)
-    if delta not in update or len(update) != 3:
-        return None
-    update.remove(delta)
-    wanted = {"delta": (delta, (b, d, "l")), "A": (a, (d, n)), "C": (step.readout, (b, n, "l"))}
-    for term in update:
-        dims = {r for r in term.roles if r is not None}
-        name = "B" if n in dims else "u"
-        if name in wanted:
-            return None
-        wanted[name] = (term, (b, n, "l") if name == "B" else (b, d, "l"))
-    if step.skip:          # y_t = <h_t, C_t> + D * u_t: the skip reads the scan's own u
-        skip = list(step.skip)
-        if "u" not in wanted or wanted["u"][0] not in skip:
-            return None
-        skip.remove(wanted["u"][0])
-        wanted["D"] = (skip[0], (d,))
-    if any({r for r in term.roles if r is not None} != set(target) for term, target in wanted.values()):
-        return None
-    return wanted
-
-
 def _lift(graph: fx.Graph, loop: _Loop, mapping: dict) -> LiftedLoop:
-    first, out = loop.steps[0], loop.out
-    parts = _classify(first)
+    reading, out = read_scan(loop.steps[0]), loop.out
     anchor = mapping[out]
     args = {name: _arrange(graph, anchor, mapping[term.node], term.roles, target)
-            for name, (term, target) in parts.items()}
+            for name, (term, target) in reading.parts.items()}
     if loop.backward:      # the scan runs over the tokens in the loop's order
-        for name in ("u", "delta", "B", "C"):
-            args[name] = emit(graph, anchor, aten.flip.default, (args[name], [-1]))
-    scan = emit(graph, anchor, torch.ops.mambaprune.selective_scan.default,
-                 (args["u"], args["delta"], args["A"], args["B"], args["C"], args.get("D")))
+        for name, (_, target) in reading.parts.items():
+            if "l" in target:
+                args[name] = emit(graph, anchor, aten.flip.default, (args[name], [target.index("l")]))
+    scan = emit(graph, anchor, reading.op, tuple(args.get(name) for name in reading.names))
     if loop.stacked_reversed:
-        scan = emit(graph, anchor, aten.flip.default, (scan, [-1]))
-    b = next(r for r in range(3) if r not in {x for x in parts["A"][0].roles if x is not None})
-    d = next(r for r in range(3) if r not in (b, first.contracted))
-    order = [(b, d, "l").index(role) for role in loop.out_roles]
-    value = emit(graph, anchor, aten.permute.default, (scan, order)) if order != [0, 1, 2] else scan
+        scan = emit(graph, anchor, aten.flip.default, (scan, [reading.output.index("l")]))
+    order = [reading.output.index(role) for role in loop.out_roles]
+    value = emit(graph, anchor, aten.permute.default, (scan, order)) if order != sorted(order) else scan
     dtype = out.meta["val"].dtype
     if value.meta["val"].dtype != dtype:
         value = emit(graph, anchor, aten._to_copy.default, (value,), {"dtype": dtype})
@@ -271,14 +229,18 @@ def _lift(graph: fx.Graph, loop: _Loop, mapping: dict) -> LiftedLoop:
 
 
 def _arrange(graph: fx.Graph, anchor: fx.Node, node: fx.Node, roles: tuple, target: tuple) -> fx.Node:
-    """`node` (dims labelled `roles`) as a tensor whose dims are `target`, in that order."""
+    """`node` (dims labelled `roles`) as a tensor whose dims are `target`, in that order (a None in
+    `target`: a size-1 dim inserted there)."""
     ones = [i for i, r in enumerate(roles) if r is None]
     if ones:
         node = emit(graph, anchor, aten.squeeze.dims, (node, ones))
         roles = tuple(r for r in roles if r is not None)
-    order = [roles.index(r) for r in target]
+    order = [roles.index(r) for r in target if r is not None]
     if order != list(range(len(order))):
         node = emit(graph, anchor, aten.permute.default, (node, order))
+    for i, role in enumerate(target):
+        if role is None:
+            node = emit(graph, anchor, aten.unsqueeze.default, (node, i))
     return node
 
 
