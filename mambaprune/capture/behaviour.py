@@ -15,6 +15,8 @@ a model that reads them fails to capture). A call with the arguments of a depthw
 (conv_probe.py: the compiled `causal_conv1d_fwd` such code calls beside the scan) that agrees with
 torch's conv1d is computed in ViM's form of it; one that does not is left alone.
 
+Mamba-2 (SSD) kernels are probed the same way against `mambaprune.ssd_scan` (ssd_probe.py); an
+SSD-shaped callable that disagrees is left alone, not refused (a non-causal SSD has its shapes).
 A scan-shaped callable that returns a (batch, D, L) tensor, disagrees with the op under every
 reading, and does not itself run one of our scans or call another scan-shaped callable (which is
 then the one to blame or route) is refused: the compiler would otherwise capture a recurrence it
@@ -39,6 +41,9 @@ from .conv_probe import conv_probe, conv_readings
 from .reachable import Site, reachable_sites
 from .routing import Route
 from .scan_probe import PROBES, Verdict, probe, readings
+from .ssd_probe import ssd_probe, ssd_readings
+
+SCAN_PROBES = (probe, ssd_probe)
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Recognition:
     runs_a_scan: bool            # its code ran one of mambaprune's scans or another scan-shaped callable
     route: Optional[Route] = None
     is_scan: bool = True         # probed as a scan (False: as the causal conv1d beside one)
+    kind: str = "a selective scan"     # what its arguments were read as
 
     @property
     def reported(self) -> bool:
@@ -68,7 +74,7 @@ class Recognition:
                     f"arguments read as {reading}{elements}")
         why = self.verdict.error or f"it differs from mambaprune.selective_scan (max difference " \
                                     f"{self.verdict.difference:.3g} of the output's magnitude)"
-        return f"not routed: {named} has the arguments of a selective scan, but {why}"
+        return f"not routed: {named} has the arguments of {self.kind}, but {why}"
 
 
 @dataclass
@@ -88,9 +94,10 @@ class _Session:
             if found is not None and found.is_scan:
                 self.scan_shaped_calls += 1
             if found is None and self.dry_run:
-                candidates = readings(c_args, c_kwargs)
-                if candidates:
-                    return self._recognise(key, site, callee, c_args, c_kwargs, candidates, probe)
+                for find, check in ((readings, probe), (ssd_readings, ssd_probe)):
+                    candidates = find(c_args, c_kwargs)
+                    if candidates:
+                        return self._recognise(key, site, callee, c_args, c_kwargs, candidates, check)
                 candidates = conv_readings(c_args, c_kwargs)     # the causal conv1d beside the scan
                 if candidates:
                     return self._recognise(key, site, callee, c_args, c_kwargs, candidates, conv_probe)
@@ -105,7 +112,8 @@ class _Session:
         return routed
 
     def _recognise(self, key, site: Site, callee, args, kwargs, candidates, check):
-        if check is probe:
+        is_scan = check in SCAN_PROBES
+        if is_scan:
             self.scan_shaped_calls += 1
         before = self.scan_shaped_calls
         with _ScanCounter(self) as counter, torch.no_grad():
@@ -116,7 +124,8 @@ class _Session:
             verdict = check(callee, args, kwargs, out, candidates)
         finally:
             self.probing -= 1
-        found = Recognition(site.where, _name(callee), verdict, counter.count > 0 or inner, is_scan=check is probe)
+        found = Recognition(site.where, _name(callee), verdict, counter.count > 0 or inner, is_scan=is_scan,
+                            kind=candidates[0].kind)
         self.recognitions[key] = found
         if not verdict.agrees:
             return out
@@ -168,7 +177,7 @@ def _dry_run(model, example_inputs: tuple, session: _Session) -> None:
             first = partial_routes[0]
             raise UnsupportedModelError(
                 f"the model failed ({type(err).__name__}: {err}) after {first.callable_name} was routed to "
-                f"mambaprune.selective_scan by its behaviour; its result is a tuple whose elements "
+                f"{first.verdict.reading.reference} by its behaviour; its result is a tuple whose elements "
                 f"({first.verdict.describe_elements()}) the op computes only in part, and the model reads one it "
                 "does not. Declare the scan with mambaprune.register_scan(fn, adapter), the adapter computing "
                 "everything the model reads") from err

@@ -61,6 +61,11 @@ class Reading:
     kind = "a selective scan"
     reference = "mambaprune.selective_scan"
 
+    @property
+    def probe_key(self) -> tuple:
+        """What the probe inputs depend on: (slot, what its values must be) pairs (PROBE_VALUES)."""
+        return ((self.delta, "step"),)
+
     def scan(self, args: tuple, kwargs: dict, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The call's value computed with `mambaprune.selective_scan`."""
         def get(slot):
@@ -189,15 +194,15 @@ def probe(fn: Callable, args: tuple, kwargs: dict, observed, candidates: list) -
     pieces = list(observed) if isinstance(observed, (tuple, list)) else [observed]
     like_u = [p for p in pieces if isinstance(p, torch.Tensor) and p.shape == u.shape]
     if not like_u:
-        return Verdict(None, error=f"its result is not a (batch, D, L) tensor like u {tuple(u.shape)}, nor a tuple "
-                                   "holding one")
+        return Verdict(None, error=f"its result is not a tensor shaped like its input {candidates[0].u} "
+                                   f"{tuple(u.shape)}, nor a tuple holding one")
     best = float("inf")
-    by_delta: dict = {}
+    by_key: dict = {}
     for reading in candidates:
-        by_delta.setdefault(reading.delta, []).append(reading)
-    for delta_slot, group in by_delta.items():
+        by_key.setdefault(reading.probe_key, []).append(reading)
+    for key, group in by_key.items():
         try:
-            probes = [_probe_inputs(args, kwargs, delta_slot, seed) for seed in range(PROBES)]
+            probes = [_probe_inputs(args, kwargs, dict(key), seed) for seed in range(PROBES)]
             with torch.no_grad():
                 outs = [fn(*p_args, **p_kwargs) for p_args, p_kwargs in probes]
         except Exception as err:  # a callable that cannot run on other values is not recognised
@@ -256,18 +261,27 @@ def _difference(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
-def _probe_inputs(args: tuple, kwargs: dict, delta_slot: Slot, seed: int):
-    """Fresh random values of the call's tensor shapes: delta positive and small, A-like (D, N)
-    matrices negative, (D,) vectors positive, everything else standard normal."""
+# the values a slot named in a reading's probe_key gets: a step size (positive and small), a decay
+# rate (negative), a discretised decay rate * step (negative and small)
+PROBE_VALUES = {
+    "step": lambda shape, g: 0.05 + 0.45 * torch.rand(shape, generator=g),
+    "rate": lambda shape, g: -torch.exp(0.5 * torch.randn(shape, generator=g)),
+    "rate_times_step": lambda shape, g: -(0.05 + 0.45 * torch.rand(shape, generator=g)),
+}
+
+
+def _probe_inputs(args: tuple, kwargs: dict, roles: dict, seed: int):
+    """Fresh random values of the call's tensor shapes: the slots in `roles` as PROBE_VALUES says, other
+    A-like (D, N) matrices negative, (D,) vectors positive, everything else standard normal."""
     g = torch.Generator().manual_seed(1234 + seed)
 
     def fresh(slot, t):
-        if t.dim() == 2:
-            value = -torch.exp(0.5 * torch.randn(t.shape, generator=g))
+        if slot in roles:
+            value = PROBE_VALUES[roles[slot]](t.shape, g)
+        elif t.dim() == 2:
+            value = PROBE_VALUES["rate"](t.shape, g)
         elif t.dim() == 1:
             value = 0.1 + 0.5 * torch.rand(t.shape, generator=g)
-        elif slot == delta_slot:
-            value = 0.05 + 0.45 * torch.rand(t.shape, generator=g)
         else:
             value = torch.randn(t.shape, generator=g)
         return value.to(device=t.device, dtype=t.dtype)
