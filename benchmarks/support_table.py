@@ -54,6 +54,10 @@ CODE = {
     "hf_mamba": "transformers' `MambaMixer.slow_forward` on image patches: the discretisation computed once, the "
                 "recurrence a Python loop over the tokens (`ssm_state = discrete_A[:, :, i, :] * ssm_state + "
                 "deltaB_u[:, :, i, :]`, a matmul with C as a column), the outputs stacked; no scan function to route",
+    "vmunet": "a segmentation U-Net: VMamba's first SS2D (mamba_ssm `selective_scan_fn`) in encoder and decoder "
+              "stages, PatchMerging2D down, `PatchExpand2D` up (a linear layer, then einops moves channels into "
+              "space), each encoder stage's input added to the decoder as a skip; per-pixel logits at the image's "
+              "resolution after a x4 expansion and a 1x1 conv",
 }
 MESSAGE_CHARS = 420
 

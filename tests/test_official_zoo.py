@@ -40,6 +40,7 @@ EXPECTED = {
     # HSM-SSD: a softmax over every token and a sum over every token (non-causal): no scan to prune
     "efficientvim": (UnsupportedModelError, [NO_SCAN, "stages.0.blocks.0.mixer", "non-causal"]),
     "hf_mamba": None,         # no scan function: the unrolled token loop is lifted into one scan per block
+    "vmunet": None,           # a U-Net: each PatchExpand2D (channels moved into space) starts a new stage; at 0.2
 }
 
 
@@ -154,3 +155,25 @@ def test_a_downsampling_reading_the_grid_through_strided_slices_gets_the_restore
             assert max((pruned(x[i:i + 1])[0] - y[i]).abs().max() for i in range(3)) <= checks.TOL
             assert (y - dense).abs().max() > 0
     assert pruned.report.sites == {1: 32, 3: 8}
+
+
+@pytest.mark.parametrize("schedule", [{3: 0.5, 9: 0.5}, {1: 0.5, 11: 0.5}])
+def test_vmunet_encoder_and_decoder_stages_of_one_size_are_pruned_as_two_stages(schedule):
+    """VM-UNet's encoder and decoder run grids of the same sizes (8x8 in blocks 0-1 and 10-11, 4x4 in 2-3 and
+    8-9), separated by the upsampling that starts each decoder stage: a site in each is two stages, each
+    with all its tokens at its first site (found on the way: the planner, the index tables of the rewrite,
+    the carried stream and the verifier took sites of one token count for one stage; verify refused it)."""
+    with official_zoo.installed():
+        torch.manual_seed(0)
+        model = official_zoo.family("vmunet").tiny().eval()
+        x = checks.images(3, model.img_size)
+        with torch.no_grad():
+            dense = model(x)
+        pruned = compile_pruned(model, schedule=schedule, example_inputs=(x[:1],))
+        keep_all = compile_pruned(model, schedule={k: 1.0 for k in schedule}, example_inputs=(x[:1],))
+    length = {1: 64, 3: 16, 9: 16, 11: 64}
+    assert pruned.report.sites == {k: length[k] // 2 for k in schedule}
+    with torch.no_grad():
+        together, alone = pruned(x), torch.cat([pruned(x[i:i + 1]) for i in range(len(x))])
+        assert (keep_all(x) - dense).abs().max() <= checks.TOL
+    assert (together - alone).abs().max() <= checks.TOL and (together - dense).abs().max() > 1e-3

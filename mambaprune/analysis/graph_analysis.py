@@ -52,6 +52,11 @@ class GraphAnalysis:
     def stage_end(self, key: int) -> Optional[StageEnd]:
         return self.sites[key].stage_end
 
+    def same_stage(self, a: int, b: int) -> bool:
+        """Whether sites `a` and `b` prune the tokens of one stage: one token count and one stage end (two
+        stages of equal size, as an encoder's and a decoder's in a U-Net, end at different barriers)."""
+        return self.site_length(a) == self.site_length(b) and self.stage_end(a) == self.stage_end(b)
+
     def runs_dense(self, node: fx.Node, key: int) -> bool:
         """Whether `node`, fed by site `key`, runs on dense tokens: after the downsampling that ends the site's
         stage, or after the last token mixer on tokens restored to full length (sites.restored_tail)."""

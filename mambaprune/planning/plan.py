@@ -108,8 +108,7 @@ def kept_counts(analysis: GraphAnalysis, keeps: dict) -> dict:
     kept, previous = {}, None
     for key in sorted(keeps):
         length = analysis.site_length(key)
-        same_stage = previous is not None and analysis.site_length(previous) == length
-        current = kept[previous] if same_stage else length
+        current = kept[previous] if previous is not None and analysis.same_stage(previous, key) else length
         protected = analysis.protected_below(length)
         free = current - protected
         k = protected + max(1, min(free, int(round(keeps[key] * free))))

@@ -22,12 +22,11 @@ class RewriteContext:
         self.env: dict = {}             # old node -> new node
         self.restorations: list = []    # restore.Restoration, for the report
         self._tables: dict = {}
-        current = None
-        for key in site_keys:          # one IndexTables per stage: consecutive sites of one token count
-            length = analysis.site_length(key)
-            if current is None or current.length != length:
-                current = IndexTables(self.builder, length)
-            self._tables[key] = current
+        current, previous = None, None
+        for key in site_keys:          # one IndexTables per stage: consecutive sites of one stage
+            if current is None or not analysis.same_stage(previous, key):
+                current = IndexTables(self.builder, analysis.site_length(key))
+            self._tables[key], previous = current, key
 
     def at(self, site: int) -> "SiteContext":
         return SiteContext(self, site)

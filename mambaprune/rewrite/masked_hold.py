@@ -268,8 +268,7 @@ class MaskedHold(fx.Interpreter):
         """The sites of `key`'s stage up to `key`, in order (the tokens a value fed by `key` lacks were
         pruned at one of them)."""
         analysis = self.analysis
-        return [k for k in sorted(self.fed) if k <= key and analysis.site_length(k) == analysis.site_length(key)
-                and analysis.stage_end(k) == analysis.stage_end(key)]
+        return [k for k in sorted(self.fed) if k <= key and analysis.same_stage(k, key)]
 
     def restored(self, node: fx.Node, value: torch.Tensor, keys: list, carry_or_nearest: bool = False) -> tuple:
         """(`value` of `node`, original positions, with the tokens the sites `keys` (one stage, in order)

@@ -67,9 +67,7 @@ class MaskedMerges:
 
     # -- targets and sizes --------------------------------------------------------------------------------
     def _previous(self, key: int) -> Optional[int]:
-        length = self.analysis.site_length(key)
-        earlier = [k for k in self.kept if k < key and self.analysis.site_length(k) == length
-                   and self.analysis.stage_end(k) == self.analysis.stage_end(key)]
+        earlier = [k for k in self.kept if k < key and self.analysis.same_stage(k, key)]
         return max(earlier) if earlier else None
 
     def _owner(self, key: int) -> tuple:

@@ -131,7 +131,7 @@ def _output_nodes(gm: fx.GraphModule) -> list:
 
 def check_kept_positions(kept: dict, sites: list, analysis: GraphAnalysis, alignment: Alignment) -> None:
     """Refuse kept positions that no selection may produce (module docstring)."""
-    previous: dict = {}      # token count of a stage -> the last site's kept mask
+    previous = None          # (the last site's key, its kept mask)
     for site in sorted(sites, key=lambda s: s.key):
         length, positions = analysis.site_length(site.key), kept.get(site.key)
         problem = None
@@ -150,9 +150,10 @@ def check_kept_positions(kept: dict, sites: list, analysis: GraphAnalysis, align
                 problem = "a position is kept twice"
             elif protected and not bool(mask[:, protected].all()):
                 problem = f"a protected position ({protected}: class tokens, read-out positions) is pruned"
-            elif length in previous and not bool(mask[~previous[length]].logical_not().all()):
+            elif previous is not None and analysis.same_stage(previous[0], site.key) \
+                    and not bool(mask[~previous[1]].logical_not().all()):
                 problem = "it keeps a token that an earlier site of its stage pruned"
-            previous[length] = mask
+            previous = (site.key, mask)
         if problem:
             raise UnsupportedModelError(
                 f"mambaprune pruned this model wrongly: at the site after block {site.key}, {problem}. This is a "

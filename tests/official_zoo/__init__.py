@@ -31,6 +31,7 @@ FAMILIES = {
     "vssd": "VSSD (Mamba-2, non-causal SSD)",
     "efficientvim": "EfficientViM (Mamba-2, hidden-state mixer SSD)",
     "hf_mamba": "Mamba in transformers (slow path: a Python token loop)",
+    "vmunet": "VM-UNet (segmentation U-Net)",
 }
 
 

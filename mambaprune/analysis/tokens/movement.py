@@ -241,6 +241,10 @@ def _fact(node: fx.Node, ctx: RuleContext, encoded: _Encoding, codes: torch.Tens
         return _tok(node, ctx, encoded, dims[0], Layout(reduced))
     if len(dims) == 2 and _is_permutation(reduced, length):
         return _grid(encoded.facts, dims, reduced)
+    if len(dims) == 2 and _upsampled(reduced, _reduced(parts, dims), length, encoded.facts):
+        # a new, larger grid (VM-UNet's PatchExpand2D, a pixel shuffle): a new stage starts after it
+        ctx.barrier(node)
+        return None
     folded_inputs = any(isinstance(f, (MultiTok, MultiGrid)) for f in encoded.facts)
     if len(dims) == 2 or (len(dims) == 3 and folded_inputs):
         found = _folded(node, ctx, dims, reduced, parts, length, len(dims) == 3)
@@ -254,6 +258,25 @@ def _fact(node: fx.Node, ctx: RuleContext, encoded: _Encoding, codes: torch.Tens
         raise NotUnderstood(f"{describe_op(node, ctx)} moves directions folded into one tensor (or flattened batch x "
                             "tokens) in a way that is not followed")
     return TokenMap(positions, parts, length, describe_op(node, ctx))
+
+
+def _upsampled(cells: np.ndarray, parts: np.ndarray, length: int, facts: list) -> bool:
+    """Whether a 2-D result spreads every token of one input grid over an a x b block (a, b > 1) of a grid a
+    times higher and b times wider (channels moved into space at once, as a pixel shuffle or einops'
+    `b h w (p1 p2 c) -> b (h p1) (w p2) c` does: an upsampling, no token lost or mixed). Every cell comes
+    from one tensor. Not an upsampling: EfficientVMamba's interleave of the sub-grids its directions
+    scanned, which widens one side at a time."""
+    grids = [f for f in facts if f is not None and not isinstance(f, Readout)]
+    if len(grids) != 1 or not isinstance(grids[0], Grid) or cells.size <= length or np.unique(parts).size != 1:
+        return False
+    (height, width), grid = cells.shape, grids[0]
+    if height % grid.height or width % grid.width:
+        return False
+    a, b = height // grid.height, width // grid.width
+    if a < 2 or b < 2:
+        return False
+    blocks = cells[::a, ::b]
+    return _is_permutation(blocks, length) and bool(np.array_equal(np.repeat(np.repeat(blocks, a, 0), b, 1), cells))
 
 
 def _length(facts: list) -> int:
