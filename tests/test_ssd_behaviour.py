@@ -7,7 +7,6 @@ op's token loop), the mixer the split path of mamba_ssm's Mamba2 as vision code 
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import pytest
@@ -21,26 +20,19 @@ from mambaprune.api.compile import prepare
 from mambaprune.capture.scan_probe import Slot
 from mambaprune.capture.ssd_probe import ssd_probe, ssd_readings
 from tests.official_zoo import checks
+from tests.test_mamba2_routing import Mamba2
 
 SSD = torch.ops.mambaprune.ssd_scan.default
 
 
-class Mamba2Mixer(nn.Module):
-    """in_proj to z, x, B, C, dt; causal depthwise conv1d + SiLU over x, B, C; the SSD through a
-    vendored kernel (`form`); D skip; gate by silu(z) (in the kernel where it takes z); out_proj."""
+class Mamba2Mixer(Mamba2):
+    """mamba_ssm's Mamba2 parameters (tests/test_mamba2_routing.py): in_proj to z, x, B, C, dt; causal
+    depthwise conv1d + SiLU over x, B, C; the SSD through a vendored kernel (`form`); D skip; gate by
+    silu(z) (in the kernel where it takes z); out_proj."""
 
-    def __init__(self, d_model, form, d_state=4, expand=2, headdim=4, ngroups=2, chunk_size=8, d_conv=4):
-        super().__init__()
-        self.form, self.d_inner, self.d_state, self.headdim = form, expand * d_model, d_state, headdim
-        self.nheads, self.ngroups, self.chunk_size = self.d_inner // headdim, ngroups, chunk_size
-        conv_dim = self.d_inner + 2 * ngroups * d_state
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=False)
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1)
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
-        self.D = nn.Parameter(torch.ones(self.nheads) + 0.1 * torch.randn(self.nheads))
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+    def __init__(self, d_model, form, d_state=4, headdim=4, chunk_size=8):
+        super().__init__(d_model, d_state=d_state, headdim=headdim, use_mem_eff_path=False, chunk_size=chunk_size)
+        self.form = form
         if form == "partial":
             self.ssd = partial(vendored_ssd.chunk_scan, chunk_size=chunk_size, dt_softplus=True)
 

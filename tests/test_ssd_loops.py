@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mambaprune.capture.token_loops import lift_token_loops
 from tests.official_zoo import checks
+from tests.test_token_loops import count, exported
 
 SSD = torch.ops.mambaprune.ssd_scan.default
 SCAN = torch.ops.mambaprune.selective_scan.default
@@ -124,16 +125,6 @@ class Mixer2(nn.Module):
 
     def final_state(self, u):
         return self.by_hand(u, final_state=True)
-
-
-def exported(module, length=6):
-    x = torch.randn(2, length, 16)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    return torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False).module()
-
-
-def count(gm, target) -> int:
-    return sum(1 for node in gm.graph.nodes if node.target is target)
 
 
 @pytest.mark.parametrize("form", ["by_hand", "step_reference", "per_head_stacked", "groups_repeated"])
