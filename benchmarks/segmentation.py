@@ -19,7 +19,6 @@ masks (dense, pruned, recovered) for 4 test images. Wall times come from a 2-cor
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 from mambaprune import recover
 from mambaprune.api import build, prepare
 from mambaprune.api.distill import DENSE_LOSSES
-from mambaprune.api.recover import DEFAULT_DENSE_LOSS, DEFAULT_LR, DEFAULT_TEMPERATURE
+from mambaprune.api.recover import DEFAULT_DENSE_LOSS, DEFAULT_TEMPERATURE
 from mambaprune.data import BACKGROUND, SEG_CLASSES, confusion_matrix, make_cluttered_digits, mean_iou, pixel_accuracy
 from mambaprune.errors import UnreachableRatioError
 from mambaprune.models.pretrained import checkpoint_info, list_pretrained, load_pretrained
@@ -105,7 +104,8 @@ def run_model(name: str, args) -> dict:
             recovered = predictions(better, test.inputs)
             result["recovered"].append({
                 "ratio": best["ratio"], "fill": best["fill"], "alignment": best["alignment"], "achieved": best["achieved"],
-                **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}, "seed": seed,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                "lr": better.report.recovery.lr, "seed": seed,
                 "images": args.recover_images, "training_free": {k: best[k] for k in ("miou", "pixel_accuracy", "agreement")},
                 **scores(recovered, test.masks, dense_pred), "seconds": seconds})
             result["by_site"][f"recovered, seed {seed}"] = by_pruning_site(better, test, recovered, dense_pred, model.grid, cls)
@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--recover-images", type=int, default=1000, help="unlabelled validation images")
     parser.add_argument("--tag", default="", help="written to segmentation_NAME[_TAG].json / .md / .png")
     parser.add_argument("--recover-seeds", nargs="*", type=int, default=[0])
-    parser.add_argument("--recover-lr", type=float, default=DEFAULT_LR)
+    parser.add_argument("--recover-lr", type=float, default=None, help="default: recover's own (1e-3 here)")
     parser.add_argument("--recover-temperature", type=float, default=DEFAULT_TEMPERATURE)
     parser.add_argument("--recover-dense-loss", default=DEFAULT_DENSE_LOSS, choices=DENSE_LOSSES)
     parser.add_argument("--recover-features", nargs="*", default=[], help="teacher submodules whose inputs are matched too")

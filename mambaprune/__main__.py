@@ -303,6 +303,7 @@ def _add_recover_command(commands) -> None:
         DEFAULT_AUGMENT,
         DEFAULT_BATCH_SIZE,
         DEFAULT_LR,
+        DENSE_LR,
         DEFAULT_STEPS,
         DEFAULT_TEMPERATURE,
     )
@@ -312,7 +313,9 @@ def _add_recover_command(commands) -> None:
     _add_prune_options(run_recover)
     run_recover.add_argument("--images", required=True, help="a folder of images (any depth; any format Pillow reads)")
     run_recover.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    run_recover.add_argument("--lr", type=float, default=DEFAULT_LR)
+    run_recover.add_argument("--lr", type=float, default=None,
+                             help=f"peak learning rate (default: {DENSE_LR} for output maps distilled channel-wise, "
+                                  f"else {DEFAULT_LR})")
     run_recover.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch (all processes)")
     run_recover.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     run_recover.add_argument("--seed", type=int, default=0)

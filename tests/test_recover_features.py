@@ -151,3 +151,17 @@ def test_recover_with_the_per_pixel_kl_lowers_it(teacher, pruned):
 def test_bad_values_are_refused_naming_the_option(teacher, pruned, kwargs, error, fragment):
     with pytest.raises(error, match=fragment):
         recover(pruned, teacher, images(4, 5), steps=1, batch_size=4, progress=False, **kwargs)
+
+
+def test_output_maps_distilled_channel_wise_recover_at_the_dense_lr_unless_told_otherwise(teacher, pruned):
+    """lr=None: DENSE_LR for per-pixel logits distilled channel-wise ("auto" on a lone output, "channel"),
+    DEFAULT_LR for the other losses and for classification logits; an lr given is used as given."""
+    from mambaprune.api.recover import DEFAULT_LR, DENSE_LR, default_lr
+    assert (default_lr(pruned, "auto"), default_lr(pruned, "channel")) == (DENSE_LR, DENSE_LR)
+    assert (default_lr(pruned, "kl"), default_lr(pruned, "mse")) == (DEFAULT_LR, DEFAULT_LR)
+    torch.manual_seed(0)
+    classifier = create_model("vim_t", img_size=32, patch_size=8, depth=4, embed_dim=32, d_state=4, num_classes=10)
+    assert default_lr(compile_pruned(classifier.eval(), ratio=0.3, verify=False), "auto") == DEFAULT_LR
+    assert recover(pruned, teacher, images(4, 2), steps=1, batch_size=4, progress=False).report.recovery.lr == DENSE_LR
+    assert recover(pruned, teacher, images(4, 2), steps=1, batch_size=4, lr=5e-4,
+                   progress=False).report.recovery.lr == 5e-4
