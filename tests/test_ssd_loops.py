@@ -2,12 +2,12 @@
 
 The Mamba-2 recurrence has one scalar decay per head: for a state h (batch, heads, headdim, N),
 h_t = exp(dt_t * A) h_{t-1} + dt_t * x_t B_t^T, y_t = h_t C_t + D * x_t. Written as a Python loop over
-the tokens, three forms are lifted: by hand (the decay per head broadcast over the state, a product
-summed over N), mamba_ssm's reference step (`selective_state_update_ref`: A, dt and D repeated over
-the head dim and the state, an einsum readout, the skip added after it), and one group per head with
-the states stacked and read out after the loop by one einsum; groups repeated to one per head before the
-loop (lifted with a group per head). Each becomes exactly one ssd_scan
-whose graph computes the module at another batch size. Loops that are not this scan are left alone:
+the tokens, these forms are lifted: by hand (the decay per head broadcast over the state, a product
+summed over N), the same over the tokens last to first, mamba_ssm's reference step
+(`selective_state_update_ref`: A, dt and D repeated over the head dim and the state, an einsum readout,
+the skip added after it), one group per head with the states stacked and read out after the loop by
+one einsum, and groups repeated to one per head before the loop (lifted with a group per head). Each
+becomes exactly one ssd_scan whose graph computes the module at another batch size. Loops that are not this scan are left alone:
 a decay that differs within a head (a Mamba-1 scan over heads x headdim channels, not lifted), B and
 C grouped differently, a loop that returns its final state. A small bidirectional vision model
 written with the hand form is pruned with the standard checks.
@@ -62,6 +62,16 @@ class Mixer2(nn.Module):
             ys.append((h * C[:, t, None, None, :]).sum(-1) + self.D[:, None] * x[:, t])
         y = torch.stack(ys, dim=1)
         return (y, h) if final_state else y
+
+    def backwards(self, u):
+        """The hand form over the tokens last to first, the outputs put back in token order."""
+        x, dt, B, C, A = self.parts(u)
+        h, ys = x.new_zeros(x.shape[0], self.nheads, self.headdim, self.d_state), []
+        for t in reversed(range(u.shape[1])):
+            h = torch.exp(dt[:, t] * A)[:, :, None, None] * h \
+                + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, None, None, :]
+            ys.append((h * C[:, t, None, None, :]).sum(-1) + self.D[:, None] * x[:, t])
+        return torch.stack(ys[::-1], dim=1)
 
     def step_reference(self, u):
         """mamba_ssm's selective_state_update_ref per token: A (h, p, n), dt (b, h, p), D (h, p)."""
@@ -127,13 +137,13 @@ class Mixer2(nn.Module):
         return self.by_hand(u, final_state=True)
 
 
-@pytest.mark.parametrize("form", ["by_hand", "step_reference", "per_head_stacked", "groups_repeated"])
+@pytest.mark.parametrize("form", ["by_hand", "backwards", "step_reference", "per_head_stacked", "groups_repeated"])
 def test_each_written_form_of_a_mamba2_loop_is_lifted_into_one_ssd_scan(form):
     torch.manual_seed(0)
     module = Mixer2(form).eval()
     gm = exported(module)
     lifted_gm, lifted = lift_token_loops(gm, (torch.randn(2, 6, 16),))
-    assert [loop.steps for loop in lifted] == [6]
+    assert [(loop.steps, loop.backward) for loop in lifted] == [(6, form == "backwards")]
     assert count(lifted_gm, SSD) == 1 and count(lifted_gm, SCAN) == 0
     assert count(lifted_gm, torch.ops.aten.stack.default) == 0
     assert count(gm, SSD) == 0, "the input graph module is not changed"
