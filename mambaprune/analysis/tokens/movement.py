@@ -33,6 +33,7 @@ from ..layout import Layout
 from ..ops import aten, argument, is_static, op_name
 from ..shapes import view_groups
 from .context import RuleContext, constant_tensor
+from .position_maps import along, is_permutation, upsampled
 from .registry import token_rule
 
 # ops that only move elements: every one is understood by evaluation (slice and select in indexing.py
@@ -236,12 +237,12 @@ def _fact(node: fx.Node, ctx: RuleContext, encoded: _Encoding, codes: torch.Tens
         return None
     if set(dims) & {d for d in range(batch.ndim) if varies(batch, d)}:
         return _batch_tokens(node, ctx, encoded, positions, batch, dims, length)
-    reduced = _reduced(positions, dims)
-    if len(dims) == 1 and _is_permutation(reduced, length):
+    reduced = along(positions, dims)
+    if len(dims) == 1 and is_permutation(reduced, length):
         return _tok(node, ctx, encoded, dims[0], Layout(reduced))
-    if len(dims) == 2 and _is_permutation(reduced, length):
+    if len(dims) == 2 and is_permutation(reduced, length):
         return _grid(encoded.facts, dims, reduced)
-    if len(dims) == 2 and _upsampled(reduced, _reduced(parts, dims), length, encoded.facts):
+    if len(dims) == 2 and upsampled(reduced, along(parts, dims), length, encoded.facts):
         # a new, larger grid (VM-UNet's PatchExpand2D, a pixel shuffle): a new stage starts after it
         ctx.barrier(node)
         return None
@@ -260,25 +261,6 @@ def _fact(node: fx.Node, ctx: RuleContext, encoded: _Encoding, codes: torch.Tens
     return TokenMap(positions, parts, length, describe_op(node, ctx))
 
 
-def _upsampled(cells: np.ndarray, parts: np.ndarray, length: int, facts: list) -> bool:
-    """Whether a 2-D result spreads every token of one input grid over an a x b block (a, b > 1) of a grid a
-    times higher and b times wider (channels moved into space at once, as a pixel shuffle or einops'
-    `b h w (p1 p2 c) -> b (h p1) (w p2) c` does: an upsampling, no token lost or mixed). Every cell comes
-    from one tensor. Not an upsampling: EfficientVMamba's interleave of the sub-grids its directions
-    scanned, which widens one side at a time."""
-    grids = [f for f in facts if f is not None and not isinstance(f, Readout)]
-    if len(grids) != 1 or not isinstance(grids[0], Grid) or cells.size <= length or np.unique(parts).size != 1:
-        return False
-    (height, width), grid = cells.shape, grids[0]
-    if height % grid.height or width % grid.width:
-        return False
-    a, b = height // grid.height, width // grid.width
-    if a < 2 or b < 2:
-        return False
-    blocks = cells[::a, ::b]
-    return _is_permutation(blocks, length) and bool(np.array_equal(np.repeat(np.repeat(blocks, a, 0), b, 1), cells))
-
-
 def _length(facts: list) -> int:
     lengths = {f.length if isinstance(f, TokenMap) else
                (f.layouts[0].length if isinstance(f, (MultiTok, MultiGrid)) else f.layout.length)
@@ -286,17 +268,6 @@ def _length(facts: list) -> int:
     if len(lengths) != 1:
         raise NotUnderstood("data movement that mixes token tensors of different lengths")
     return lengths.pop()
-
-
-def _reduced(values: np.ndarray, dims: list) -> np.ndarray:
-    """`values` along `dims` (every other dim at index 0)."""
-    index = tuple(slice(None) if d in dims else 0 for d in range(values.ndim))
-    return values[index]
-
-
-def _is_permutation(values: np.ndarray, length: int) -> bool:
-    flat = values.reshape(-1)
-    return flat.size == length and bool(np.array_equal(np.sort(flat), np.arange(length)))
 
 
 def _tok(node: fx.Node, ctx: RuleContext, encoded: _Encoding, dim: int, layout: Layout) -> Tok:
@@ -325,9 +296,9 @@ def _folded(node: fx.Node, ctx: RuleContext, dims: list, reduced: np.ndarray, pa
     for g in dims:
         rest = [d for d in dims if d != g]
         slices = np.moveaxis(reduced, dims.index(g), 0)
-        if not all(_is_permutation(s, length) for s in slices):
+        if not all(is_permutation(s, length) for s in slices):
             continue
-        labels = _reduced(parts, [g])
+        labels = along(parts, [g])
         runs = _runs([(int(label), s.tobytes()) for label, s in zip(labels, slices)])
         if len({label for (label, _), _ in runs}) != len(runs):
             in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
@@ -360,9 +331,9 @@ def _batch_tokens(node: fx.Node, ctx: RuleContext, encoded: _Encoding, positions
                   dims: list, length: int) -> Fact:
     """Batch and tokens along the same dim: batch-major flattening (BatchTok), or refused."""
     if len(dims) == 1:
-        row, samples = _reduced(positions, dims), _reduced(batch, dims)
+        row, samples = along(positions, dims), along(batch, dims)
         count = row.size // length
-        if row.size % length == 0 and _is_permutation(row[:length], length) \
+        if row.size % length == 0 and is_permutation(row[:length], length) \
                 and np.array_equal(row, np.tile(row[:length], count)) \
                 and np.array_equal(samples, np.repeat(np.arange(count), length)):
             return BatchTok(dims[0], Layout(row[:length].copy()))
