@@ -138,10 +138,15 @@ def ssd_minimal_discrete(X, A, B, C, block_len, initial_states=None):
     state is not captured (a use of it raises UnsupportedModelError): computing it would read every
     token after the scan, and the minimal SSD's callers in vision models drop it (`y, _ = ...`)."""
     _refuse("ssd_minimal_discrete", initial_states=initial_states)
+    return discrete_ssd(X, A, B, C), FinalStateNotCaptured("ssd_minimal_discrete")
+
+
+def discrete_ssd(X, A, B, C):
+    """The SSD of discretised inputs (X = x * dt, A = A * dt per token and head) with `mambaprune.ssd_scan`:
+    the scan with step size -A and unit decay rate on x = X / -A (exact where A * dt < 0)."""
     step = -A
-    x = X / step.unsqueeze(-1).to(X.dtype)
     rate = -torch.ones(A.shape[-1], dtype=torch.float32, device=A.device)
-    return ssd_scan(x, step, rate, B, C), FinalStateNotCaptured("ssd_minimal_discrete")
+    return ssd_scan(X / step.unsqueeze(-1).to(X.dtype), step, rate, B, C)
 
 
 class FinalStateNotCaptured:

@@ -9,8 +9,8 @@ A call is *SSD-shaped* when its tensor arguments can be read as the inputs of `m
   dt_bias (heads,), dt_softplus as the call implies;
 - **the discretised form** (`ssd_minimal_discrete(X, A, B, C, block_len)` of mamba_ssm's
   `modules/ssd_minimal.py`): X = x * dt, A = A * dt (batch, L, heads), B and C as above, nothing else;
-  it is the scan with step -A, decay rate -1, on X / -A (exact where A * dt < 0, as Mamba-2's
-  A = -exp(A_log) and a positive dt make it).
+  it is computed as ssd_adapters.discrete_ssd computes mamba_ssm's own (exact where A * dt < 0, as
+  Mamba-2's A = -exp(A_log) and a positive dt make it).
 
 Every reading the shapes allow is a hypothesis; one is accepted when the callable agrees with
 `mambaprune.ssd_scan` under it on random probes and on the model's own arguments. A reading must
@@ -29,6 +29,7 @@ import torch
 
 from ..runtime import ssd_scan
 from .scan_probe import Slot, Verdict, probe, tensor_slots
+from .ssd_adapters import discrete_ssd
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,7 @@ class SSDReading:
 
         x, A, B, C = get(self.x), get(self.A), get(self.B), get(self.C)
         if self.discrete:
-            step = -A
-            rate = -torch.ones(A.shape[-1], dtype=torch.float32, device=A.device)
-            y = ssd_scan(x / step.unsqueeze(-1).to(x.dtype), step, rate, B, C)
+            y = discrete_ssd(x, A, B, C)
         else:
             y = ssd_scan(x, get(self.dt), A, B, C, get(self.D), get(self.z), get(self.dt_bias), self.softplus)
         return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
