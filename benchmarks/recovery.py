@@ -150,21 +150,48 @@ def merge(rows: list, new: dict) -> list:
 def markdown(rows: list) -> str:
     lines = [("Top-1 / agreement with dense on 500 test images after recovery (steps along one run; wall time of the "
               "training so far on a 2-core CPU VM shared with other jobs, 1 thread: indicative only)\n"),
-             "| checkpoint | FLOPs | method | augment | steps | seed | lr | T | dense | training-free | 100 steps "
-             "| 300 steps | 1000 steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| checkpoint | FLOPs | method | augment | batch | steps | seed | lr | T | dense | training-free "
+             "| 100 steps | 300 steps | 1000 steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 9, r["ratio"],
-                                         r["method"], r.get("augment", "none"), r["steps"], r["lr"],
+                                         r["method"], r.get("augment", "none"), r["batch_size"], r["steps"], r["lr"],
                                          r["temperature"] or 0, r.get("seed", 0))):
         cells = {p["steps"]: f"{p['accuracy']:.3f} / {p['agreement']:.3f} ({p['seconds']:.0f} s)" for p in r["points"]}
         tf = r["training_free"]
         lines.append(f"| {r['model']} | -{100 * r['achieved']:.1f}% | {r['method']} | {r.get('augment', 'none')} | "
-                     f"{r['steps']} | {r.get('seed', 0)} | {r['lr']:g} | "
+                     f"{r['batch_size']} | {r['steps']} | {r.get('seed', 0)} | {r['lr']:g} | "
                      f"{r['temperature'] if r['temperature'] is not None else '-'} | {r['dense']['accuracy']:.3f} | "
                      f"{tf['accuracy']:.3f} / {tf['agreement']:.3f} ({r['start']['alignment']}) | "
                      + " | ".join(cells.get(s, "not run" if s <= r["steps"] else "-") for s in (100, 300, 1000)) + " |")
+    lines += seed_summary(rows)
     lines.append("\nCommands: " + "; ".join(sorted({f"`{r['command']}`" for r in rows})))
     return "\n".join(lines) + "\n"
+
+
+def seed_summary(rows: list, at: int = 300) -> list:
+    """Markdown lines: for every setting run with several seeds, top-1 after ``at`` steps over the seeds (mean,
+    lowest, highest) and the mean drop from dense in points."""
+    groups: dict = {}
+    for r in rows:
+        point = next((p for p in r["points"] if p["steps"] == at), None)
+        if point is not None:
+            groups.setdefault(_key(r)[:-1], []).append((r, point["accuracy"]))
+    several = {k: v for k, v in groups.items() if len(v) > 1}
+    if not several:
+        return []
+    lines = [f"\nOver seeds, top-1 after {at} steps (mean, lowest - highest; drop from dense in points, mean):\n",
+             "| checkpoint | FLOPs | method | augment | batch | steps | lr | T | seeds | top-1 mean | lowest - highest "
+             "| drop (points) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(several, key=str):
+        runs = several[key]
+        r, accuracies = runs[0][0], [a for _, a in runs]
+        mean = sum(accuracies) / len(accuracies)
+        seeds = ", ".join(str(run.get("seed", 0)) for run, _ in sorted(runs, key=lambda ra: ra[0].get("seed", 0)))
+        lines.append(f"| {r['model']} | -{100 * r['achieved']:.1f}% | {r['method']} | {r.get('augment', 'none')} | "
+                     f"{r['batch_size']} | {r['steps']} | {r['lr']:g} | "
+                     f"{r['temperature'] if r['temperature'] is not None else '-'} | {seeds} | {mean:.3f} | "
+                     f"{min(accuracies):.3f} - {max(accuracies):.3f} | {100 * (r['dense']['accuracy'] - mean):.1f} |")
+    return lines
 
 
 def plot(rows: list, path: Path) -> None:
