@@ -24,9 +24,26 @@ def test_the_table_marks_the_steps_that_were_not_run():
            "points": [{**point, "steps": 100, "seconds": 12.0, "accuracy": 0.95}]}
     table = recovery.markdown([row])
     # rows before augment existed read as "none"; a step past the run's --steps is "-"
-    assert ("| vim_digits | -30.1% | distill | none | 300 | 0 | 0.0003 | 1.0 | 0.958 | 0.900 / 0.910 (none) | "
+    assert ("| vim_digits | -30.1% | distill | none | 32 | 300 | 0 | 0.0003 | 1.0 | 0.958 | 0.900 / 0.910 (none) | "
             "0.950 / 0.910 (12 s) | not run | - |") in table
     assert len(recovery.merge([row], dict(row, lr=1e-3))) == 2 and len(recovery.merge([row], dict(row))) == 1
     assert len(recovery.merge([row], dict(row, augment="mixup+shift"))) == 2
     assert len(recovery.merge([row], dict(row, augment="none"))) == 1
     assert len(recovery.merge([row], dict(row, seed=1))) == 2
+
+
+def test_settings_run_with_several_seeds_are_summarised_by_their_mean_and_spread():
+    def row(seed, accuracy, lr=3e-4):
+        point = {"steps": 300, "seconds": 1.0, "accuracy": accuracy, "agreement": 0.9, "kl": 0.1}
+        return {"model": "vim_digits", "ratio": 0.5, "method": "distill", "achieved": 0.498, "lr": lr,
+                "temperature": 2.0, "dense": {"accuracy": 0.958}, "training_free": point, "start": {"alignment": "none"},
+                "command": "python x", "steps": 300, "batch_size": 128, "augment": "mixup+shift", "seed": seed,
+                "points": [point]}
+
+    rows = [row(0, 0.932), row(1, 0.930), row(2, 0.922), row(0, 0.9, lr=1e-3)]   # the last one: a single seed
+    summary = recovery.seed_summary(rows)
+    assert len([line for line in summary if line.startswith("| vim_digits")]) == 1
+    # mean 0.928, 3.0 points below the dense 0.958
+    assert ("| vim_digits | -49.8% | distill | mixup+shift | 128 | 300 | 0.0003 | 2.0 | 0, 1, 2 | 0.928 | 0.922 - 0.932 "
+            "| 3.0 |") in summary
+    assert recovery.seed_summary(rows[:1]) == [] and "Over seeds" in recovery.markdown(rows)
