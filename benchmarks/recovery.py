@@ -158,14 +158,22 @@ def markdown(rows: list) -> str:
                                          r["temperature"] or 0, r.get("seed", 0))):
         cells = {p["steps"]: f"{p['accuracy']:.3f} / {p['agreement']:.3f} ({p['seconds']:.0f} s)" for p in r["points"]}
         tf = r["training_free"]
-        lines.append(f"| {r['model']} | -{100 * r['achieved']:.1f}% | {r['method']} | {r.get('augment', 'none')} | "
-                     f"{r['batch_size']} | {r['steps']} | {r.get('seed', 0)} | {r['lr']:g} | "
-                     f"{r['temperature'] if r['temperature'] is not None else '-'} | {r['dense']['accuracy']:.3f} | "
+        lines.append(f"{_setting(r)} | {r.get('seed', 0)} | {r['lr']:g} | {_temperature(r)} | {r['dense']['accuracy']:.3f} | "
                      f"{tf['accuracy']:.3f} / {tf['agreement']:.3f} ({r['start']['alignment']}) | "
                      + " | ".join(cells.get(s, "not run" if s <= r["steps"] else "-") for s in (100, 300, 1000)) + " |")
     lines += seed_summary(rows)
     lines.append("\nCommands: " + "; ".join(sorted({f"`{r['command']}`" for r in rows})))
     return "\n".join(lines) + "\n"
+
+
+def _setting(r: dict) -> str:
+    """A row's first table cells: checkpoint, FLOPs, method, augment, batch, steps."""
+    return (f"| {r['model']} | -{100 * r['achieved']:.1f}% | {r['method']} | {r.get('augment', 'none')} | "
+            f"{r['batch_size']} | {r['steps']}")
+
+
+def _temperature(r: dict) -> str:
+    return str(r["temperature"]) if r["temperature"] is not None else "-"
 
 
 def seed_summary(rows: list, at: int = 300) -> list:
@@ -187,9 +195,7 @@ def seed_summary(rows: list, at: int = 300) -> list:
         r, accuracies = runs[0][0], [a for _, a in runs]
         mean = sum(accuracies) / len(accuracies)
         seeds = ", ".join(str(run.get("seed", 0)) for run, _ in sorted(runs, key=lambda ra: ra[0].get("seed", 0)))
-        lines.append(f"| {r['model']} | -{100 * r['achieved']:.1f}% | {r['method']} | {r.get('augment', 'none')} | "
-                     f"{r['batch_size']} | {r['steps']} | {r['lr']:g} | "
-                     f"{r['temperature'] if r['temperature'] is not None else '-'} | {seeds} | {mean:.3f} | "
+        lines.append(f"{_setting(r)} | {r['lr']:g} | {_temperature(r)} | {seeds} | {mean:.3f} | "
                      f"{min(accuracies):.3f} - {max(accuracies):.3f} | {100 * (r['dense']['accuracy'] - mean):.1f} |")
     return lines
 
